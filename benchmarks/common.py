@@ -1,0 +1,97 @@
+"""Shared helpers of the benchmarks: medians of repeated timings, peak extra memory, BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of fn() in seconds over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_cpu_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes allocated by PyTorch's CPU allocator during fn(), above what was allocated before it.
+
+    Read from the profiler's allocation events (each [memory] event is one allocation (+) or free (-)), summed in
+    time order; tensors that exist before the call (inputs) are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort()
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def peak_extra_cuda_bytes(fn: Callable[[], object]) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md, stamped with command, machine and date."""
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = "?"
+    stamp = (
+        f"Command: `{command}` (run from the repository root; `make bench` runs every benchmark)  \n"
+        f"Machine: {machine_line()}  \nDate: {datetime.date.today().isoformat()}, commit {rev or '?'}\n"
+    )
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    section = f"{begin}\n{stamp}\n{body.strip()}\n{end}"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + f"\n\n{section}\n"
+    BENCHMARKS_MD.write_text(text)

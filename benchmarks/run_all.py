@@ -1,0 +1,14 @@
+"""`make bench`: every benchmark in turn; each writes its own section of BENCHMARKS.md."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["bench_losses.py", "bench_model.py"]
+
+for name in SCRIPTS:
+    path = HERE / name
+    if path.exists():
+        print(f"== {name}", flush=True)
+        subprocess.run([sys.executable, str(path), *sys.argv[1:]], check=True)
