@@ -1,0 +1,33 @@
+"""The data layer: datasets (COCO, VOC, CSV, synthetic), transforms, collation and loaders.
+
+file -> dataset (checked ImageRecords; dataset[i] = (image, target)) -> transforms -> collate_detection ->
+the model. Boxes are float [N, 4] XYXY absolute pixels throughout; images are float32 [0, 1], not normalised.
+"""
+
+from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord
+from retinanet.data.coco import CocoDetection, to_coco_dict, write_coco
+from retinanet.data.collate import collate_detection, make_loader, pad_batch
+from retinanet.data.csv import CsvDetection
+from retinanet.data.synthetic import SHAPES, SyntheticShapes
+from retinanet.data.transforms import ResizeShortLong, eval_transforms, train_transforms
+from retinanet.data.voc import VOC_CLASSES, VocDetection
+
+__all__ = [
+    "SHAPES",
+    "VOC_CLASSES",
+    "CocoDetection",
+    "CsvDetection",
+    "DatasetError",
+    "DetectionDataset",
+    "ImageRecord",
+    "ResizeShortLong",
+    "SyntheticShapes",
+    "VocDetection",
+    "collate_detection",
+    "eval_transforms",
+    "make_loader",
+    "pad_batch",
+    "to_coco_dict",
+    "train_transforms",
+    "write_coco",
+]

@@ -1,0 +1,237 @@
+"""The dataset base class, its per-image record, and the checks every format shares.
+
+Every format (COCO, VOC, CSV, synthetic) parses its annotations into `ImageRecord`s when it is constructed, so
+that a bad annotation surfaces at once rather than hours into training. The pixels are read in `__getitem__`,
+which checks what can only be checked then: that the file exists, decodes, and has the size the annotations
+promise.
+
+Boxes are float [N, 4] XYXY in absolute pixels, x in [0, width], y in [0, height], x2 > x1, y2 > y1; a box may
+stick out of the image by up to `BOX_TOLERANCE_PX` (annotation tools round outwards) and is then clipped.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision import tv_tensors
+
+__all__ = [
+    "BOX_TOLERANCE_PX",
+    "DatasetError",
+    "DetectionDataset",
+    "ImageRecord",
+    "Target",
+    "check_boxes",
+    "report_bad",
+]
+
+BOX_TOLERANCE_PX = 1.0
+
+# (image, target) -> (image, target); a torchvision.transforms.v2 transform or anything with that signature
+Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[tv_tensors.Image, dict[str, Any]]]
+Target = dict[str, Any]
+
+
+class DatasetError(ValueError):
+    """A problem with a dataset's files; the message names the file, the index and what was expected."""
+
+
+@dataclass
+class ImageRecord:
+    """One image's annotations, parsed and checked.
+
+    path:      the image file (None for generated images).
+    image_id:  int, unique within the dataset (COCO's id; the position in the split for VOC and CSV).
+    boxes:     [N, 4] float32 XYXY absolute pixels, clipped to the image.
+    labels:    [N] int64 contiguous labels 0..K-1.
+    iscrowd:   [N] bool; crowd (COCO) or difficult (VOC) objects, ignored in training and evaluation.
+    width, height: the image size the annotations state, or None where the format gives none (CSV).
+    where:     how error messages name the image, e.g. "train.json: image 12 ('a.jpg')".
+    box_names: how error messages name each box, e.g. "annotation 40" or "line 7"; len N.
+    """
+
+    path: Path | None
+    image_id: int
+    boxes: Tensor
+    labels: Tensor
+    iscrowd: Tensor
+    width: int | None
+    height: int | None
+    where: str
+    box_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.boxes.shape[0]
+        assert self.boxes.shape == (n, 4) and self.boxes.dtype == torch.float32, self.boxes.shape
+        assert self.labels.shape == (n,) and self.labels.dtype == torch.int64
+        assert self.iscrowd.shape == (n,) and self.iscrowd.dtype == torch.bool
+        assert len(self.box_names) == n
+
+
+def check_boxes(
+    boxes: Tensor, width: int | None, height: int | None, where: str, box_names: Sequence[str]
+) -> str | None:
+    """The first problem with `boxes` as an error message, or None when every box is valid.
+
+    boxes: [N, 4] float XYXY absolute pixels. width, height: the image size, or None to skip the bounds check.
+    A box is valid when it is finite, x2 > x1, y2 > y1, and it lies inside the image give or take
+    BOX_TOLERANCE_PX.
+    """
+    for j, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        name = f"{where}, {box_names[j]}"
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            return f"{name}: box {[x1, y1, x2, y2]} is not finite"
+        if x2 <= x1:
+            return f"{name}: x2 ({x2}) <= x1 ({x1}); expected XYXY with x2 > x1"
+        if y2 <= y1:
+            return f"{name}: y2 ({y2}) <= y1 ({y1}); expected XYXY with y2 > y1"
+        if width is None or height is None:
+            continue
+        t = BOX_TOLERANCE_PX
+        if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
+            return (
+                f"{name}: box {[x1, y1, x2, y2]} lies outside the {width}x{height} image "
+                f"(expected 0 <= x1 < x2 <= {width}, 0 <= y1 < y2 <= {height}, +-{t:g} px)"
+            )
+    return None
+
+
+def clip_boxes(boxes: Tensor, width: int, height: int) -> Tensor:
+    """boxes: [N, 4] float XYXY -> [N, 4] float XYXY clipped to [0, width] x [0, height]."""
+    upper = boxes.new_tensor([width, height, width, height])
+    return boxes.clamp_min(0).minimum(upper)
+
+
+def report_bad(problems: Sequence[str], skip_bad: bool) -> None:
+    """Raise DatasetError on the first problem, or with skip_bad warn once naming every dropped image."""
+    if not problems:
+        return
+    if not skip_bad:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DatasetError(problems[0] + more)
+    shown = "\n  ".join(problems[:50])
+    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+    warnings.warn(f"skip_bad: dropped the image(s) or annotation(s) of {len(problems)} problem(s):\n  {shown}{more}",
+                  stacklevel=3)
+
+
+def load_rgb(path: Path, where: str) -> Image.Image:
+    """Decode an image file to an RGB PIL image, or raise DatasetError naming the file and `where`."""
+    if not path.is_file():
+        raise DatasetError(f"{where}: image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the full decode, so truncation surfaces here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{where}: cannot decode image {path}: {e}") from e
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """A detection dataset: `records` of annotations plus the images they describe.
+
+    dataset[i] -> (image, target) after `transforms`:
+        image:  tv_tensors.Image float32 [3, H, W] in [0, 1] (not mean/std normalised: the model does that).
+        target: dict with
+            "boxes":     tv_tensors.BoundingBoxes float32 [N, 4] XYXY, canvas_size (H, W)
+            "labels":    int64 [N] contiguous labels 0..K-1
+            "iscrowd":   bool [N] (crowd or difficult: ignored in training and evaluation)
+            "image_id":  int
+            "orig_size": (H0, W0) ints, the size of the image as stored, before transforms
+
+    categories: the original ids and names, in the order of the contiguous labels: categories[label]["id"].
+    skip_bad: drop images with bad annotations (at construction, with a warning) instead of raising; an image
+        file that is missing or does not decode is met only in __getitem__, which then warns and returns the next
+        good image (index i + 1, i + 2, ... wrapping around) so that a long run is not lost to one bad file.
+    """
+
+    def __init__(
+        self,
+        categories: list[dict[str, Any]],
+        records: list[ImageRecord],
+        transforms: Transforms | None = None,
+        skip_bad: bool = False,
+    ) -> None:
+        self.categories = categories
+        self.records = records
+        self.transforms = transforms
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of object classes (no background class)."""
+        return len(self.categories)
+
+    @property
+    def category_names(self) -> list[str]:
+        """Class names indexed by contiguous label."""
+        return [c["name"] for c in self.categories]
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """Contiguous label 0..K-1 -> the original category id (e.g. for writing COCO results)."""
+        return {label: int(c["id"]) for label, c in enumerate(self.categories)}
+
+    @property
+    def category_id_to_label(self) -> dict[int, int]:
+        """Original category id -> contiguous label 0..K-1."""
+        return {int(c["id"]): label for label, c in enumerate(self.categories)}
+
+    def load_image(self, index: int) -> Image.Image:
+        """The RGB PIL image of record `index`; raises DatasetError if it is missing or does not decode."""
+        record = self.records[index]
+        assert record.path is not None, "a dataset without files must override load_image"
+        return load_rgb(record.path, f"{record.where} (dataset index {index})")
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
+        if not self.skip_bad:
+            return self._load(index)
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            try:
+                return self._load(i)
+            except DatasetError as e:
+                warnings.warn(f"skip_bad: dataset index {i} skipped: {e}", stacklevel=2)
+        raise DatasetError(f"no image of the {len(self)} in the dataset could be loaded")
+
+    def _load(self, index: int) -> tuple[tv_tensors.Image, Target]:
+        record = self.records[index]
+        pil = self.load_image(index)
+        width, height = pil.size
+        where = f"{record.where} (dataset index {index})"
+        if record.width is not None and (record.width, record.height) != (width, height):
+            raise DatasetError(
+                f"{where}: the image is {width}x{height} but its annotation says {record.width}x{record.height}"
+            )
+        problem = check_boxes(record.boxes, width, height, where, record.box_names)
+        if problem is not None:
+            raise DatasetError(problem)
+        pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
+        image = tv_tensors.Image(pixels)  # uint8 until after transforms: resizing uint8 is faster
+        target: Target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                clip_boxes(record.boxes, width, height), format="XYXY", canvas_size=(height, width)
+            ),
+            "labels": record.labels.clone(),
+            "iscrowd": record.iscrowd.clone(),
+            "image_id": record.image_id,
+            "orig_size": (height, width),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        if image.dtype == torch.uint8:
+            image = tv_tensors.wrap(image.float().div_(255.0), like=image)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes: {self.category_names})"

@@ -1,0 +1,88 @@
+"""Training and evaluation transforms, on torchvision.transforms.v2 and tv_tensors.BoundingBoxes.
+
+A transform takes and returns (image, target) as the datasets give them: image a tv_tensors.Image [3, H, W]
+(uint8 or float), target a dict whose "boxes" are tv_tensors.BoundingBoxes; "labels" and "iscrowd" stay in step
+with the boxes. The output image is float32 in [0, 1]: normalisation by the ImageNet mean and std is done by the
+model, so that the data pipeline holds no backbone-specific constants and drawn images look like images.
+
+Only resizing and horizontal flips are used (the paper's augmentation), so boxes map back to the original image
+by the per-axis scale that `collate_detection` records.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._utils import query_size
+
+__all__ = ["ResizeShortLong", "eval_transforms", "resized_size", "train_transforms"]
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The (h, w) that brings the shorter side to min_size unless the longer side would pass max_size.
+
+    scale = min(min_size / short side, max_size / long side); each side is rounded to the nearest pixel.
+    """
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class ResizeShortLong(v2.Transform):
+    """Resize so the shorter side is a size drawn from min_sizes and the longer side is at most max_size.
+
+    Detectron's rule: scale = min(s / short side, max_size / long side) with s drawn uniformly from min_sizes
+    (a single size for evaluation). v2.Resize(size, max_size=...) takes one size only, hence this transform.
+    The draw uses torch's random generator, which DataLoader seeds per worker.
+    """
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int) -> None:
+        super().__init__()
+        if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
+            raise ValueError(f"ResizeShortLong: expected positive min_sizes and max_size, got {min_sizes}, {max_size}")
+        self.min_sizes = tuple(int(s) for s in min_sizes)
+        self.max_size = int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = query_size(flat_inputs)
+        min_size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+        return {"size": list(resized_size(height, width, min_size, self.max_size))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+
+    # torchvision < 0.21 calls these names
+    _get_params = make_params
+    _transform = transform
+
+
+def _labels_and_iscrowd(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The per-box tensors SanitizeBoundingBoxes must filter along with the boxes."""
+    target = inputs[1]
+    return tuple(target[k] for k in ("labels", "iscrowd") if k in target)
+
+
+def train_transforms(min_sizes: Sequence[int], max_size: int, flip_prob: float = 0.5) -> v2.Compose:
+    """Multi-scale resize, horizontal flip, float32 in [0, 1], and removal of boxes under 1 px.
+
+    min_sizes: shorter-side sizes to draw from per image, e.g. (640, 672, 704, 736, 768, 800).
+    max_size: the cap on the longer side, e.g. 1333.
+    """
+    return v2.Compose([
+        ResizeShortLong(min_sizes, max_size),
+        v2.RandomHorizontalFlip(flip_prob),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_labels_and_iscrowd),
+    ])
+
+
+def eval_transforms(min_size: int, max_size: int) -> v2.Compose:
+    """Resize to one scale and convert to float32 in [0, 1]; boxes are kept as they are (none dropped)."""
+    return v2.Compose([
+        ResizeShortLong((min_size,), max_size),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+

@@ -1,0 +1,109 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retinanet.data import CsvDetection, DatasetError
+
+
+@pytest.fixture
+def csv_dir(tmp_path: Path) -> Path:
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (20, 16)).save(tmp_path / "img" / "a.png")
+    Image.new("RGB", (10, 12)).save(tmp_path / "img" / "b.jpg")
+    (tmp_path / "ann.csv").write_text(
+        "img/a.png,1,2,11,9,dog\n"
+        "img/a.png,0,0,20,16,cat\n"
+        "\n"
+        "img/b.jpg,,,,,\n"
+    )
+    (tmp_path / "classes.csv").write_text("dog,0\ncat,1\n")
+    return tmp_path
+
+
+def test_reads_csv_with_classes_file(csv_dir: Path) -> None:
+    ds = CsvDetection(csv_dir / "ann.csv", csv_dir / "classes.csv")
+    assert ds.categories == [{"id": 0, "name": "dog"}, {"id": 1, "name": "cat"}]
+    assert len(ds) == 2
+    r = ds.records[0]
+    assert r.path == csv_dir / "img" / "a.png" and r.image_id == 0
+    assert r.boxes.tolist() == [[1.0, 2.0, 11.0, 9.0], [0.0, 0.0, 20.0, 16.0]] and r.labels.tolist() == [0, 1]
+    image, target = ds[0]
+    assert image.shape == (3, 16, 20) and target["orig_size"] == (16, 20) and target["boxes"].canvas_size == (16, 20)
+    _, empty = ds[1]
+    assert empty["boxes"].shape == (0, 4) and empty["image_id"] == 1
+
+
+def test_without_classes_file_names_are_sorted(csv_dir: Path) -> None:
+    ds = CsvDetection(csv_dir / "ann.csv")
+    assert ds.categories == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    assert ds.records[0].labels.tolist() == [1, 0]
+
+
+def test_root_resolves_relative_paths(csv_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    other = tmp_path_factory.mktemp("elsewhere")
+    (other / "ann.csv").write_text("a.png,1,2,11,9,dog\n")
+    ds = CsvDetection(other / "ann.csv", root=csv_dir / "img")
+    assert ds[0][0].shape == (3, 16, 20)
+
+
+@pytest.mark.parametrize(
+    "lines, line, expected",
+    [
+        ("img/a.png,1,2,11,9,dog\nimg/a.png,1,2,11\n", "line 2", "expected 'path,x1,y1,x2,y2,class_name'"),
+        ("img/a.png,1,2,x,9,dog\n", "line 1", "expected four numbers"),
+        ("img/a.png,1,2,11,9,dog\n\nimg/a.png,12,2,11,9,dog\n", "line 3", "x2 (11.0) <= x1 (12.0)"),
+        ("img/a.png,1,9,11,9,dog\n", "line 1", "y2 (9.0) <= y1 (9.0)"),
+        ("img/a.png,1,2,11,9,\n", "line 1", "no class name"),
+        ("img/a.png,1,2,11,9,dog\nimg/b.jpg,1,2,3,4,bird\n", "line 2", "unknown class 'bird'"),
+    ],
+)
+def test_bad_line_raises_naming_file_and_line(csv_dir: Path, lines: str, line: str, expected: str) -> None:
+    (csv_dir / "ann.csv").write_text(lines)
+    with pytest.raises(DatasetError) as e:
+        CsvDetection(csv_dir / "ann.csv", csv_dir / "classes.csv")
+    assert "ann.csv" in str(e.value) and line in str(e.value) and expected in str(e.value)
+
+
+def test_box_outside_image_raises_when_loaded(csv_dir: Path) -> None:
+    (csv_dir / "ann.csv").write_text("img/b.jpg,,,,,\nimg/a.png,1,2,11,9,dog\nimg/a.png,1,2,25,9,dog\n")
+    ds = CsvDetection(csv_dir / "ann.csv")
+    with pytest.raises(DatasetError) as e:
+        ds[1]
+    msg = str(e.value)
+    assert "ann.csv" in msg and "line 3" in msg and "dataset index 1" in msg and "outside the 20x16 image" in msg
+
+
+def test_bad_files(csv_dir: Path) -> None:
+    (csv_dir / "empty.csv").write_text("\n\n")
+    with pytest.raises(DatasetError, match="empty.csv: empty file"):
+        CsvDetection(csv_dir / "empty.csv")
+    with pytest.raises(DatasetError, match="missing.csv: .*not found"):
+        CsvDetection(csv_dir / "missing.csv")
+    (csv_dir / "classes.csv").write_text("dog,0\ncat\n")
+    with pytest.raises(DatasetError, match="classes.csv: line 2: 'cat'; expected 'class_name,id'"):
+        CsvDetection(csv_dir / "ann.csv", csv_dir / "classes.csv")
+    (csv_dir / "classes.csv").write_text("dog,0\ncat,0\n")
+    with pytest.raises(DatasetError, match="classes.csv: duplicate class ids"):
+        CsvDetection(csv_dir / "ann.csv", csv_dir / "classes.csv")
+
+
+def test_missing_and_truncated_images_raise_in_getitem(csv_dir: Path) -> None:
+    ds = CsvDetection(csv_dir / "ann.csv")
+    (csv_dir / "img" / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"ann.csv: image 0 \('a.png'\) \(dataset index 0\): image file not found"):
+        ds[0]
+    rng = np.random.default_rng(0)
+    path = csv_dir / "img" / "b.jpg"
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(DatasetError, match=r"image 1 \('b.jpg'\) \(dataset index 1\): cannot decode"):
+        ds[1]
+
+
+def test_skip_bad_drops_the_image_of_a_bad_line(csv_dir: Path) -> None:
+    (csv_dir / "ann.csv").write_text("img/a.png,1,2,11,9,dog\nimg/b.jpg,5,2,3,9,dog\n")
+    with pytest.warns(UserWarning, match=r"ann.csv: image 1 \('b.jpg'\), line 2: x2"):
+        ds = CsvDetection(csv_dir / "ann.csv", skip_bad=True)
+    assert [r.path.name for r in ds.records] == ["a.png"]
