@@ -1,0 +1,123 @@
+"""ResNet / ResNeXt bodies from torchvision that return C3, C4, C5, with frozen BatchNorm and stage freezing."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = ["ResNetBody", "build_backbone", "BACKBONES"]
+
+
+def _resnet10(**kwargs) -> ResNet:
+    """torchvision's ResNet with one BasicBlock per stage: the small preset's body (no published weights)."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
+# name -> (constructor, torchvision weights enum for "imagenet" or None, (C3, C4, C5) channels)
+BACKBONES: dict[str, tuple[Callable[..., ResNet], object, tuple[int, int, int]]] = {
+    "resnet10": (_resnet10, None, (128, 256, 512)),
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, (128, 256, 512)),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, (128, 256, 512)),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, (512, 1024, 2048)),
+    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1, (512, 1024, 2048)),
+    "resnet152": (torchvision.models.resnet152, torchvision.models.ResNet152_Weights.IMAGENET1K_V1, (512, 1024, 2048)),
+    "resnext101_32x8d": (
+        torchvision.models.resnext101_32x8d,
+        torchvision.models.ResNeXt101_32X8D_Weights.IMAGENET1K_V1,
+        (512, 1024, 2048),
+    ),
+}
+
+
+class ResNetBody(nn.Module):
+    """The stem and four stages of a torchvision ResNet; `forward` returns [C3, C4, C5] (strides 8, 16, 32).
+
+    Submodule names are torchvision's (conv1, bn1, layer1..layer4), so its state dicts load unchanged."""
+
+    def __init__(self, resnet: ResNet, out_channels: tuple[int, int, int]):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: [B, 3, H, W] normalised images -> [C3 [B, c3, H/8, W/8], C4 [.., H/16, ..], C5 [.., H/32, ..]]."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]
+
+    def freeze(self, freeze_at: int) -> None:
+        """Stop gradients of the stem (freeze_at >= 1) and of stages layer1 .. layer{freeze_at - 1}.
+
+        freeze_at = 0 trains everything; 2 (Detectron's default) freezes the stem and layer1; 5 freezes all."""
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
+        stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        for stage in stages[:freeze_at]:
+            for module in stage:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+
+def _load_local_weights(resnet: ResNet, path: str | Path) -> None:
+    """A torchvision-layout ResNet state dict (the `fc.*` classifier keys, if present, are not needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"backbone weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"backbone weights file {path} is not a readable PyTorch state dict: {exc}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"backbone weights {path} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def build_backbone(
+    name: str = "resnet50",
+    weights: str | None = None,
+    norm: str = "frozen_bn",
+    frozen_bn_eps: float = 1e-5,
+    freeze_at: int = 2,
+) -> ResNetBody:
+    """A ResNet body.
+
+    Args:
+        name: one of BACKBONES (resnet10/18/34/50/101/152, resnext101_32x8d).
+        weights: None (random init), "imagenet" (torchvision's ImageNet weights, downloaded by torchvision's own
+            mechanism: needs a connection the first time) or the path of a local torchvision-layout state dict.
+        norm: "frozen_bn" (the paper's fixed BatchNorm statistics and affine) or "bn" (trainable BatchNorm).
+        frozen_bn_eps: eps of the frozen BatchNorm (torchvision's published RetinaNet v1 weights use 0).
+        freeze_at: see `ResNetBody.freeze`.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if norm not in ("frozen_bn", "bn"):
+        raise ValueError(f"norm must be 'frozen_bn' or 'bn', got {norm!r}")
+    ctor, imagenet, channels = BACKBONES[name]
+    norm_layer = partial(FrozenBatchNorm2d, eps=frozen_bn_eps) if norm == "frozen_bn" else nn.BatchNorm2d
+    tv_weights = None
+    if weights == "imagenet":
+        if imagenet is None:
+            raise ValueError(f"no published ImageNet weights for {name}")
+        tv_weights = imagenet
+    resnet = ctor(weights=tv_weights, norm_layer=norm_layer) if name != "resnet10" else ctor(norm_layer=norm_layer)
+    if weights not in (None, "none", "imagenet"):
+        _load_local_weights(resnet, weights)
+    body = ResNetBody(resnet, channels)
+    body.freeze(freeze_at)
+    return body

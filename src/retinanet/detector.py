@@ -1,0 +1,309 @@
+"""RetinaNet: backbone -> FPN -> shared subnets; `forward` gives head outputs, `loss` and `predict` the rest.
+
+One image's way through: list of [3, H, W] images in [0, 1] -> normalise, resize (shorter side to min_size,
+longer side at most max_size), pad into one batch -> backbone C3..C5 -> FPN P3..P7 -> head logits and deltas ->
+(matching + losses) or (postprocess -> detections in the input image's pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retinanet import losses as L
+from retinanet.anchors import AnchorGenerator
+from retinanet.backbone import ResNetBody, build_backbone
+from retinanet.config import ModelConfig, model_config
+from retinanet.fpn import FPN
+from retinanet.head import RetinaNetHead
+from retinanet.matching import BACKGROUND, IGNORE, BoxCoder, match_anchors
+from retinanet.postprocess import Detections, postprocess
+
+__all__ = ["RetinaNet", "HeadOutputs", "Detections", "build_model"]
+
+
+class HeadOutputs(NamedTuple):
+    """cls_logits [B, sum(HWA), K], box_deltas [B, sum(HWA), 4], and the (H, W) of each level's feature map."""
+
+    cls_logits: Tensor
+    box_deltas: Tensor
+    grid_sizes: list[tuple[int, int]]
+
+
+class Batch(NamedTuple):
+    """A padded, normalised batch: images [B, 3, Hp, Wp]; per image the (h, w) inside the padding and the
+    (scale_y, scale_x) from the input image to it."""
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    scales: list[tuple[float, float]]
+
+
+class RetinaNet(nn.Module):
+    """The detector of the paper. Build it with `build_model`; `config` holds every setting it was built from."""
+
+    def __init__(
+        self,
+        *,
+        backbone: ResNetBody,
+        fpn: FPN,
+        head: RetinaNetHead,
+        anchor_generator: AnchorGenerator,
+        box_coder: BoxCoder,
+        config: ModelConfig,
+    ):
+        super().__init__()
+        self.backbone, self.fpn, self.head = backbone, fpn, head
+        self.anchor_generator, self.box_coder, self.config = anchor_generator, box_coder, config
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(3, 1, 1), persistent=False)
+        # detectron2's moving-average loss normaliser (used when config.normalizer == "ema"); saved with the model
+        self.register_buffer("loss_normalizer", torch.tensor(100.0))
+        self.channels_last = False
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    # ---------------------------------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> HeadOutputs:
+        """images: [B, 3, Hp, Wp] normalised, padded batch (see `preprocess`) -> the head's raw outputs."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.fpn(self.backbone(images))
+        cls_logits, box_deltas = self.head(features)
+        return HeadOutputs(cls_logits, box_deltas, [tuple(f.shape[-2:]) for f in features])
+
+    def use_channels_last(self, enabled: bool = True) -> "RetinaNet":
+        """Run the convolutions in channels-last layout (faster with oneDNN on CPUs and tensor cores on GPUs)."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def preprocess(self, images: list[Tensor], resize: bool = True) -> Batch:
+        """Normalise each [3, H, W] float image in [0, 1], resize it so that its shorter side is min_size and its
+        longer at most max_size (bilinear, as torchvision; skipped with resize=False), and zero-pad all into one
+        batch whose sides are multiples of size_divisible."""
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("images must be a non-empty list of [3, H, W] float tensors")
+        resized, sizes, scales = [], [], []
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
+                raise ValueError(f"image {i}: expected a float [3, H, W] tensor, got {img.dtype} {tuple(img.shape)}")
+            img = (img - self.pixel_mean.to(img)) / self.pixel_std.to(img)
+            h, w = img.shape[-2:]
+            if resize:
+                scale = min(self.config.min_size / min(h, w), self.config.max_size / max(h, w))
+                img = F.interpolate(
+                    img[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+                )[0]
+            resized.append(img)
+            sizes.append((img.shape[-2], img.shape[-1]))
+            scales.append((img.shape[-2] / h, img.shape[-1] / w))
+        d = self.config.size_divisible
+        hp = int(math.ceil(max(s[0] for s in sizes) / d) * d)
+        wp = int(math.ceil(max(s[1] for s in sizes) / d) * d)
+        batch = resized[0].new_zeros((len(resized), 3, hp, wp))
+        for b, img in zip(batch, resized):
+            b[:, : img.shape[1], : img.shape[2]].copy_(img)
+        return Batch(batch, sizes, scales)
+
+    def anchors_per_level(self, head: HeadOutputs, batch_size_hw: tuple[int, int]) -> list[Tensor]:
+        return self.anchor_generator.anchors_per_level(
+            head.grid_sizes, batch_size_hw, device=head.cls_logits.device, dtype=torch.float32
+        )
+
+    # ---------------------------------------------------------------------------------------------------------
+    def loss(self, images: list[Tensor], targets: list[dict[str, Tensor]], resize: bool = True) -> dict[str, Tensor]:
+        """Training losses of a batch.
+
+        Args:
+            images: list of B float [3, H, W] tensors in [0, 1].
+            targets: per image {"boxes": [N, 4] float XYXY pixels of that image, "labels": [N] int64 in 0..K-1,
+                optionally "iscrowd": [N] bool (crowd regions are neither positive nor negative)}.
+            resize: resize as in `preprocess` (boxes follow); False when the data pipeline already resized.
+        Returns:
+            {"loss_cls": scalar, "loss_box": scalar}: unweighted, each normalised by the number of positive anchors.
+        """
+        if len(images) != len(targets):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        targets = [_check_target(t, i, self.num_classes) for i, t in enumerate(targets)]
+        batch = self.preprocess(images, resize)
+        scaled = [_scale_target(t, sy, sx) for t, (sy, sx) in zip(targets, batch.scales)]
+        head = self(batch.images)
+        return self.compute_loss(head, scaled, tuple(batch.images.shape[-2:]))
+
+    def compute_loss(
+        self, head: HeadOutputs, targets: list[dict[str, Tensor]], batch_size_hw: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """Losses from head outputs and targets already in the batch's pixel coordinates."""
+        cfg = self.config
+        anchors = torch.cat(self.anchors_per_level(head, batch_size_hw))
+        labels, matched_boxes = self._assign(anchors, targets)  # [B, A], [P, 4] for the positives
+        positive = labels >= 0
+        normalizer = self._normalizer(positive.sum())
+        cls_loss = self._classification_loss(head.cls_logits, labels) / normalizer
+        img_idx, anchor_idx = torch.nonzero(positive, as_tuple=True)
+        pred = head.box_deltas[img_idx, anchor_idx].float()
+        box_loss = self._box_loss(pred, anchors[anchor_idx], matched_boxes) / normalizer
+        return {"loss_cls": cls_loss, "loss_box": cfg.box_loss_weight * box_loss}
+
+    def _assign(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Per image and anchor the class label (>= 0), BACKGROUND or IGNORE: [B, A] int64; and the matched gt box of
+        every positive, in the order of torch.nonzero(labels >= 0): [P, 4]."""
+        cfg = self.config
+        labels, boxes = [], []
+        for t in targets:
+            matched = match_anchors(
+                anchors, t["boxes"], cfg.fg_iou, cfg.bg_iou, cfg.allow_low_quality_matches, t.get("iscrowd")
+            )
+            pos = matched >= 0
+            lab = matched.clone()
+            if t["boxes"].numel():
+                lab[pos] = t["labels"][matched[pos]]
+                boxes.append(t["boxes"][matched[pos]])
+            labels.append(lab)
+        matched_boxes = torch.cat(boxes) if boxes else anchors.new_zeros((0, 4))
+        return torch.stack(labels), matched_boxes.float()
+
+    def _normalizer(self, num_pos: Tensor) -> Tensor:
+        """The number of positive anchors in the batch (at least 1): the paper's normaliser; averaged over DDP
+        processes; or its exponential moving average (detectron2) with normalizer="ema"."""
+        num_pos = num_pos.float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_pos)
+            num_pos = num_pos / dist.get_world_size()
+        if self.config.normalizer == "ema":
+            if self.training:
+                m = self.config.normalizer_momentum
+                self.loss_normalizer.mul_(m).add_((1 - m) * num_pos.clamp(min=1).detach())
+            return self.loss_normalizer.clone()
+        return num_pos.clamp(min=1.0)
+
+    def _classification_loss(self, cls_logits: Tensor, labels: Tensor) -> Tensor:
+        cfg = self.config
+        logits = cls_logits.reshape(-1, cls_logits.shape[-1])
+        flat = labels.reshape(-1)
+        kind = cfg.cls_loss
+        if kind == "focal":
+            return L.sigmoid_focal_loss_from_labels(logits, flat, cfg.alpha, cfg.gamma)
+        if kind == "focal_star":
+            return L.sigmoid_focal_loss_from_labels(logits, flat, cfg.alpha, cfg.gamma, loss="focal_star", beta=cfg.beta)
+        if kind == "ce":
+            return L.sigmoid_focal_loss_from_labels(logits, flat, alpha=-1.0, gamma=0.0)
+        if kind == "balanced_ce":
+            return L.sigmoid_focal_loss_from_labels(logits, flat, alpha=cfg.alpha, gamma=0.0)
+        if kind == "ohem":
+            per_image = [
+                L.ohem_loss_from_labels(lg, lb, cfg.ohem_budget, cfg.ohem_neg_pos_ratio)
+                for lg, lb in zip(cls_logits, labels)
+            ]
+            return torch.stack(per_image).sum()
+        raise ValueError(f"unknown cls_loss {kind!r}: use focal, focal_star, ce, balanced_ce or ohem")
+
+    def _box_loss(self, pred_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
+        cfg = self.config
+        if cfg.box_loss == "giou":
+            return L.giou_loss(self.box_coder.decode(pred_deltas, anchors), gt_boxes)
+        target = self.box_coder.encode(anchors, gt_boxes)
+        if cfg.box_loss == "smooth_l1":
+            return L.smooth_l1_loss(pred_deltas, target, beta=cfg.smooth_l1_beta)
+        if cfg.box_loss == "l1":
+            return L.l1_loss(pred_deltas, target)
+        raise ValueError(f"unknown box_loss {cfg.box_loss!r}: use smooth_l1, l1 or giou")
+
+    # ---------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: list[Tensor], resize: bool = True) -> list[Detections]:
+        """Detections per image, boxes in that input image's pixels (call `model.eval()` first).
+
+        images: list of float [3, H, W] tensors in [0, 1]. Returns one Detections(boxes [N, 4], scores [N],
+        labels [N]) per image, at most detections_per_image, by decreasing score."""
+        batch = self.preprocess(images, resize)
+        head = self(batch.images)
+        return self.postprocess(head, batch)
+
+    def postprocess(self, head: HeadOutputs, batch: Batch) -> list[Detections]:
+        cfg = self.config
+        anchors = self.anchors_per_level(head, tuple(batch.images.shape[-2:]))
+        dets = postprocess(
+            head.cls_logits, head.box_deltas, anchors, batch.image_sizes, self.box_coder,
+            cfg.score_thresh, cfg.topk_candidates, cfg.nms_thresh, cfg.detections_per_image,
+        )  # fmt: skip
+        return [_unscale(d, sy, sx) for d, (sy, sx) in zip(dets, batch.scales)]
+
+
+def _check_target(t: dict[str, Tensor], index: int, num_classes: int) -> dict[str, Tensor]:
+    boxes, labels = t.get("boxes"), t.get("labels")
+    if boxes is None or labels is None:
+        raise ValueError(f"target {index}: needs 'boxes' [N, 4] and 'labels' [N]")
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) if boxes.numel() == 0 else boxes
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
+        raise ValueError(f"target {index}: boxes must be [N, 4] and labels [N], got {tuple(boxes.shape)}, "
+                         f"{tuple(labels.shape)}")
+    bad = ~((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & torch.isfinite(boxes).all(1))
+    if bad.any():
+        j = int(torch.nonzero(bad)[0])
+        raise ValueError(f"target {index}, box {j}: {boxes[j].tolist()} is not a valid XYXY box (x2 > x1, y2 > y1)")
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    if out_of_range.any():
+        j = int(torch.nonzero(out_of_range)[0])
+        raise ValueError(f"target {index}, box {j}: label {int(labels[j])} is not in 0..{num_classes - 1}")
+    return {**t, "boxes": boxes, "labels": labels.long()}
+
+
+def _scale_target(t: dict[str, Tensor], sy: float, sx: float) -> dict[str, Tensor]:
+    if sy == 1.0 and sx == 1.0:
+        return t
+    scale = torch.tensor([sx, sy, sx, sy], dtype=t["boxes"].dtype, device=t["boxes"].device)
+    return {**t, "boxes": t["boxes"] * scale}
+
+
+def _unscale(d: Detections, sy: float, sx: float) -> Detections:
+    if sy == 1.0 and sx == 1.0:
+        return d
+    scale = torch.tensor([1 / sx, 1 / sy, 1 / sx, 1 / sy], dtype=d.boxes.dtype, device=d.boxes.device)
+    return Detections(d.boxes * scale, d.scores, d.labels)
+
+
+def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
+    sizes = cfg.anchor_sizes_per_level or tuple(tuple(s * k for k in cfg.anchor_scales) for s in cfg.anchor_sizes)
+    return AnchorGenerator(
+        sizes_per_level=sizes,
+        aspect_ratios=cfg.aspect_ratios,
+        strides=None if cfg.anchor_strides_from_image else (8, 16, 32, 64, 128),
+        offset=cfg.anchor_offset,
+        round_base=cfg.anchor_round_base,
+    )
+
+
+def build_from_config(cfg: ModelConfig) -> RetinaNet:
+    """The single builder: a ModelConfig -> modules -> RetinaNet."""
+    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at)
+    fpn = FPN(backbone.out_channels, cfg.fpn_channels, cfg.p6_from)
+    anchors = _anchor_generator(cfg)
+    head = RetinaNetHead(
+        cfg.fpn_channels, anchors.num_anchors_per_location(), cfg.num_classes,
+        cfg.head_channels, cfg.head_convs, cfg.head_norm, cfg.prior_prob,
+    )  # fmt: skip
+    return RetinaNet(
+        backbone=backbone, fpn=fpn, head=head, anchor_generator=anchors,
+        box_coder=BoxCoder(cfg.box_coder_weights, cfg.box_clamp), config=cfg,
+    )  # fmt: skip
+
+
+def build_model(name: str = "retinanet_r50_fpn", **overrides: Any) -> RetinaNet:
+    """`build_model("retinanet_r50_fpn", num_classes=80, min_size=800, max_size=1333)`: the preset `name` with
+    keyword overrides of any ModelConfig field (backbone, fpn_channels, head_channels, anchor_scales,
+    aspect_ratios, cls_loss, alpha, gamma, fg_iou, detections_per_image, ...)."""
+    return build_from_config(model_config(name, **overrides))
+
+
+def config_dict(model: RetinaNet) -> dict[str, Any]:
+    return dataclasses.asdict(model.config)

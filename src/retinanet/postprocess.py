@@ -1,0 +1,89 @@
+"""The paper's inference: per level keep scores > thresh and the top k, decode, clip; class-wise NMS; top N."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from retinanet.matching import BoxCoder
+
+__all__ = ["Detections", "postprocess"]
+
+
+class Detections(NamedTuple):
+    """Detections of one image: boxes [N, 4] float XYXY pixels, scores [N] float, labels [N] int64 (0..K-1),
+    sorted by decreasing score."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+
+def postprocess(
+    cls_logits: Tensor,
+    box_deltas: Tensor,
+    anchors_per_level: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    box_coder: BoxCoder,
+    score_thresh: float = 0.05,
+    topk_candidates: int = 1000,
+    nms_thresh: float = 0.5,
+    detections_per_image: int = 100,
+) -> list[Detections]:
+    """Detections of a batch, in the coordinates of the (resized, unpadded) network input.
+
+    Args:
+        cls_logits: [B, sum(HWA), K] float; box_deltas: [B, sum(HWA), 4] float (the head's outputs).
+        anchors_per_level: per level [H_l W_l A, 4] float XYXY anchors, in the head's order.
+        image_sizes: per image (h, w) of the image inside the padded batch; boxes are clipped to it.
+    Returns:
+        one Detections per image, at most `detections_per_image` each.
+    """
+    batch, _, num_classes = cls_logits.shape
+    device = cls_logits.device
+    boxes_all, scores_all, labels_all, images_all = [], [], [], []
+    start = 0
+    for anchors in anchors_per_level:
+        end = start + anchors.shape[0]
+        # all images of the batch at once: top k of each image's level, then the score threshold (the same set as
+        # threshold-then-top-k, without a per-image loop)
+        scores = torch.sigmoid(cls_logits[:, start:end].float()).reshape(batch, -1)
+        k = min(topk_candidates, scores.shape[1])
+        top_scores, top_idx = scores.topk(k, dim=1)
+        keep = top_scores > score_thresh
+        anchor_idx = top_idx // num_classes
+        deltas = box_deltas[:, start:end].gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))
+        boxes = box_coder.decode(deltas.reshape(-1, 4), anchors[anchor_idx.reshape(-1)]).reshape(batch, k, 4)
+        image_idx = torch.arange(batch, device=device).unsqueeze(1).expand(-1, k)
+        boxes_all.append(boxes[keep])
+        scores_all.append(top_scores[keep])
+        labels_all.append((top_idx % num_classes)[keep])
+        images_all.append(image_idx[keep])
+        start = end
+    boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
+    labels, images = torch.cat(labels_all), torch.cat(images_all)
+    boxes = _clip_per_image(boxes, images, image_sizes)
+    # class-wise NMS of all images in one call: a (image, class) pair is one NMS group
+    keep = batched_nms(boxes, scores, images * num_classes + labels, nms_thresh)
+    return _split_per_image(boxes[keep], scores[keep], labels[keep], images[keep], batch, detections_per_image)
+
+
+def _clip_per_image(boxes: Tensor, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+    sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[images]  # [N, 2] (h, w)
+    x = boxes[:, 0::2].clamp(min=0).minimum(sizes[:, 1:2])
+    y = boxes[:, 1::2].clamp(min=0).minimum(sizes[:, 0:1])
+    return torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=1)
+
+
+def _split_per_image(
+    boxes: Tensor, scores: Tensor, labels: Tensor, images: Tensor, batch: int, limit: int
+) -> list[Detections]:
+    # batched_nms returns indices by decreasing score, so each image's first `limit` are its best
+    out = []
+    for i in range(batch):
+        sel = torch.nonzero(images == i).squeeze(1)[:limit]
+        out.append(Detections(boxes[sel], scores[sel], labels[sel]))
+    return out
