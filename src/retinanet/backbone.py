@@ -80,6 +80,8 @@ def _load_local_weights(resnet: ResNet, path: str | Path) -> None:
         raise ValueError(f"backbone weights file {path} is not a readable PyTorch state dict: {exc}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"backbone weights file {path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = resnet.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]

@@ -1,0 +1,142 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from retinanet.backbone import BACKBONES, ResNetBody, build_backbone
+
+
+
+def _norms(body: nn.Module) -> list[nn.Module]:
+    return [m for m in body.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_and_gives_c3_c4_c5_with_declared_channels(name):
+    # on the meta device: the full architecture and its shapes, without the cost of initialising 90M weights
+    with torch.device("meta"):
+        body = build_backbone(name, weights=None)
+        feats = body(torch.empty(2, 3, 64, 96))
+    assert isinstance(body, ResNetBody) and len(feats) == 3
+    for f, c, stride in zip(feats, body.out_channels, (8, 16, 32)):
+        assert tuple(f.shape) == (2, c, 64 // stride, 96 // stride)
+
+
+@pytest.mark.parametrize("name", ["resnet10", "resnet18"])
+def test_small_backbones_run_for_real(name):
+    body = build_backbone(name, weights=None).eval()
+    with torch.no_grad():
+        feats = body(torch.rand(1, 3, 64, 96))
+    for f, c, stride in zip(feats, body.out_channels, (8, 16, 32)):
+        assert tuple(f.shape) == (1, c, 64 // stride, 96 // stride)
+        assert torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_frozen_bn_is_torchvisions_with_the_given_eps(eps):
+    body = build_backbone("resnet18", norm="frozen_bn", frozen_bn_eps=eps)
+    norms = _norms(body)
+    assert norms and all(type(m) is FrozenBatchNorm2d for m in norms)
+    assert all(m.eps == eps for m in norms)
+    assert not any(isinstance(p, nn.Parameter) and p.requires_grad for m in norms for p in m.parameters())
+
+
+def test_bn_norm_is_trainable_batchnorm():
+    body = build_backbone("resnet10", norm="bn", freeze_at=0)
+    norms = _norms(body)
+    assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
+
+
+def _trainable(module: nn.Module) -> set[bool]:
+    return {p.requires_grad for p in module.parameters()}
+
+
+def test_freeze_at_2_freezes_stem_and_layer1_only():
+    body = build_backbone("resnet18", norm="bn", freeze_at=2)
+    assert _trainable(body.conv1) == _trainable(body.bn1) == _trainable(body.layer1) == {False}
+    for layer in (body.layer2, body.layer3, body.layer4):
+        assert _trainable(layer) == {True}
+
+
+def test_freeze_at_1_freezes_only_the_stem():
+    body = build_backbone("resnet18", norm="bn", freeze_at=1)
+    assert _trainable(body.conv1) == _trainable(body.bn1) == {False}
+    assert _trainable(body.layer1) == {True}
+
+
+def test_freeze_at_0_trains_everything_and_5_nothing():
+    assert _trainable(build_backbone("resnet18", norm="bn", freeze_at=0)) == {True}
+    assert _trainable(build_backbone("resnet18", norm="bn", freeze_at=5)) == {False}
+
+
+def test_freeze_at_out_of_range_raises():
+    with pytest.raises(ValueError, match="freeze_at"):
+        build_backbone("resnet10", freeze_at=6)
+
+
+def test_unknown_backbone_and_norm_raise():
+    with pytest.raises(ValueError, match="resnet9"):
+        build_backbone("resnet9")
+    with pytest.raises(ValueError, match="groupnorm"):
+        build_backbone("resnet18", norm="groupnorm")
+    with pytest.raises(ValueError, match="resnet10"):
+        build_backbone("resnet10", weights="imagenet")
+
+
+def _random_resnet18_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    # random BN statistics and affine too, so that loading them is checked, not their defaults
+    return {k: (torch.rand_like(v) + 0.5 if v.is_floating_point() else v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize(
+    ("wrap", "norm"), [("plain", "frozen_bn"), ("plain", "bn"), ("model", "frozen_bn"), ("module_prefix", "frozen_bn")]
+)
+def test_local_weights_file_loads_and_equals(tmp_path, wrap, norm):
+    state = _random_resnet18_state()
+    assert any(k.startswith("fc.") for k in state)
+    saved = state
+    if wrap == "model":
+        saved = {"model": state}
+    elif wrap == "module_prefix":
+        saved = {"module." + k: v for k, v in state.items()}
+    path = tmp_path / "r18.pth"
+    torch.save(saved, path)
+    body = build_backbone("resnet18", weights=str(path), norm=norm, freeze_at=0)
+    loaded = body.state_dict()
+    checked = 0
+    for k, v in state.items():
+        if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(loaded[k], v), k
+        checked += 1
+    assert checked == len([k for k in loaded if not k.endswith("num_batches_tracked")])
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.pth"
+    with pytest.raises(ValueError, match="nope.pth"):
+        build_backbone("resnet18", weights=str(path))
+
+
+def test_corrupt_weights_file_names_the_path(tmp_path):
+    path = tmp_path / "corrupt.pth"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pth"):
+        build_backbone("resnet18", weights=str(path))
+
+
+def test_weights_file_holding_no_dict_names_the_path(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match="tensor.pth"):
+        build_backbone("resnet18", weights=str(path))
+
+
+def test_weights_of_another_architecture_name_the_path(tmp_path):
+    path = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="r34.pth"):
+        build_backbone("resnet18", weights=str(path))
