@@ -1,5 +1,11 @@
-import pytest
-import torch
+import os
+
+# torch's OpenMP threads spin while they wait; on a 2-core machine shared with DataLoader workers or DDP processes
+# that turns into 10x slowdowns. Passive waiting must be chosen before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,5 +1,8 @@
 """RetinaNet and the focal-loss family of "Focal Loss for Dense Object Detection" (Lin et al., 2017)."""
 
+from retinanet.config import ModelConfig, model_config
+from retinanet.detector import RetinaNet, build_model
+from retinanet.interop import from_torchvision, load_torchvision_coco
 from retinanet.losses import (
     binary_cross_entropy,
     giou_loss,
@@ -13,7 +16,16 @@ from retinanet.losses import (
 
 __version__ = "0.1.0"
 
+from retinanet.postprocess import Detections  # noqa: E402
+
 __all__ = [
+    "Detections",
+    "ModelConfig",
+    "RetinaNet",
+    "build_model",
+    "from_torchvision",
+    "load_torchvision_coco",
+    "model_config",
     "binary_cross_entropy",
     "giou_loss",
     "hard_negative_mining",

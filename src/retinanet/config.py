@@ -22,6 +22,9 @@ class ModelConfig:
     """Every setting of the detector. Defaults are the paper's RetinaNet (ResNet-50-FPN, 800 px)."""
 
     num_classes: int = 80
+    # the dataset's categories, kept with the model so that outputs carry names and original ids (optional)
+    class_names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()
     # backbone
     backbone: str = "resnet50"
     backbone_weights: str | None = None  # None, "imagenet" (torchvision download) or a local state-dict path

@@ -149,7 +149,11 @@ class SyntheticShapes(DetectionDataset):
         textures: Sequence[str] = TEXTURES,
         max_overlap: float = 0.3,
         transforms: Transforms | None = None,
+        cache: bool = False,
     ) -> None:
+        # cache: keep each drawn image in memory (uint8, 3 x H x W bytes each; per DataLoader worker), so that
+        # epochs after the first cost no drawing
+        self.cache, self._cache = cache, {}
         if split not in _SPLITS:
             raise ValueError(f"synthetic.py: split {split!r}; expected one of {list(_SPLITS)}")
         for name in shapes:
@@ -264,6 +268,14 @@ class SyntheticShapes(DetectionDataset):
             image.paste(tuple(int(v) for v in rng.integers(0, 256, 3)), (0, 0), smudge)
 
     def load_image(self, index: int) -> Image.Image:
+        """Draw image `index` (or take it from the in-memory cache, when `cache` is on)."""
+        if self.cache:
+            if index not in self._cache:
+                self._cache[index] = self._draw(index)
+            return self._cache[index].copy()
+        return self._draw(index)
+
+    def _draw(self, index: int) -> Image.Image:
         """Draw image `index`: background, then each object's texture through its shape mask, then sensor noise."""
         image = self._background(index)
         for obj in self.layout(index):

@@ -1,0 +1,74 @@
+"""Drawing: detections on images (torchvision's draw_bounding_boxes) and training curves from log.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+
+__all__ = ["draw_detections", "save_detections_image", "plot_training_curves"]
+
+_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
+            "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]  # fmt: skip
+
+
+def draw_detections(image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, class_names: Sequence[str]) -> Tensor:
+    """image: float [3, H, W] in [0, 1]; boxes [N, 4] XYXY pixels; scores [N]; labels [N] -> uint8 [3, H, W]."""
+    image, boxes = _upscale_small(image.detach().cpu(), boxes.detach().cpu().float())
+    img = (image.clamp(0, 1) * 255).to(torch.uint8)
+    if len(boxes) == 0:
+        return img
+    names = [class_names[int(lab)] if int(lab) < len(class_names) else str(int(lab)) for lab in labels]
+    text = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
+    colors = [_PALETTE[int(lab) % len(_PALETTE)] for lab in labels]
+    width = max(1, round(min(img.shape[-2:]) / 200))
+    return draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=width)
+
+
+def _upscale_small(image: Tensor, boxes: Tensor, min_side: int = 384) -> tuple[Tensor, Tensor]:
+    """Small images are drawn enlarged (nearest, by an integer factor) so that the label text stays legible."""
+    factor = -(-min_side // min(image.shape[-2:]))
+    if factor <= 1:
+        return image, boxes
+    return image.repeat_interleave(factor, -2).repeat_interleave(factor, -1), boxes * factor
+
+
+def save_detections_image(path: str | Path, image: Tensor, boxes, scores, labels, class_names) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drawn = draw_detections(image, boxes, scores, labels, class_names)
+    Image.fromarray(drawn.permute(1, 2, 0).contiguous().numpy()).save(path)
+    return path
+
+
+def plot_training_curves(log_jsonl: str | Path, path: str | Path) -> Path:
+    """One PNG with every loss of log.jsonl against the iteration (log scale), and the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in Path(log_jsonl).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "lr" in r]
+    fig = Figure(figsize=(9, 4))
+    ax, ax_lr = fig.subplots(1, 2)
+    keys = [k for k in rows[0] if k.startswith("loss")] if rows else []
+    for k in keys:
+        ax.plot([r["iter"] for r in rows], [r[k] for r in rows], label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_title("training losses")
+    ax.legend()
+    ax_lr.plot([r["iter"] for r in rows], [r["lr"] for r in rows])
+    ax_lr.set_xlabel("iteration")
+    ax_lr.set_title("learning rate")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,193 @@
+"""The command line end to end on tiny synthetic data, and its clear errors for bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from retinanet.cli import main
+from retinanet.data import SyntheticShapes
+
+TINY = [
+    "model.preset=retinanet_tiny", "model.min_size=64", "model.max_size=64",
+    "data.synthetic_train_images=8", "data.synthetic_val_images=4", "data.synthetic_image_size=64",
+    "data.train_min_sizes=[64]", "data.max_size=64", "data.eval_min_size=64",
+    "train.max_iters=3", "train.batch_size=2", "train.num_workers=0", "train.warmup_iters=1", "train.lr=0.001",
+    "train.log_every=1", "train.checkpoint_every=2", "train.device=cpu",
+]  # fmt: skip
+
+
+def _train(tmp_path: Path, *extra: str) -> int:
+    return main(["train", "--set", *TINY, f"train.output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_train_eval_detect_end_to_end(tmp_path, capsys):
+    assert _train(tmp_path) == 0
+    run = tmp_path / "run"
+    for name in ("last.pt", "log.jsonl", "config.yaml", "training_curves.png", "eval/metrics.json"):
+        assert (run / name).exists(), name
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["preset"] == "retinanet_tiny" and saved["train"]["max_iters"] == 3
+    assert saved["model"]["class_names"][:2] == ["circle", "square"]  # category names kept with the model
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines if "lr" in x] == [1, 2, 3]
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"data": saved["data"]}))
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
+    assert (tmp_path / "ev" / "detections.json").exists() and (tmp_path / "ev" / "pr_curves.png").exists()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    ds = SyntheticShapes("val", num_images=2, image_size=(64, 80))
+    for i in range(2):
+        ds.load_image(i).save(images / f"img{i}.png")
+    out = tmp_path / "det"
+    code = main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
+                 "--score-thresh", "0.0"])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "detections.json").read_text())
+    assert [Path(r["file"]).name for r in result] == ["img0.png", "img1.png"]
+    assert all(d["name"] in ds.category_names for r in result for d in r["detections"])
+    assert Image.open(out / "img0.png").size == (80 * 6, 64 * 6)  # small images are drawn enlarged
+    capsys.readouterr()
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out)]) == 2
+    assert "broken.png" in _error(capsys)
+    assert main(["detect", str(tmp_path / "nothing.png"), "--checkpoint", str(run / "last.pt")]) == 2
+    assert "nothing.png" in _error(capsys)
+
+
+def test_resume_from_cli_continues(tmp_path):
+    assert _train(tmp_path) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--set", *TINY, f"train.output_dir={run}", "train.max_iters=4",
+                 "--resume", str(run / "last.pt")]) == 0  # fmt: skip
+    iters = [json.loads(x)["iter"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [i for i in iters][-1] == 4
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    assert _train(tmp_path, "model.gama=2") == 2
+    err = _error(capsys)
+    assert "gama" in err and "unknown key" in err
+    assert main(["train", "--set", "tran.lr=1"]) == 2
+    assert "tran" in _error(capsys)
+
+
+def test_config_file_errors(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in _error(capsys)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "bad.yaml" in _error(capsys)
+
+
+def _coco_files(tmp_path: Path, annotations: list[dict], images: list[dict] | None = None, write=True) -> list[str]:
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir(exist_ok=True)
+    images = images or [{"id": 1, "file_name": "a.png", "width": 64, "height": 64},
+                        {"id": 2, "file_name": "b.png", "width": 64, "height": 64}]  # fmt: skip
+    if write:
+        for im in images:
+            Image.new("RGB", (64, 64), (90, 120, 30)).save(img_dir / im["file_name"])
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations,
+                               "categories": [{"id": 3, "name": "thing"}]}))  # fmt: skip
+    return ["data.format=coco", f"data.train_images={img_dir}", f"data.train_annotations={ann}"]
+
+
+def _box(i, image_id, bbox, cat=3):
+    return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": 1, "iscrowd": 0}
+
+
+def _train_coco(tmp_path, data, *extra):
+    return main(["train", "--set", *TINY, *data, f"train.output_dir={tmp_path / 'run'}", *extra])
+
+
+@pytest.mark.parametrize(
+    "annotations, expected",
+    [
+        ([_box(1, 1, [10, 10, 20, 20]), _box(2, 2, [30, 30, -5, 10])], ["ann.json", "annotation 1"]),
+        ([_box(1, 1, [10, 10, 20, 20], cat=99)], ["ann.json", "99"]),
+        ([_box(1, 1, [10, 10, 90, 20])], ["ann.json", "image 0"]),
+    ],
+    ids=["negative-width", "unknown-category", "outside-image"],
+)
+def test_bad_annotations_name_file_and_index(tmp_path, capsys, annotations, expected):
+    assert _train_coco(tmp_path, _coco_files(tmp_path, annotations)) == 2
+    err = _error(capsys)
+    for word in expected:
+        assert word in err
+
+
+def test_empty_and_malformed_annotation_files(tmp_path, capsys):
+    data = _coco_files(tmp_path, [])
+    (tmp_path / "ann.json").write_text("")
+    assert _train_coco(tmp_path, data) == 2
+    assert "ann.json" in _error(capsys)
+    (tmp_path / "ann.json").write_text('{"images": [')
+    assert _train_coco(tmp_path, data) == 2
+    assert "ann.json" in _error(capsys)
+
+
+def test_missing_and_corrupt_images(tmp_path, capsys):
+    data = _coco_files(tmp_path, [_box(1, 1, [10, 10, 20, 20]), _box(2, 2, [5, 5, 30, 30])])
+    (tmp_path / "imgs" / "b.png").unlink()
+    assert _train_coco(tmp_path, data) == 2
+    assert "b.png" in _error(capsys)
+    (tmp_path / "imgs" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    assert _train_coco(tmp_path, data) == 2
+    assert "b.png" in _error(capsys)
+
+
+def test_skip_bad_warns_and_drops(tmp_path, capsys):
+    data = _coco_files(tmp_path, [_box(1, 1, [10, 10, 20, 20]), _box(2, 2, [30, 30, -5, 10])])
+    with pytest.warns(UserWarning, match="b.png"):
+        assert _train_coco(tmp_path, data, "train.batch_size=1", "--skip-bad") == 0
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_detect_missing_checkpoint(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["detect", str(image), "--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert "x.pt" in _error(capsys)
+
+
+def test_non_finite_loss_exit_code(tmp_path, capsys, monkeypatch):
+    from retinanet.detector import RetinaNet
+
+    original = RetinaNet.loss
+
+    def nan_loss(self, *a, **k):
+        out = original(self, *a, **k)
+        return {**out, "loss_cls": out["loss_cls"] * float("nan")}
+
+    monkeypatch.setattr(RetinaNet, "loss", nan_loss)
+    assert _train(tmp_path) == 3
+    err = _error(capsys)
+    assert "loss_cls" in err and "iteration 1" in err
+
+
+@pytest.mark.slow
+def test_demo_writes_its_outputs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--set", "train.max_iters=2", "train.log_every=1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "train_seconds"} <= set(metrics)
+    assert (out / "training_curves.png").exists()
+    assert len(list((out / "val_images").glob("*.png"))) == 8
+    assert "AP" in capsys.readouterr().out
