@@ -140,3 +140,30 @@ def test_weights_of_another_architecture_name_the_path(tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="r34.pth"):
         build_backbone("resnet18", weights=str(path))
+
+
+def test_frozen_bn_folding_equals_the_plain_forward():
+    # the folded forward (frozen BN inside the convolutions) must be the same function as torchvision's modules
+    from retinanet.backbone import build_backbone as _build
+
+    torch.manual_seed(0)
+    for name in ("resnet18", "resnet50"):
+        body = _build(name, norm="frozen_bn", freeze_at=0)
+        for m in body.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+        x = torch.randn(2, 3, 64, 96, requires_grad=True)
+        folded = body(x)
+        plain_x = body.maxpool(body.relu(body.bn1(body.conv1(x))))
+        plain = []
+        for stage in (body.layer1, body.layer2, body.layer3, body.layer4):
+            plain_x = stage(plain_x)
+            plain.append(plain_x)
+        for a, b in zip(folded, plain[1:]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        g1 = torch.autograd.grad(sum(f.sum() for f in folded), body.layer2[0].conv1.weight)[0]
+        g2 = torch.autograd.grad(sum(f.sum() for f in plain[1:]), body.layer2[0].conv1.weight)[0]
+        torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-3)

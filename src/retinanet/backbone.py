@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
@@ -41,20 +42,31 @@ class ResNetBody(nn.Module):
 
     Submodule names are torchvision's (conv1, bn1, layer1..layer4), so its state dicts load unchanged."""
 
-    def __init__(self, resnet: ResNet, out_channels: tuple[int, int, int]):
+    def __init__(self, resnet: ResNet, out_channels: tuple[int, int, int], fold_frozen_bn: bool = True):
         super().__init__()
+        self.fold_frozen_bn = fold_frozen_bn
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: [B, 3, H, W] normalised images -> [C3 [B, c3, H/8, W/8], C4 [.., H/16, ..], C5 [.., H/32, ..]]."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c3, c4, c5]
+        if not (self.fold_frozen_bn and isinstance(self.bn1, FrozenBatchNorm2d)):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            c2 = self.layer1(x)
+            c3 = self.layer2(c2)
+            c4 = self.layer3(c3)
+            return [c3, c4, self.layer4(c4)]
+        # frozen BatchNorm is a fixed per-channel affine map: folded into the preceding convolution's weight and
+        # bias it costs nothing, where applied after it it is two more passes over every activation (and their
+        # backward). Same function, same parameters and state-dict keys.
+        x = self.maxpool(F.relu(_conv_bn(x, self.conv1, self.bn1)))
+        feats = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = _folded_block(block, x)
+            feats.append(x)
+        return feats[1:]
 
     def freeze(self, freeze_at: int) -> None:
         """Stop gradients of the stem (freeze_at >= 1) and of stages layer1 .. layer{freeze_at - 1}.
@@ -67,6 +79,28 @@ class ResNetBody(nn.Module):
             for module in stage:
                 for p in module.parameters():
                     p.requires_grad_(False)
+
+
+def _conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
+    """bn(conv(x)) as one convolution: weight * scale, bias = bn.bias - running_mean * scale."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    bias = bn.bias - bn.running_mean * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _folded_block(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward with every (conv, frozen BN) pair folded."""
+    identity = x if block.downsample is None else _conv_bn(x, block.downsample[0], block.downsample[1])
+    out = F.relu(_conv_bn(x, block.conv1, block.bn1))
+    if isinstance(block, BasicBlock):
+        out = _conv_bn(out, block.conv2, block.bn2)
+    else:
+        out = F.relu(_conv_bn(out, block.conv2, block.bn2))
+        out = _conv_bn(out, block.conv3, block.bn3)
+    return F.relu(out + identity)
 
 
 def _load_local_weights(resnet: ResNet, path: str | Path) -> None:
@@ -95,6 +129,7 @@ def build_backbone(
     norm: str = "frozen_bn",
     frozen_bn_eps: float = 1e-5,
     freeze_at: int = 2,
+    fold_frozen_bn: bool = True,
 ) -> ResNetBody:
     """A ResNet body.
 
@@ -105,6 +140,7 @@ def build_backbone(
         norm: "frozen_bn" (the paper's fixed BatchNorm statistics and affine) or "bn" (trainable BatchNorm).
         frozen_bn_eps: eps of the frozen BatchNorm (torchvision's published RetinaNet v1 weights use 0).
         freeze_at: see `ResNetBody.freeze`.
+        fold_frozen_bn: compute each (conv, frozen BN) pair as one convolution (see `ResNetBody.forward`).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
@@ -120,6 +156,6 @@ def build_backbone(
     resnet = ctor(weights=tv_weights, norm_layer=norm_layer) if name != "resnet10" else ctor(norm_layer=norm_layer)
     if weights not in (None, "none", "imagenet"):
         _load_local_weights(resnet, weights)
-    body = ResNetBody(resnet, channels)
+    body = ResNetBody(resnet, channels, fold_frozen_bn)
     body.freeze(freeze_at)
     return body

@@ -31,6 +31,7 @@ class ModelConfig:
     backbone_norm: str = "frozen_bn"  # "frozen_bn" | "bn"
     frozen_bn_eps: float = 1e-5
     freeze_at: int = 2  # stem + layer1 frozen (Detectron)
+    fold_frozen_bn: bool = True  # frozen BatchNorm folded into the convolutions (faster; same function up to rounding)
     # FPN and head
     fpn_channels: int = 256
     p6_from: str = "c5"  # "c5" (paper) | "p5" (torchvision v1)

@@ -65,7 +65,7 @@ class RetinaNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(3, 1, 1), persistent=False)
         # detectron2's moving-average loss normaliser (used when config.normalizer == "ema"); saved with the model
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
-        self.channels_last = False
+        self.channels_last = False  # build_from_config turns it on
 
     @property
     def num_classes(self) -> int:
@@ -285,17 +285,20 @@ def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
 
 def build_from_config(cfg: ModelConfig) -> RetinaNet:
     """The single builder: a ModelConfig -> modules -> RetinaNet."""
-    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at)
+    backbone = build_backbone(
+        cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at, cfg.fold_frozen_bn
+    )
     fpn = FPN(backbone.out_channels, cfg.fpn_channels, cfg.p6_from)
     anchors = _anchor_generator(cfg)
     head = RetinaNetHead(
         cfg.fpn_channels, anchors.num_anchors_per_location(), cfg.num_classes,
         cfg.head_channels, cfg.head_convs, cfg.head_norm, cfg.prior_prob,
     )  # fmt: skip
-    return RetinaNet(
+    model = RetinaNet(
         backbone=backbone, fpn=fpn, head=head, anchor_generator=anchors,
         box_coder=BoxCoder(cfg.box_coder_weights, cfg.box_clamp), config=cfg,
     )  # fmt: skip
+    return model.use_channels_last()
 
 
 def build_model(name: str = "retinanet_r50_fpn", **overrides: Any) -> RetinaNet:

@@ -41,6 +41,7 @@ def torchvision_config(
         backbone_norm=norm,
         frozen_bn_eps=frozen_bn_eps,
         freeze_at=2,  # torchvision's trainable_backbone_layers=3 for pretrained backbones
+        fold_frozen_bn=False,  # torchvision's order of operations, so that rounding matches too
         p6_from="p5" if version == "v1" else "c5",
         head_norm=None if version == "v1" else "gn",
         anchor_sizes_per_level=TORCHVISION_ANCHOR_SIZES,
@@ -158,7 +159,8 @@ def from_torchvision(module_or_state_dict: nn.Module | dict[str, torch.Tensor], 
     cfg = torchvision_config(
         version, num_classes, norm="frozen_bn" if frozen else "bn", frozen_bn_eps=eps, **{**settings, **overrides}
     )
-    model = build_from_config(cfg)
+    # torchvision's memory layout too, so that the rounding, and with it near-tied detections, match exactly
+    model = build_from_config(cfg).use_channels_last(False)
     ours = _convert_state(state, version)
     missing, unexpected = model.load_state_dict(ours, strict=False)
     missing = [k for k in missing if k != "loss_normalizer"]
