@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_losses.py", "bench_model.py"]
+SCRIPTS = ["bench_losses.py", "bench_model.py", "bench_demo.py"]
 
 for name in SCRIPTS:
     path = HERE / name
     if path.exists():
         print(f"== {name}", flush=True)
-        subprocess.run([sys.executable, str(path), *sys.argv[1:]], check=True)
+        subprocess.run([sys.executable, str(path)], check=True)

@@ -39,7 +39,7 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"data": saved["data"]}))
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "VOC_mAP50", "per_class_ap"} <= set(metrics)
     assert (tmp_path / "ev" / "detections.json").exists() and (tmp_path / "ev" / "pr_curves.png").exists()
 
     images = tmp_path / "images"
@@ -191,3 +191,20 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     assert (out / "training_curves.png").exists()
     assert len(list((out / "val_images").glob("*.png"))) == 8
     assert "AP" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_from_the_command_line(tmp_path):
+    """`torchrun --nproc_per_node 2 -m retinanet.cli train ...`: DDP with gloo on the CPU, loopback only."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retinanet.cli", "train", "--set", *TINY, "train.batch_size=4", f"train.output_dir={run}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 3 and len(ckpt["rng"]) == 2  # both processes' random states were gathered

@@ -117,7 +117,8 @@ def test_low_precision_inputs_are_computed_in_float32(dtype):
     out = L.sigmoid_focal_loss(x, t, reduction="none")
     assert out.dtype == dtype
     ref = tv_focal(x.detach().float(), t.float(), reduction="none")
-    torch.testing.assert_close(out.float(), ref.to(dtype).float())
+    # one rounding to `dtype` apart at most
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-3)
     total = L.sigmoid_focal_loss(x, t, reduction="sum")
     assert total.dtype == torch.float32
     torch.testing.assert_close(total, ref.sum(), rtol=1e-5, atol=1e-5)

@@ -27,8 +27,8 @@ from retinanet.data import (
     train_transforms,
 )
 from retinanet.detector import RetinaNet, build_from_config
-from retinanet.engine import load_model, train
-from retinanet.evaluate import CocoMetrics, evaluate_coco, plot_pr_curves, save_coco_results
+from retinanet.engine import init_distributed, load_model, train
+from retinanet.evaluate import CocoMetrics, evaluate_coco, evaluate_voc, plot_pr_curves, save_coco_results
 from retinanet.runconfig import DataConfig, RunConfig, save_run_config
 from retinanet.visualize import plot_training_curves, save_detections_image
 
@@ -116,14 +116,16 @@ def predict_dataset(
 
 def evaluate_model(model: RetinaNet, dataset: DetectionDataset, output: Path | None = None, **kw) -> CocoMetrics:
     """COCO metrics of `model` on `dataset`; with `output`, also detections.json (COCO results format),
-    metrics.json and pr_curves.png there."""
+    metrics.json (the COCO numbers, per-class AP and Pascal VOC mAP@0.5) and pr_curves.png there."""
     gts, dets = predict_dataset(model, dataset, **kw)
     categories = dataset.categories
     metrics = evaluate_coco(gts, dets, categories)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         save_coco_results(dets, categories, output / "detections.json")
-        (output / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2))
+        voc = evaluate_voc(gts, dets, len(categories))
+        report = {**metrics.to_dict(), "VOC_mAP50": voc["mAP"]}
+        (output / "metrics.json").write_text(json.dumps(report, indent=2))
         plot_pr_curves(metrics, output / "pr_curves.png")
     return metrics
 
@@ -132,6 +134,7 @@ def evaluate_model(model: RetinaNet, dataset: DetectionDataset, output: Path | N
 def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True) -> dict[str, Any]:
     """Train as `cfg` says: saves config.yaml, log.jsonl, tb/, last.pt, training_curves.png (and evaluation
     results, when there is a validation set) in cfg.train.output_dir."""
+    init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
     out = Path(cfg.train.output_dir)
     train_set = build_dataset(cfg.data, "train", train_mode=True)
     cfg.model = _categories_config(cfg.model, train_set)
