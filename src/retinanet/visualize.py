@@ -27,7 +27,17 @@ def draw_detections(image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor
     text = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
     colors = [_PALETTE[int(lab) % len(_PALETTE)] for lab in labels]
     width = max(1, round(min(img.shape[-2:]) / 200))
-    return draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=width)
+    font, size = _font(), max(10, round(min(img.shape[-2:]) / 32))
+    return draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=width, font=font, font_size=size,
+                               label_colors="white", fill_labels=True)
+
+
+def _font() -> str | None:
+    """matplotlib's DejaVu Sans (always installed with it), for legible labels; None = PIL's small bitmap font."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return str(path) if path.is_file() else None
 
 
 def _upscale_small(image: Tensor, boxes: Tensor, min_side: int = 384) -> tuple[Tensor, Tensor]:
