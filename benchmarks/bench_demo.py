@@ -35,7 +35,8 @@ def main() -> None:
         "| " + " | ".join(f"{summary[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
         + f" | {summary['train_seconds']:.0f} |",
         "",
-        "Targets: training at most 300 s, AP at least 0.5.",
+        f"Targets: training at most 300 s ({'met' if summary['train_seconds'] <= 300 else 'MISSED'}), "
+        f"AP at least 0.5 ({'met' if summary['AP'] >= 0.5 else 'MISSED'}).",
     ]
     text = "\n".join(lines)
     print(text)

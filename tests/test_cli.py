@@ -208,3 +208,27 @@ def test_torchrun_two_processes_from_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 3 and len(ckpt["rng"]) == 2  # both processes' random states were gathered
+
+
+def test_override_of_the_wrong_type_names_the_key(tmp_path, capsys):
+    assert _train(tmp_path, "train.max_iters=abc") == 2
+    err = _error(capsys)
+    assert "max_iters" in err and "abc" in err
+    assert _train(tmp_path, "model.gamma=[1, 2]") == 2
+    assert "gamma" in _error(capsys)
+
+
+def test_non_integer_ids_in_coco_file(tmp_path, capsys):
+    data = _coco_files(tmp_path, [_box(1, None, [10, 10, 20, 20])])
+    assert _train_coco(tmp_path, data) == 2
+    err = _error(capsys)
+    assert "ann.json" in err and "annotation 0" in err and "image_id" in err
+
+
+def test_bad_image_found_in_a_loader_worker_gives_one_line(tmp_path, capsys):
+    data = _coco_files(tmp_path, [_box(1, 1, [10, 10, 20, 20]), _box(2, 2, [5, 5, 30, 30])])
+    (tmp_path / "imgs" / "b.png").unlink()
+    assert _train_coco(tmp_path, data, "train.num_workers=1") == 2
+    err = _error(capsys)
+    errors = [line for line in err.splitlines() if line.startswith("retinanet:")]  # the rest is the progress bar
+    assert len(errors) == 1 and "b.png" in errors[0] and "Original Traceback" not in err

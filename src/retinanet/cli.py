@@ -99,8 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retinanet: stopped: {exc}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as exc:  # DatasetError is a ValueError
-        print(f"retinanet: error: {exc}", file=sys.stderr)
+        print(f"retinanet: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _message(exc: Exception) -> str:
+    """The error's own message; one re-raised from a DataLoader worker carries the worker's traceback as text,
+    whose last line is 'module.ErrorType: message'."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 if __name__ == "__main__":

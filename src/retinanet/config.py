@@ -97,8 +97,28 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "config
         current = getattr(config, k)
         if isinstance(v, list) and (isinstance(current, tuple) or current is None):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        values[k] = v
+        values[k] = _checked(where, k, v, current)
     return dataclasses.replace(config, **values)
+
+
+def _checked(where: str, key: str, value: Any, current: Any) -> Any:
+    """`value` if it has the kind of the field's current value (ints pass as floats), else a ValueError naming the
+    key; fields whose current value is None take anything."""
+    ok = True
+    if current is None or value is None:
+        ok = True
+    elif isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(current, (str, tuple)):
+        ok = isinstance(value, type(current))
+    if not ok:
+        raise ValueError(f"{where}: {key} = {value!r} is not a {type(current).__name__} like its default {current!r}")
+    return value
 
 
 PRESETS: dict[str, ModelConfig] = {

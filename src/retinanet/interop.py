@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retinanet.config import ModelConfig
+from retinanet.config import ModelConfig, apply_overrides
 from retinanet.detector import RetinaNet, build_from_config
 
 __all__ = ["from_torchvision", "torchvision_config", "load_torchvision_coco", "TORCHVISION_COCO_WEIGHTS"]
@@ -55,7 +55,7 @@ def torchvision_config(
         size_divisible=32,
         detections_per_image=300,
     )
-    return ModelConfig(**{**cfg.__dict__, **overrides})
+    return apply_overrides(cfg, overrides, "torchvision config")
 
 
 def _detect_version(state: dict[str, torch.Tensor]) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from retinanet.config import apply_overrides
@@ -177,7 +178,12 @@ def _rank() -> int:
 def run_eval(checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "cpu") -> CocoMetrics:
     model = load_model(checkpoint, map_location=device).to(device)
     data = apply_overrides(data, {"eval_min_size": model.config.min_size, "max_size": model.config.max_size})
-    return evaluate_model(model, build_dataset(data, "val", train_mode=False), Path(output))
+    dataset = build_dataset(data, "val", train_mode=False)
+    ids = tuple(c["id"] for c in dataset.categories)
+    if model.config.category_ids and ids != tuple(model.config.category_ids):
+        raise ValueError(f"{checkpoint}: the model was trained on category ids {list(model.config.category_ids)} "
+                         f"but the evaluation data has {list(ids)}")  # fmt: skip
+    return evaluate_model(model, dataset, Path(output))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,9 +230,12 @@ def run_detect(
     names = [c["name"] for c in categories]
     out = Path(output)
     results = []
+    # our checkpoints see the resize they were trained and evaluated with (the data transforms); torchvision's
+    # models keep their own internal resize, so that their detections stay torchvision's
+    resize = eval_transforms(model.config.min_size, model.config.max_size) if checkpoint is not None else None
     for path in image_files(inputs):
         image = read_image(path)
-        d = model.predict([image.to(device)])[0]
+        d = _predict_file(model, image, resize, device)
         keep = d.scores >= score_thresh
         boxes, scores, labels = d.boxes[keep].cpu(), d.scores[keep].cpu(), d.labels[keep].cpu()
         save_detections_image(out / f"{path.stem}.png", image, boxes, scores, labels, names)
@@ -238,6 +247,17 @@ def run_detect(
     out.mkdir(parents=True, exist_ok=True)
     (out / "detections.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _predict_file(model: RetinaNet, image: torch.Tensor, resize, device: str):
+    """Detections of one [3, H, W] image in its own pixels."""
+    if resize is None:
+        return model.predict([image.to(device)])[0]
+    resized = resize(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+    d = model.predict([resized.to(device)], resize=False)[0]
+    sy, sx = resized.shape[-2] / image.shape[-2], resized.shape[-1] / image.shape[-1]
+    scale = torch.tensor([sx, sy, sx, sy], device=d.boxes.device)
+    return type(d)(d.boxes / scale, d.scores, d.labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ Every classification loss here is a sigmoid loss over independent binary problem
     FL  = -alpha_t (1 - p_t)^gamma log(p_t)
     FL* = -alpha_t log(sigmoid(gamma x_t + beta)) / gamma, x_t = x if y = 1 else -x   (appendix A)
 
-The losses are computed by one fused autograd Function whose backward is the closed form of appendix B, so the
-forward keeps nothing but its inputs for the backward. The elementwise maths live in `_focal_terms` /
+The losses are computed by one fused autograd Function whose backward is the closed form of appendix B: a summed
+loss computes its gradient in the same pass as its value and keeps only that; an elementwise loss keeps only its
+inputs and recomputes the gradient in the backward. The elementwise maths live in `_focal_terms` /
 `_focal_star_terms`; they run either through `torch.compile` (one fused loop per pass) or eagerly in cache-sized
 chunks, and both give the same numbers. Half and bfloat16 inputs are computed in float32.
 """
@@ -163,23 +164,22 @@ def _use_compiled(x: Tensor) -> bool:
         return False
     if _BACKEND == "compile":
         return True
-    return x.numel() >= (1 << 20) and _compile_works()
+    return x.numel() >= (1 << 20) and _compile_works(x.device)
 
 
-_COMPILE_OK: bool | None = None
+_COMPILE_OK: dict[str, bool] = {}
 
 
-def _compile_works() -> bool:
-    """torch.compile needs a C++ compiler on the CPU (and Triton on CUDA); try it once and remember."""
-    global _COMPILE_OK
-    if _COMPILE_OK is None:
+def _compile_works(device: torch.device = torch.device("cpu")) -> bool:
+    """torch.compile needs a C++ compiler on the CPU and Triton on CUDA: try it once per device type, remember."""
+    if device.type not in _COMPILE_OK:
         try:
             f = torch.compile(lambda a: torch.sigmoid(a).sum(), dynamic=True)
-            f(torch.zeros(8))
-            _COMPILE_OK = True
+            f(torch.zeros(8, device=device))
+            _COMPILE_OK[device.type] = True
         except Exception:  # noqa: BLE001 - any failure means: stay eager
-            _COMPILE_OK = False
-    return _COMPILE_OK
+            _COMPILE_OK[device.type] = False
+    return _COMPILE_OK[device.type]
 
 
 def _compiled(name: str, fn: Callable) -> Callable:
@@ -197,7 +197,8 @@ def _run(x, targets, mask, kind, labels_mode, alpha, gamma, beta, reduce, grad_s
     want_grad = grad_scale is not None
     out = x.new_zeros((), dtype=_compute_dtype(x)) if reduce else torch.empty_like(x)
     gx = torch.empty_like(x) if want_grad else None
-    step = max(1, _CHUNK // max(x.shape[1], 1))
+    # chunks sized for a CPU core's L2 cache; a GPU wants the whole tensor in one launch per op
+    step = max(1, _CHUNK // max(x.shape[1], 1)) if x.device.type == "cpu" else max(1, x.shape[0])
     for s in range(0, x.shape[0], step):
         rows = slice(s, s + step)
         scale = grad_scale if grad_scale is None or grad_scale.dim() == 0 else grad_scale[rows]
@@ -343,9 +344,9 @@ def sigmoid_focal_loss_from_labels(
     ignored = labels == ignore_label
     # a negative label (background) matches no class column, so it is a negative for every class
     cls = labels
-    mask = None
-    if bool(ignored.any()):
-        mask = (~ignored).to(_compute_dtype(logits)).unsqueeze(1)
+    # always a mask (one value per anchor, K times smaller than the logits): asking whether any anchor is ignored
+    # would cost a host-device sync every iteration
+    mask = (~ignored).to(_compute_dtype(logits)).unsqueeze(1)
     return _FusedSigmoidLoss.apply(
         logits, cls.unsqueeze(1), loss, True, mask, float(alpha), float(gamma), float(beta), True
     )

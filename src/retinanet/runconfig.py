@@ -48,8 +48,9 @@ class DataConfig:
     synthetic_image_size: int = 192
     synthetic_seed: int = 0
     synthetic_cache: bool = False  # keep drawn training images in memory (worth it when epochs repeat)
-    # transforms: multi-scale training sizes (shorter side), cap on the longer side, evaluation size
-    train_min_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    # transforms: training sizes of the shorter side (one is picked per image: several = multi-scale jitter; the
+    # paper trains at 800 with horizontal flips), cap on the longer side, evaluation size
+    train_min_sizes: tuple[int, ...] = (800,)
     max_size: int = 1333
     eval_min_size: int = 800
     flip_prob: float = 0.5

@@ -48,13 +48,20 @@ def _require_keys(path: Path, entry: Any, keys: tuple[str, ...], what: str) -> N
         raise DatasetError(f"{path}: {what}: missing key(s) {missing}; expected {list(keys)}")
 
 
+def _int(path: Path, where: str, key: str, value: Any) -> int:
+    """An integer field of the JSON, or a DatasetError naming the file, the entry and the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise DatasetError(f"{path}: {where}: '{key}' is {value!r}; expected an integer")
+    return int(value)
+
+
 def _parse_categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(data["categories"], list) or not data["categories"]:
         raise DatasetError(f"{path}: 'categories' must be a non-empty list of {{'id': int, 'name': str}}")
     categories = []
     for k, cat in enumerate(data["categories"]):
         _require_keys(path, cat, ("id", "name"), f"category {k}")
-        categories.append({"id": int(cat["id"]), "name": str(cat["name"])})
+        categories.append({"id": _int(path, f"category {k}", "id", cat["id"]), "name": str(cat["name"])})
     ids = [c["id"] for c in categories]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{path}: duplicate category ids in {sorted(ids)}")
@@ -67,11 +74,12 @@ def _parse_images(path: Path, data: dict[str, Any]) -> dict[int, dict[str, Any]]
     images: dict[int, dict[str, Any]] = {}
     for k, img in enumerate(data["images"]):
         _require_keys(path, img, ("id", "file_name", "width", "height"), f"image {k}")
-        image_id = int(img["id"])
+        image_id = _int(path, f"image {k}", "id", img["id"])
         if image_id in images:
             raise DatasetError(f"{path}: image {k} ('{img['file_name']}'): duplicate image id {image_id}")
         images[image_id] = {"index": k, "file_name": str(img["file_name"]),
-                            "width": int(img["width"]), "height": int(img["height"]), "anns": []}
+                            "width": _int(path, f"image {k}", "width", img["width"]),
+                            "height": _int(path, f"image {k}", "height", img["height"]), "anns": []}
     return images
 
 
@@ -80,7 +88,7 @@ def _parse_annotation(
 ) -> tuple[int | None, str | None]:
     """Attach annotation j to its image; return (image_id, problem) where problem makes the image bad."""
     _require_keys(path, ann, ("image_id", "category_id", "bbox"), f"annotation {j}")
-    image_id = int(ann["image_id"])
+    image_id = _int(path, f"annotation {j}", "image_id", ann["image_id"])
     if image_id not in images:
         return None, f"{path}: annotation {j}: unknown image_id {image_id} (not in 'images')"
     img = images[image_id]
@@ -91,7 +99,7 @@ def _parse_annotation(
     x, y, w, h = (float(v) for v in bbox)
     if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
         return image_id, f"{where}: bbox [x, y, w, h] = {bbox}: expected w > 0 and h > 0"
-    category_id = int(ann["category_id"])
+    category_id = _int(path, f"annotation {j}", "category_id", ann["category_id"])
     if category_id not in cat_to_label:
         return image_id, f"{where}: unknown category_id {category_id}; expected one of {sorted(cat_to_label)}"
     img["anns"].append((j, [x, y, x + w, y + h], cat_to_label[category_id], bool(ann.get("iscrowd", 0))))

@@ -1,7 +1,8 @@
 """Batching: collate (image, target) pairs into lists, pad images into one tensor, build the DataLoader.
 
 Images keep their own sizes through collation (multi-scale training gives every image its own size). The model
-normalises each image and then stacks them with `pad_batch`, so that the padding is zero after normalisation.
+normalises each image and pads them into one batch itself (RetinaNet.preprocess), so that the padding is zero after
+normalisation; `pad_batch` does the same zero-padding for code outside the model.
 """
 
 from __future__ import annotations
