@@ -349,3 +349,16 @@ def test_backward_twice_with_retain_graph():
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
     (g2,) = torch.autograd.grad(loss * 3, x)
     torch.testing.assert_close(g2, 3 * g1)
+
+
+def test_hard_negative_mining_with_nms_as_the_paper():
+    # anchors 0 and 1 overlap heavily (IoU 0.9); 1 is harder, so NMS drops 0 before the hardest are picked
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30], [40, 40, 50, 50]])
+    losses = torch.tensor([4.0, 5.0, 1.0, 0.5])
+    pos = torch.zeros(4, dtype=torch.bool)
+    assert L.hard_negative_mining(losses, pos, budget=2).tolist() == [True, True, False, False]
+    keep = L.hard_negative_mining(losses, pos, budget=2, boxes=boxes, nms_thresh=0.5)
+    assert keep.tolist() == [False, True, True, False]
+    # a looser threshold keeps both overlapping anchors
+    keep = L.hard_negative_mining(losses, pos, budget=2, boxes=boxes, nms_thresh=0.9)
+    assert keep.tolist() == [True, True, False, False]

@@ -58,7 +58,8 @@ class ModelConfig:
     alpha: float = 0.25
     gamma: float = 2.0
     beta: float = 1.0  # FL* only
-    ohem_budget: int = 256  # anchors per image kept by OHEM
+    ohem_budget: int = 128  # anchors per image kept by OHEM (the paper's best OHEM: 128 with NMS 0.5)
+    ohem_nms_thresh: float | None = 0.5  # NMS over the scored anchors before picking the hardest (None: off)
     ohem_neg_pos_ratio: float | None = None  # e.g. 3.0 for SSD's 1:3
     box_loss: str = "smooth_l1"  # smooth_l1 | l1 | giou
     smooth_l1_beta: float = 0.11  # Detectron's value

@@ -148,7 +148,7 @@ class RetinaNet(nn.Module):
         labels, matched_boxes = self._assign(anchors, targets)  # [B, A], [P, 4] for the positives
         positive = labels >= 0
         normalizer = self._normalizer(positive.sum())
-        cls_loss = self._classification_loss(head.cls_logits, labels) / normalizer
+        cls_loss = self._classification_loss(head.cls_logits, labels, anchors) / normalizer
         img_idx, anchor_idx = torch.nonzero(positive, as_tuple=True)
         pred = head.box_deltas[img_idx, anchor_idx].float()
         box_loss = self._box_loss(pred, anchors[anchor_idx], matched_boxes) / normalizer
@@ -186,7 +186,7 @@ class RetinaNet(nn.Module):
             return self.loss_normalizer.clone()
         return num_pos.clamp(min=1.0)
 
-    def _classification_loss(self, cls_logits: Tensor, labels: Tensor) -> Tensor:
+    def _classification_loss(self, cls_logits: Tensor, labels: Tensor, anchors: Tensor) -> Tensor:
         cfg = self.config
         logits = cls_logits.reshape(-1, cls_logits.shape[-1])
         flat = labels.reshape(-1)
@@ -201,7 +201,9 @@ class RetinaNet(nn.Module):
             return L.sigmoid_focal_loss_from_labels(logits, flat, alpha=cfg.alpha, gamma=0.0)
         if kind == "ohem":
             per_image = [
-                L.ohem_loss_from_labels(lg, lb, cfg.ohem_budget, cfg.ohem_neg_pos_ratio)
+                L.ohem_loss_from_labels(
+                    lg, lb, cfg.ohem_budget, cfg.ohem_neg_pos_ratio, anchors=anchors, nms_thresh=cfg.ohem_nms_thresh
+                )
                 for lg, lb in zip(cls_logits, labels)
             ]
             return torch.stack(per_image).sum()
