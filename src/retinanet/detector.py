@@ -7,7 +7,6 @@ longer side at most max_size), pad into one batch -> backbone C3..C5 -> FPN P3..
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -22,7 +21,7 @@ from retinanet.backbone import ResNetBody, build_backbone
 from retinanet.config import ModelConfig, model_config
 from retinanet.fpn import FPN
 from retinanet.head import RetinaNetHead
-from retinanet.matching import BACKGROUND, IGNORE, BoxCoder, match_anchors
+from retinanet.matching import BoxCoder, match_anchors
 from retinanet.postprocess import Detections, postprocess
 
 __all__ = ["RetinaNet", "HeadOutputs", "Detections", "build_model"]
@@ -309,6 +308,3 @@ def build_model(name: str = "retinanet_r50_fpn", **overrides: Any) -> RetinaNet:
     aspect_ratios, cls_loss, alpha, gamma, fg_iou, detections_per_image, ...)."""
     return build_from_config(model_config(name, **overrides))
 
-
-def config_dict(model: RetinaNet) -> dict[str, Any]:
-    return dataclasses.asdict(model.config)

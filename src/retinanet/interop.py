@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from retinanet.anchors import TORCHVISION_SIZES_PER_LEVEL
 from retinanet.config import ModelConfig, apply_overrides
 from retinanet.detector import RetinaNet, build_from_config
 
 __all__ = ["from_torchvision", "torchvision_config", "load_torchvision_coco", "TORCHVISION_COCO_WEIGHTS"]
 
-TORCHVISION_ANCHOR_SIZES = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in (32, 64, 128, 256, 512))
 TORCHVISION_COCO_WEIGHTS = {
     "retinanet_resnet50_fpn": ("RetinaNet_ResNet50_FPN_Weights", "v1"),
     "retinanet_resnet50_fpn_v2": ("RetinaNet_ResNet50_FPN_V2_Weights", "v2"),
@@ -44,7 +44,7 @@ def torchvision_config(
         fold_frozen_bn=False,  # torchvision's order of operations, so that rounding matches too
         p6_from="p5" if version == "v1" else "c5",
         head_norm=None if version == "v1" else "gn",
-        anchor_sizes_per_level=TORCHVISION_ANCHOR_SIZES,
+        anchor_sizes_per_level=TORCHVISION_SIZES_PER_LEVEL,
         anchor_round_base=True,
         anchor_offset=0.0,
         anchor_strides_from_image=True,

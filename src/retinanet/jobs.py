@@ -145,15 +145,14 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     per_process = cfg.train.batch_size // max(_world(), 1)
     loader = make_loader(train_set, per_process, shuffle=True, num_workers=cfg.train.num_workers,
                          seed=cfg.train.seed, distributed=_world() > 1, drop_last=True)  # fmt: skip
-    eval_fn = None
-    if val_set is not None:
-        def eval_fn(m, iteration):  # noqa: E306 - evaluation on the main process only
-            if _rank() != 0:
-                return {}
-            base = m.module if hasattr(m, "module") else m
-            return evaluate_model(base, val_set, out / "eval", amp=cfg.train.amp).to_dict()
+    def evaluate(m, iteration):  # on the main process only
+        if _rank() != 0:
+            return {}
+        base = m.module if hasattr(m, "module") else m
+        return evaluate_model(base, val_set, out / "eval", amp=cfg.train.amp).to_dict()
+
     t0 = time.perf_counter()
-    result = train(model, loader, cfg.train, out, eval_fn=eval_fn, resume=resume)
+    result = train(model, loader, cfg.train, out, eval_fn=evaluate if val_set is not None else None, resume=resume)
     result["train_seconds"] = time.perf_counter() - t0
     if _rank() == 0 and (out / "log.jsonl").exists():
         plot_training_curves(out / "log.jsonl", out / "training_curves.png")
