@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # Annotations often reach one pixel (or a rounding error) past the border; only more than this is an error.
-_OUTSIDE_TOLERANCE = 1.0
+OUTSIDE_TOLERANCE_PX = 1.0
 
 
 def _check_shape(boxes: Tensor, name: str = "boxes") -> None:
@@ -74,8 +74,8 @@ def clip_boxes(boxes: Tensor, size_hw: tuple[int, int]) -> Tensor:
     return torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=1)
 
 
-def _first_bad_box(boxes: Tensor, image_size_hw: tuple[int, int] | None) -> tuple[int, str] | None:
-    """Index of the first invalid box and why, or None when all are valid."""
+def first_invalid_box(boxes: Tensor, image_size_hw: tuple[int, int] | None = None) -> tuple[int, str] | None:
+    """Index of the first invalid box of [N, 4] XYXY `boxes` and why, or None when all are valid (one host sync)."""
     x1, y1, x2, y2 = boxes.unbind(1)
     checks = [
         (~torch.isfinite(boxes).all(dim=1), "has a non-finite coordinate"),
@@ -84,7 +84,7 @@ def _first_bad_box(boxes: Tensor, image_size_hw: tuple[int, int] | None) -> tupl
     ]
     if image_size_hw is not None:
         height, width = image_size_hw
-        tol = _OUTSIDE_TOLERANCE
+        tol = OUTSIDE_TOLERANCE_PX
         outside = (x1 < -tol) | (y1 < -tol) | (x2 > width + tol) | (y2 > height + tol)
         checks.append((outside, f"lies outside the image (height {height}, width {width})"))
     bad = torch.zeros_like(x1, dtype=torch.bool)
@@ -113,7 +113,7 @@ def validate_boxes(boxes: Tensor, image_size_hw: tuple[int, int] | None = None, 
         raise ValueError(f"{prefix}boxes must be a float tensor, got {boxes.dtype}")
     if boxes.shape[0] == 0:
         return
-    found = _first_bad_box(boxes, image_size_hw)
+    found = first_invalid_box(boxes, image_size_hw)
     if found is None:
         return
     index, reason = found

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["ModelConfig", "PRESETS", "model_config", "apply_overrides"]
+__all__ = ["ModelConfig", "PRESETS", "model_config", "apply_overrides", "config_to_dict"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,11 +79,16 @@ class ModelConfig:
     detections_per_image: int = 100
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model config") -> "ModelConfig":
         return apply_overrides(cls(), data, where)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain YAML/JSON-ready values (tuples become lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "config") -> Any:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from retinanet import losses as L
 from retinanet.anchors import AnchorGenerator
 from retinanet.backbone import ResNetBody, build_backbone
+from retinanet.boxes import first_invalid_box
 from retinanet.config import ModelConfig, model_config
 from retinanet.fpn import FPN
 from retinanet.head import RetinaNetHead
@@ -248,10 +249,10 @@ def _check_target(t: dict[str, Tensor], index: int, num_classes: int) -> dict[st
     if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
         raise ValueError(f"target {index}: boxes must be [N, 4] and labels [N], got {tuple(boxes.shape)}, "
                          f"{tuple(labels.shape)}")
-    bad = ~((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & torch.isfinite(boxes).all(1))
-    if bad.any():
-        j = int(torch.nonzero(bad)[0])
-        raise ValueError(f"target {index}, box {j}: {boxes[j].tolist()} is not a valid XYXY box (x2 > x1, y2 > y1)")
+    found = first_invalid_box(boxes)
+    if found is not None:
+        j, why = found
+        raise ValueError(f"target {index}, box {j}: {boxes[j].tolist()} {why}; expected XYXY with x2 > x1, y2 > y1")
     out_of_range = (labels < 0) | (labels >= num_classes)
     if out_of_range.any():
         j = int(torch.nonzero(out_of_range)[0])

@@ -81,9 +81,12 @@ def _clip_per_image(boxes: Tensor, images: Tensor, image_sizes: list[tuple[int, 
 def _split_per_image(
     boxes: Tensor, scores: Tensor, labels: Tensor, images: Tensor, batch: int, limit: int
 ) -> list[Detections]:
-    # batched_nms returns indices by decreasing score, so each image's first `limit` are its best
+    # batched_nms returns indices by decreasing score; a stable sort by image keeps that order within each image,
+    # and one bincount (one host sync for the batch) gives where each image's run starts
+    order = torch.sort(images, stable=True).indices
+    counts = torch.bincount(images, minlength=batch).tolist()
     out = []
-    for i in range(batch):
-        sel = torch.nonzero(images == i).squeeze(1)[:limit]
+    for sel in order.split(counts):
+        sel = sel[:limit]
         out.append(Detections(boxes[sel], scores[sel], labels[sel]))
     return out

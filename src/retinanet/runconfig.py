@@ -10,14 +10,13 @@ An unknown key anywhere is a ValueError that names it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from retinanet.config import ModelConfig, apply_overrides, model_config
+from retinanet.config import ModelConfig, apply_overrides, config_to_dict, model_config
 from retinanet.train_config import TrainConfig
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "save_run_config", "parse_overrides"]
@@ -71,13 +70,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": {"preset": self.preset, **self.model.to_dict()},
-            "data": _plain(dataclasses.asdict(self.data)),
+            "data": config_to_dict(self.data),
             "train": self.train.to_dict(),
         }
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:

@@ -8,11 +8,10 @@ weight decay 1e-4, 90k iterations with the lr divided by 10 at 60k and 80k, and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from retinanet.config import apply_overrides
+from retinanet.config import apply_overrides, config_to_dict
 
 __all__ = ["TrainConfig", "train_config"]
 
@@ -60,7 +59,7 @@ class TrainConfig:
             raise ValueError(f"train config: grad_clip must be > 0 or None, got {self.grad_clip}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "train config") -> "TrainConfig":

@@ -23,6 +23,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from retinanet.boxes import OUTSIDE_TOLERANCE_PX, clip_boxes
+
 __all__ = [
     "BOX_TOLERANCE_PX",
     "DatasetError",
@@ -33,7 +35,7 @@ __all__ = [
     "report_bad",
 ]
 
-BOX_TOLERANCE_PX = 1.0
+BOX_TOLERANCE_PX = OUTSIDE_TOLERANCE_PX
 
 # (image, target) -> (image, target); a torchvision.transforms.v2 transform or anything with that signature
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[tv_tensors.Image, dict[str, Any]]]
@@ -102,12 +104,6 @@ def check_boxes(
                 f"(expected 0 <= x1 < x2 <= {width}, 0 <= y1 < y2 <= {height}, +-{t:g} px)"
             )
     return None
-
-
-def clip_boxes(boxes: Tensor, width: int, height: int) -> Tensor:
-    """boxes: [N, 4] float XYXY -> [N, 4] float XYXY clipped to [0, width] x [0, height]."""
-    upper = boxes.new_tensor([width, height, width, height])
-    return boxes.clamp_min(0).minimum(upper)
 
 
 def report_bad(problems: Sequence[str], skip_bad: bool) -> None:
@@ -220,7 +216,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         image = tv_tensors.Image(pixels)  # uint8 until after transforms: resizing uint8 is faster
         target: Target = {
             "boxes": tv_tensors.BoundingBoxes(
-                clip_boxes(record.boxes, width, height), format="XYXY", canvas_size=(height, width)
+                clip_boxes(record.boxes, (height, width)), format="XYXY", canvas_size=(height, width)
             ),
             "labels": record.labels.clone(),
             "iscrowd": record.iscrowd.clone(),

@@ -20,9 +20,9 @@ from retinanet.data.base import (
     ImageRecord,
     Transforms,
     check_boxes,
-    clip_boxes,
     report_bad,
 )
+from retinanet.boxes import clip_boxes
 
 __all__ = ["CocoDetection", "parse_coco", "read_json", "to_coco_dict", "write_coco"]
 
@@ -154,7 +154,7 @@ def parse_coco(
         if problem is not None:
             problems.append(problem)
             continue
-        record.boxes = clip_boxes(record.boxes, record.width, record.height)
+        record.boxes = clip_boxes(record.boxes, (record.height, record.width))
         records.append(record)
     report_bad(problems, skip_bad)
     return categories, records

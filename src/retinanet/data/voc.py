@@ -23,9 +23,9 @@ from retinanet.data.base import (
     ImageRecord,
     Transforms,
     check_boxes,
-    clip_boxes,
     report_bad,
 )
+from retinanet.boxes import clip_boxes
 
 __all__ = ["VOC_CLASSES", "VocDetection", "parse_voc_xml"]
 
@@ -101,7 +101,7 @@ def parse_voc_xml(
     if problem is not None:
         raise DatasetError(problem)
     if width is not None and height is not None:
-        record.boxes = clip_boxes(record.boxes, width, height)
+        record.boxes = clip_boxes(record.boxes, (height, width))
     return record
 
 
