@@ -140,3 +140,16 @@ def test_batched_equals_each_image_alone():
             torch.testing.assert_close(a, b)
         h, w = sizes[i]
         assert (batched[i].boxes[:, 0::2] <= w).all() and (batched[i].boxes[:, 1::2] <= h).all()
+
+
+@pytest.mark.parametrize("anchors,classes,k", [(500, 7, 40), (30, 5, 40), (3, 4, 100), (200, 1, 10)])
+def test_two_step_top_k_equals_a_top_k_over_all_pairs(anchors, classes, k):
+    from retinanet.postprocess import _topk_pairs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, anchors, classes)
+    values, idx = _topk_pairs(logits, k)
+    ref_values, ref_idx = logits.reshape(3, -1).topk(min(k, anchors * classes), dim=1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
+    assert torch.equal(logits.reshape(3, -1).gather(1, idx), values)

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from retinanet.winograd import conv2d
+
 __all__ = ["ResNetBody", "build_backbone", "BACKBONES"]
 
 
@@ -45,6 +47,7 @@ class ResNetBody(nn.Module):
     def __init__(self, resnet: ResNet, out_channels: tuple[int, int, int], fold_frozen_bn: bool = True):
         super().__init__()
         self.fold_frozen_bn = fold_frozen_bn
+        self.conv_algorithm = "auto"  # of the folded convolutions: see retinanet.winograd.conv2d
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.out_channels = out_channels
@@ -60,11 +63,12 @@ class ResNetBody(nn.Module):
         # frozen BatchNorm is a fixed per-channel affine map: folded into the preceding convolution's weight and
         # bias it costs nothing, where applied after it it is two more passes over every activation (and their
         # backward). Same function, same parameters and state-dict keys.
-        x = self.maxpool(F.relu(_conv_bn(x, self.conv1, self.bn1)))
+        algorithm = self.conv_algorithm
+        x = self.maxpool(F.relu_(_conv_bn(x, self.conv1, self.bn1, algorithm)))
         feats = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
-                x = _folded_block(block, x)
+                x = _folded_block(block, x, algorithm)
             feats.append(x)
         return feats[1:]
 
@@ -81,26 +85,27 @@ class ResNetBody(nn.Module):
                     p.requires_grad_(False)
 
 
-def _conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
+def _conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, algorithm: str = "auto") -> Tensor:
     """bn(conv(x)) as one convolution: weight * scale, bias = bn.bias - running_mean * scale."""
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     bias = bn.bias - bn.running_mean * scale
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, algorithm)
 
 
-def _folded_block(block: nn.Module, x: Tensor) -> Tensor:
-    """torchvision's BasicBlock / Bottleneck forward with every (conv, frozen BN) pair folded."""
-    identity = x if block.downsample is None else _conv_bn(x, block.downsample[0], block.downsample[1])
-    out = F.relu(_conv_bn(x, block.conv1, block.bn1))
+def _folded_block(block: nn.Module, x: Tensor, algorithm: str = "auto") -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward with every (conv, frozen BN) pair folded. ReLU and the residual
+    sum work in place on fresh convolution outputs (a convolution's backward does not read its output)."""
+    identity = x if block.downsample is None else _conv_bn(x, block.downsample[0], block.downsample[1], algorithm)
+    out = F.relu_(_conv_bn(x, block.conv1, block.bn1, algorithm))
     if isinstance(block, BasicBlock):
-        out = _conv_bn(out, block.conv2, block.bn2)
+        out = _conv_bn(out, block.conv2, block.bn2, algorithm)
     else:
-        out = F.relu(_conv_bn(out, block.conv2, block.bn2))
-        out = _conv_bn(out, block.conv3, block.bn3)
-    return F.relu(out + identity)
+        out = F.relu_(_conv_bn(out, block.conv2, block.bn2, algorithm))
+        out = _conv_bn(out, block.conv3, block.bn3, algorithm)
+    return F.relu_(out.add_(identity))
 
 
 def _load_local_weights(resnet: ResNet, path: str | Path) -> None:

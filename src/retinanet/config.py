@@ -32,6 +32,9 @@ class ModelConfig:
     frozen_bn_eps: float = 1e-5
     freeze_at: int = 2  # stem + layer1 frozen (Detectron)
     fold_frozen_bn: bool = True  # frozen BatchNorm folded into the convolutions (faster; same function up to rounding)
+    # 3x3 convolutions: "auto" computes the large ones (head, FPN outputs, folded backbone) by Winograd F(4x4, 3x3)
+    # on the CPU in float32, where it is faster (retinanet.winograd); "direct": always torch's convolution
+    conv_algorithm: str = "auto"
     # FPN and head
     fpn_channels: int = 256
     p6_from: str = "c5"  # "c5" (paper) | "p5" (torchvision v1)

@@ -24,6 +24,7 @@ from retinanet.fpn import FPN
 from retinanet.head import RetinaNetHead
 from retinanet.matching import BoxCoder, match_anchors
 from retinanet.postprocess import Detections, postprocess
+from retinanet.winograd import ALGORITHMS, Conv2d
 
 __all__ = ["RetinaNet", "HeadOutputs", "Detections", "build_model"]
 
@@ -84,6 +85,18 @@ class RetinaNet(nn.Module):
         """Run the convolutions in channels-last layout (faster with oneDNN on CPUs and tensor cores on GPUs)."""
         self.channels_last = enabled
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    def use_conv_algorithm(self, algorithm: str = "auto") -> "RetinaNet":
+        """How the 3x3 convolutions of the head, the FPN outputs and the folded backbone are computed: "auto"
+        (Winograd F(4x4, 3x3) where it is faster: large float32 convolutions on the CPU), "direct" (torch's
+        convolution) or "winograd" (always, for the convolutions that are 3x3, stride 1)."""
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"conv_algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.algorithm = algorithm
+        self.backbone.conv_algorithm = algorithm
+        return self
 
     # ---------------------------------------------------------------------------------------------------------
     def preprocess(self, images: list[Tensor], resize: bool = True) -> Batch:
@@ -300,7 +313,7 @@ def build_from_config(cfg: ModelConfig) -> RetinaNet:
         backbone=backbone, fpn=fpn, head=head, anchor_generator=anchors,
         box_coder=BoxCoder(cfg.box_coder_weights, cfg.box_clamp), config=cfg,
     )  # fmt: skip
-    return model.use_channels_last()
+    return model.use_channels_last().use_conv_algorithm(cfg.conv_algorithm)
 
 
 def build_model(name: str = "retinanet_r50_fpn", **overrides: Any) -> RetinaNet:

@@ -7,6 +7,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retinanet.winograd import Conv2d
+
 __all__ = ["FPN"]
 
 
@@ -20,7 +22,7 @@ class FPN(nn.Module):
             raise ValueError(f"p6_from must be 'c5' or 'p5', got {p6_from!r}")
         self.p6_from = p6_from
         self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
-        self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        self.output = nn.ModuleList(Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
         self.p6 = nn.Conv2d(in_channels[-1] if p6_from == "c5" else out_channels, out_channels, 3, stride=2, padding=1)
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
         self.out_channels = out_channels

@@ -7,13 +7,15 @@ import math
 import torch
 from torch import Tensor, nn
 
+from retinanet.winograd import Conv2d
+
 __all__ = ["RetinaNetHead"]
 
 
 def _tower(in_channels: int, channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(num_convs):
-        conv = nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm is None)
+        conv = Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm is None)
         layers.append(conv)
         if norm == "gn":
             layers.append(nn.GroupNorm(32, channels))
@@ -44,8 +46,8 @@ class RetinaNetHead(nn.Module):
         self.num_anchors, self.num_classes = num_anchors, num_classes
         self.cls_tower = _tower(in_channels, channels, num_convs, norm)
         self.box_tower = _tower(in_channels, channels, num_convs, norm)
-        self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
-        self.box_deltas = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
+        self.cls_logits = Conv2d(channels, num_anchors * num_classes, 3, padding=1)
+        self.box_deltas = Conv2d(channels, num_anchors * 4, 3, padding=1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)

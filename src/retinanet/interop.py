@@ -42,6 +42,7 @@ def torchvision_config(
         frozen_bn_eps=frozen_bn_eps,
         freeze_at=2,  # torchvision's trainable_backbone_layers=3 for pretrained backbones
         fold_frozen_bn=False,  # torchvision's order of operations, so that rounding matches too
+        conv_algorithm="direct",  # torchvision's convolutions, for the same reason
         p6_from="p5" if version == "v1" else "c5",
         head_norm=None if version == "v1" else "gn",
         anchor_sizes_per_level=TORCHVISION_SIZES_PER_LEVEL,

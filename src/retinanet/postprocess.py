@@ -50,9 +50,9 @@ def postprocess(
         end = start + anchors.shape[0]
         # all images of the batch at once: top k of each image's level, then the score threshold (the same set as
         # threshold-then-top-k, without a per-image loop)
-        scores = torch.sigmoid(cls_logits[:, start:end].float()).reshape(batch, -1)
-        k = min(topk_candidates, scores.shape[1])
-        top_scores, top_idx = scores.topk(k, dim=1)
+        top_logits, top_idx = _topk_pairs(cls_logits[:, start:end], topk_candidates)
+        k = top_idx.shape[1]
+        top_scores = torch.sigmoid(top_logits.float())  # the sigmoid is monotonic: top logits are top scores
         keep = top_scores > score_thresh
         anchor_idx = top_idx // num_classes
         deltas = box_deltas[:, start:end].gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))
@@ -69,6 +69,23 @@ def postprocess(
     # class-wise NMS of all images in one call: a (image, class) pair is one NMS group
     keep = batched_nms(boxes, scores, images * num_classes + labels, nms_thresh)
     return _split_per_image(boxes[keep], scores[keep], labels[keep], images[keep], batch, detections_per_image)
+
+
+def _topk_pairs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of the (anchor, class) logits of each image: values [B, k] and flat indices anchor * K + class.
+
+    The same as `logits.reshape(B, -1).topk(k)`, in two cheap steps: the top k pairs all lie in the k anchors whose
+    best class is highest (a pair outside them is beaten by the best pair of each of those k anchors), so one pass
+    for each anchor's maximum, a top k over anchors, and a top k over the k x K candidates replace a top k over all
+    A x K pairs (2.9 million per image at P3 of a 512 x 512 image: about 10x faster on a CPU)."""
+    batch, num_anchors, num_classes = logits.shape
+    k = min(k, num_anchors * num_classes)
+    if num_anchors <= k:
+        return logits.reshape(batch, -1).topk(k, dim=1)
+    anchors = logits.amax(dim=2).topk(k, dim=1).indices  # [B, k]
+    candidates = logits.gather(1, anchors.unsqueeze(-1).expand(-1, -1, num_classes)).reshape(batch, -1)
+    values, idx = candidates.topk(k, dim=1)
+    return values, anchors.gather(1, idx // num_classes) * num_classes + idx % num_classes
 
 
 def _clip_per_image(boxes: Tensor, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
