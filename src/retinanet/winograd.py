@@ -122,24 +122,25 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        out, tiles = _forward(x, weight, bias)
-        ctx.save_for_backward(tiles, weight)
+        out = _forward(x, weight, bias)
+        # the input, not its Winograd-domain tiles (2.25x larger): they are recomputed for the filter gradient
+        ctx.save_for_backward(x, weight)
         ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        tiles, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         n, c, h, w = ctx.x_shape
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # the data gradient of a convolution is the convolution of the output gradient with the filters flipped
             # and their in/out channels swapped: the same algorithm
-            grad_x = _forward(grad_out, weight.flip(2, 3).transpose(0, 1), None)[0]
+            grad_x = _forward(grad_out, weight.flip(2, 3).transpose(0, 1), None)
         if ctx.needs_input_grad[1]:
             # the filter gradient in the Winograd domain: grad_U[p] = V[p]^T grad_M[p] for each of the 36 points,
             # with grad_M = A grad_Y A^T per 4x4 output tile and grad_w = G^T grad_U G
-            b_in, a_out, g_w = _transforms(grad_out.dtype, grad_out.device)
+            _, a_out, g_w = _transforms(grad_out.dtype, grad_out.device)
             k = grad_out.shape[1]
             th, tw = _tiles(h), _tiles(w)
             g = grad_out.permute(0, 2, 3, 1)
@@ -147,7 +148,7 @@ class _WinogradConv3x3(torch.autograd.Function):
                 g = F.pad(g, (0, 0, 0, tw * TILE - w, 0, th * TILE - h))
             g = g.reshape(n, th, TILE, tw, TILE, k).permute(2, 4, 0, 1, 3, 5).reshape(TILE * TILE, -1)
             grad_m = (a_out.t() @ g).view(_A * _A, n * th * tw, k)
-            grad_u = torch.bmm(tiles.transpose(1, 2), grad_m)  # [36, C, K]
+            grad_u = torch.bmm(_input_tiles(x).transpose(1, 2), grad_m)  # [36, C, K]
             grad_w = (g_w.t() @ grad_u.view(_A * _A, -1)).view(3, 3, c, k).permute(3, 2, 0, 1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
@@ -158,16 +159,24 @@ def _tiles(size: int) -> int:
     return -(-size // TILE)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(output [N, K, H, W] channels-last, input tiles in the Winograd domain V [36, tiles, C])."""
-    b_in, a_out, g_w = _transforms(x.dtype, x.device)
+def _input_tiles(x: Tensor) -> Tensor:
+    """The input's overlapping 6x6 tiles (stride 4) of the zero-padded input in the Winograd domain,
+    V = B^T d B: [36, N * tiles_h * tiles_w, C]."""
+    b_in = _transforms(x.dtype, x.device)[0]
+    n, c, h, w = x.shape
+    th, tw = _tiles(h), _tiles(w)
+    padded = F.pad(x, (1, tw * TILE + 1 - w, 1, th * TILE + 1 - h))
+    d = padded.unfold(2, _A, TILE).unfold(3, _A, TILE).permute(4, 5, 0, 2, 3, 1).reshape(_A * _A, -1)
+    return (b_in @ d).view(_A * _A, n * th * tw, c)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The convolution's output [N, K, H, W], channels-last."""
+    _, a_out, g_w = _transforms(x.dtype, x.device)
     n, c, h, w = x.shape
     k = weight.shape[0]
     th, tw = _tiles(h), _tiles(w)
-    # overlapping 6x6 tiles with stride 4 of the zero-padded input, points first: [36, N * th * tw * C]
-    padded = F.pad(x, (1, tw * TILE + 1 - w, 1, th * TILE + 1 - h))
-    d = padded.unfold(2, _A, TILE).unfold(3, _A, TILE).permute(4, 5, 0, 2, 3, 1).reshape(_A * _A, -1)
-    tiles = (b_in @ d).view(_A * _A, n * th * tw, c)  # V = B^T d B
+    tiles = _input_tiles(x)
     u = (g_w @ weight.reshape(k, c, 9).permute(2, 1, 0).reshape(9, c * k)).view(_A * _A, c, k)  # U = G g G^T
     m = torch.bmm(tiles, u)  # [36, tiles, K]
     y = (a_out @ m.view(_A * _A, -1)).view(TILE, TILE, n, th, tw, k).permute(2, 3, 0, 4, 1, 5)  # A^T M A
@@ -179,7 +188,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Te
         torch.add(y, bias.to(y.dtype), out=tiled)
     if th * TILE != h or tw * TILE != w:
         out = out[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
-    return out, tiles
+    return out
 
 
 def _pair(v) -> tuple[int, int]:
