@@ -167,3 +167,24 @@ def test_frozen_bn_folding_equals_the_plain_forward():
         g1 = torch.autograd.grad(sum(f.sum() for f in folded), body.layer2[0].conv1.weight)[0]
         g2 = torch.autograd.grad(sum(f.sum() for f in plain[1:]), body.layer2[0].conv1.weight)[0]
         torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-3)
+
+
+def test_folded_forward_follows_changes_of_the_frozen_statistics():
+    # the folded BN affine is cached per module: changing the statistics in place (as loading weights does) must
+    # show in the next forward
+    from retinanet.backbone import build_backbone as _build
+
+    torch.manual_seed(0)
+    body = _build("resnet18", norm="frozen_bn", freeze_at=5)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = body(x)[-1]
+        for m in body.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.2, 0.2)
+        after = body(x)[-1]
+        body.fold_frozen_bn = False
+        plain = body(x)[-1]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, plain, rtol=1e-4, atol=1e-4)

@@ -161,3 +161,20 @@ def test_conv_algorithm_setting():
     assert model.backbone.conv_algorithm == "direct" and model.head.cls_logits.algorithm == "direct"
     with pytest.raises(ValueError, match="conv_algorithm"):
         model.use_conv_algorithm("fft")
+
+
+def test_inference_keeps_the_transformed_filters_until_the_weight_changes():
+    torch.manual_seed(0)
+    m = Conv2d(8, 8, 3, padding=1)
+    m.algorithm = "winograd"
+    x = torch.randn(1, 8, 12, 12)
+    with torch.no_grad():
+        first = m(x)
+        kept = m._winograd_filters[1]
+        assert torch.equal(m(x), first) and m._winograd_filters[1] is kept
+        m.weight.mul_(2)  # an in-place change (an optimizer step, load_state_dict) must be seen
+        torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, padding=1), rtol=1e-4, atol=1e-5)
+        assert m._winograd_filters[1] is not kept
+    y = m(x.requires_grad_())  # with gradients the filters are transformed in the graph
+    y.sum().backward()
+    assert m.weight.grad is not None

@@ -89,40 +89,55 @@ def conv2d(
 ) -> Tensor:
     """`F.conv2d`, computed by Winograd F(4x4, 3x3) for a 3x3 convolution with stride 1 and padding 1 when
     `algorithm` is "winograd", or "auto" and `winograd_applies`; otherwise (and always for "direct") `F.conv2d`."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"conv algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if (algorithm == "winograd" and x.dim() == 4 and _is_3x3_same(weight, stride, padding, dilation, groups)) or (
-        algorithm == "auto" and winograd_applies(x, weight, stride, padding, dilation, groups)
-    ):
+    if _use_winograd(x, weight, stride, padding, dilation, groups, algorithm):
         return winograd_conv3x3(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _use_winograd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, algorithm: str) -> bool:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"conv algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "winograd":
+        return x.dim() == 4 and _is_3x3_same(weight, stride, padding, dilation, groups)
+    return algorithm == "auto" and winograd_applies(x, weight, stride, padding, dilation, groups)
+
+
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` whose forward is `conv2d(..., algorithm=self.algorithm)` (zero padding only)."""
+    """`nn.Conv2d` whose forward is `conv2d(..., algorithm=self.algorithm)` (zero padding only). Without gradients
+    for its weight (inference) the Winograd-domain filters are kept until the weight changes."""
 
     algorithm: str = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.algorithm)
+        if not _use_winograd(x, self.weight, self.stride, self.padding, self.dilation, self.groups, self.algorithm):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling():
+            return winograd_conv3x3(x, self.weight, self.bias)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        cached = getattr(self, "_winograd_filters", None)
+        if cached is None or cached[0] != key:
+            cached = (key, _filter_tiles(self.weight.detach()))
+            self._winograd_filters = cached
+        return winograd_conv3x3(x, self.weight, self.bias, filters=cached[1])
 
 
-def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, filters: Tensor | None = None) -> Tensor:
     """`F.conv2d(x, weight, bias, padding=1)` for a [K, C, 3, 3] weight, by Winograd F(4x4, 3x3), differentiable.
-    The output is in channels-last memory layout."""
+    The output is in channels-last memory layout. `filters`: the weight already in the Winograd domain
+    ([36, C, K], as `_filter_tiles` gives), to skip that transform."""
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[-2:]) != (3, 3) or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"winograd_conv3x3 needs x [N, C, H, W] and weight [K, C, 3, 3], got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    return _WinogradConv3x3.apply(x, weight, bias)
+    return _WinogradConv3x3.apply(x, weight, bias, filters)
 
 
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        out = _forward(x, weight, bias)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, filters: Tensor | None) -> Tensor:
+        out = _forward(x, weight, bias, filters)
         # the input, not its Winograd-domain tiles (2.25x larger): they are recomputed for the filter gradient
         ctx.save_for_backward(x, weight)
         ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
@@ -152,7 +167,7 @@ class _WinogradConv3x3(torch.autograd.Function):
             grad_w = (g_w.t() @ grad_u.view(_A * _A, -1)).view(3, 3, c, k).permute(3, 2, 0, 1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def _tiles(size: int) -> int:
@@ -170,15 +185,21 @@ def _input_tiles(x: Tensor) -> Tensor:
     return (b_in @ d).view(_A * _A, n * th * tw, c)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _filter_tiles(weight: Tensor) -> Tensor:
+    """The filters in the Winograd domain, U = G g G^T: [36, C, K]."""
+    g_w = _transforms(weight.dtype, weight.device)[2]
+    k, c = weight.shape[:2]
+    return (g_w @ weight.reshape(k, c, 9).permute(2, 1, 0).reshape(9, c * k)).view(_A * _A, c, k)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, filters: Tensor | None = None) -> Tensor:
     """The convolution's output [N, K, H, W], channels-last."""
-    _, a_out, g_w = _transforms(x.dtype, x.device)
+    a_out = _transforms(x.dtype, x.device)[1]
     n, c, h, w = x.shape
     k = weight.shape[0]
     th, tw = _tiles(h), _tiles(w)
-    tiles = _input_tiles(x)
-    u = (g_w @ weight.reshape(k, c, 9).permute(2, 1, 0).reshape(9, c * k)).view(_A * _A, c, k)  # U = G g G^T
-    m = torch.bmm(tiles, u)  # [36, tiles, K]
+    u = _filter_tiles(weight) if filters is None else filters.to(x.dtype)
+    m = torch.bmm(_input_tiles(x), u)  # [36, tiles, K]
     y = (a_out @ m.view(_A * _A, -1)).view(TILE, TILE, n, th, tw, k).permute(2, 3, 0, 4, 1, 5)  # A^T M A
     out = torch.empty((n, k, th * TILE, tw * TILE), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
     tiled = out.permute(0, 2, 3, 1).view(n, th, TILE, tw, TILE, k)
