@@ -188,3 +188,21 @@ def test_folded_forward_follows_changes_of_the_frozen_statistics():
         plain = body(x)[-1]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_stages_keep_their_batchnorm_statistics_in_training():
+    body = build_backbone("resnet18", norm="bn", freeze_at=2)
+    frozen_before = body.layer1[0].bn1.running_mean.clone()
+    trained_before = body.layer2[0].bn1.running_mean.clone()
+    body.eval().train()  # the whole model's train() reaches the body
+    assert not body.bn1.training and not body.layer1[0].bn1.training and body.layer2[0].bn1.training
+    body(torch.randn(2, 3, 64, 64))
+    assert torch.equal(body.layer1[0].bn1.running_mean, frozen_before)
+    assert not torch.equal(body.layer2[0].bn1.running_mean, trained_before)
+
+
+def test_group_norm_head_needs_a_multiple_of_32_channels():
+    from retinanet.head import RetinaNetHead
+
+    with pytest.raises(ValueError, match="head_channels must be a multiple of 32, got 48"):
+        RetinaNetHead(64, 9, 3, channels=48, norm="gn")

@@ -107,3 +107,30 @@ def test_skip_bad_drops_the_image_of_a_bad_line(csv_dir: Path) -> None:
     with pytest.warns(UserWarning, match=r"ann.csv: image 1 \('b.jpg'\), line 2: x2"):
         ds = CsvDetection(csv_dir / "ann.csv", skip_bad=True)
     assert [r.path.name for r in ds.records] == ["a.png"]
+
+
+def test_given_categories_fix_the_label_map(csv_dir: Path) -> None:
+    # a validation csv read with the training set's categories: names keep the training labels
+    train_categories = [{"id": 1, "name": "ant"}, {"id": 2, "name": "cat"}, {"id": 3, "name": "dog"}]
+    ds = CsvDetection(csv_dir / "ann.csv", categories=train_categories)
+    assert ds.categories == train_categories
+    assert ds.records[0].labels.tolist() == [2, 1]  # dog, cat
+    with pytest.raises(DatasetError, match=r"ann.csv: line 1: unknown class 'dog'"):
+        CsvDetection(csv_dir / "ann.csv", categories=[{"id": 1, "name": "cat"}])
+    with pytest.raises(ValueError, match="not both"):
+        CsvDetection(csv_dir / "ann.csv", csv_dir / "classes.csv", categories=train_categories)
+
+
+def test_validation_set_without_classes_file_takes_the_training_label_map(tmp_path: Path) -> None:
+    from retinanet.jobs import _val_dataset, build_dataset
+    from retinanet.runconfig import DataConfig
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (20, 16)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "train.csv").write_text("img/a.png,1,2,11,9,ant\nimg/a.png,0,0,20,16,cat\nimg/a.png,2,2,9,9,dog\n")
+    (tmp_path / "val.csv").write_text("img/a.png,1,2,11,9,dog\n")  # alone it would be class 1 of 1
+    data = DataConfig(format="csv", train_annotations=str(tmp_path / "train.csv"),
+                      val_annotations=str(tmp_path / "val.csv"))  # fmt: skip
+    train = build_dataset(data, "train", train_mode=True)
+    val = _val_dataset(data, train.categories)
+    assert val.categories == train.categories and val.records[0].labels.tolist() == [2]

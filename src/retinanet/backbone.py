@@ -78,11 +78,25 @@ class ResNetBody(nn.Module):
         freeze_at = 0 trains everything; 2 (Detectron's default) freezes the stem and layer1; 5 freezes all."""
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
+        self.freeze_at = freeze_at
+        for module in self._frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self.train(self.training)
+
+    def _frozen_modules(self) -> list[nn.Module]:
         stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
-        for stage in stages[:freeze_at]:
-            for module in stage:
-                for p in module.parameters():
-                    p.requires_grad_(False)
+        return [m for stage in stages[: getattr(self, "freeze_at", 0)] for m in stage]
+
+    def train(self, mode: bool = True) -> "ResNetBody":
+        """As nn.Module.train, except that trainable BatchNorm layers (norm="bn") of frozen stages stay in eval mode:
+        a frozen stage changes neither its weights nor its running statistics."""
+        super().train(mode)
+        for module in self._frozen_modules():
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
 
 def _conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, algorithm: str = "auto") -> Tensor:

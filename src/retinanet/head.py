@@ -41,6 +41,8 @@ class RetinaNetHead(nn.Module):
         super().__init__()
         if norm not in (None, "gn"):
             raise ValueError(f"head norm must be None or 'gn', got {norm!r}")
+        if norm == "gn" and channels % 32:
+            raise ValueError(f"head_norm 'gn' uses 32 groups: head_channels must be a multiple of 32, got {channels}")
         if not 0 < prior_prob < 1:
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
         self.num_anchors, self.num_classes = num_anchors, num_classes

@@ -38,8 +38,13 @@ __all__ = ["build_dataset", "run_train", "evaluate_model", "run_eval", "run_dete
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def build_dataset(data: DataConfig, split: str, train_mode: bool) -> DetectionDataset:
-    """The train or val dataset of `data`, with training (multi-scale, flip) or evaluation transforms."""
+def build_dataset(
+    data: DataConfig, split: str, train_mode: bool, categories: list[dict[str, Any]] | None = None
+) -> DetectionDataset:
+    """The train or val dataset of `data`, with training (multi-scale, flip) or evaluation transforms.
+
+    categories: the label map to use where the data does not fix one (CSV without a classes file): the training
+    set's for the validation set, the model's for evaluation, so that a name gets the label the model learnt."""
     if train_mode:
         tf = train_transforms(data.train_min_sizes, data.max_size, data.flip_prob)
     else:
@@ -57,7 +62,8 @@ def build_dataset(data: DataConfig, split: str, train_mode: bool) -> DetectionDa
         return CocoDetection(images, annotations, transforms=tf, skip_bad=data.skip_bad)
     if fmt == "csv":
         _require(data, annotations=annotations, split=split)
-        return CsvDetection(annotations, data.classes, root=images, transforms=tf, skip_bad=data.skip_bad)
+        return CsvDetection(annotations, data.classes, root=images, transforms=tf, skip_bad=data.skip_bad,
+                            categories=None if data.classes else categories)  # fmt: skip
     _require(data, root=data.root, split=split)
     voc_split = data.train_split if is_train else data.val_split
     return VocDetection(data.root, voc_split, transforms=tf, skip_bad=data.skip_bad)
@@ -139,7 +145,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     out = Path(cfg.train.output_dir)
     train_set = build_dataset(cfg.data, "train", train_mode=True)
     cfg.model = _categories_config(cfg.model, train_set)
-    val_set = _val_dataset(cfg.data) if evaluate else None
+    val_set = _val_dataset(cfg.data, train_set.categories) if evaluate else None
     save_run_config(cfg, out / "config.yaml")
     model = build_from_config(cfg.model)
     per_process = cfg.train.batch_size // max(_world(), 1)
@@ -160,9 +166,9 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     return result
 
 
-def _val_dataset(data: DataConfig) -> DetectionDataset | None:
+def _val_dataset(data: DataConfig, categories: list[dict[str, Any]]) -> DetectionDataset | None:
     if data.format == "synthetic" or (data.format == "voc" and data.root) or data.val_annotations:
-        return build_dataset(data, "val", train_mode=False)
+        return build_dataset(data, "val", train_mode=False, categories=categories)
     return None
 
 
@@ -177,11 +183,16 @@ def _rank() -> int:
 def run_eval(checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "cpu") -> CocoMetrics:
     model = load_model(checkpoint, map_location=device).to(device)
     data = apply_overrides(data, {"eval_min_size": model.config.min_size, "max_size": model.config.max_size})
-    dataset = build_dataset(data, "val", train_mode=False)
+    known = categories_of(model) if model.config.class_names else None
+    dataset = build_dataset(data, "val", train_mode=False, categories=known)
     ids = tuple(c["id"] for c in dataset.categories)
     if model.config.category_ids and ids != tuple(model.config.category_ids):
         raise ValueError(f"{checkpoint}: the model was trained on category ids {list(model.config.category_ids)} "
                          f"but the evaluation data has {list(ids)}")  # fmt: skip
+    names = tuple(dataset.category_names)
+    if model.config.class_names and names != tuple(model.config.class_names):
+        raise ValueError(f"{checkpoint}: the model was trained on categories {list(model.config.class_names)} "
+                         f"but the evaluation data has {list(names)}")  # fmt: skip
     return evaluate_model(model, dataset, Path(output))
 
 

@@ -86,7 +86,10 @@ class CsvDetection(DetectionDataset):
     """A dataset in the keras-retinanet CSV layout (see the module docstring).
 
     annotations_csv: lines `path,x1,y1,x2,y2,class_name` or `path,,,,,`.
-    classes_csv: lines `class_name,id`; None to take the sorted class names of the annotations, ids 1..K.
+    classes_csv: lines `class_name,id`; None to take `categories`, or without those the sorted class names of the
+        annotations, ids 1..K.
+    categories: [{"id", "name"}] in label order, e.g. the training set's for its validation set, so that both
+        map names to the same labels (a name that is not among them is an error naming its line).
     root: folder that relative image paths are resolved against; the annotations csv's folder by default.
     transforms: (image, target) -> (image, target). skip_bad: drop bad images with a warning instead of raising.
     """
@@ -98,12 +101,17 @@ class CsvDetection(DetectionDataset):
         root: str | Path | None = None,
         transforms: Transforms | None = None,
         skip_bad: bool = False,
+        categories: list[dict[str, Any]] | None = None,
     ) -> None:
+        if classes_csv is not None and categories is not None:
+            raise ValueError("give a classes csv or categories, not both")
         self.annotations_csv = Path(annotations_csv)
         self.root = Path(root) if root is not None else self.annotations_csv.parent
         images, problems = self._read(self.annotations_csv)
         if classes_csv is not None:
             categories = read_classes_csv(classes_csv)
+        elif categories is not None:
+            categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
         else:
             names = sorted({n for img in images.values() for n in img.names})
             categories = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
