@@ -7,10 +7,10 @@ on 2048 channels instead of 256, more work for ours), pads to 32 (ours 128; the 
 loss (ours smooth L1) and keeps 300 detections (ours 100). Rows: torchvision float32; ours float32 with its
 defaults (channels-last, frozen BN folded, Winograd F(4x4, 3x3) for the large 3x3 convolutions on the CPU); ours
 float32 with torch's convolutions everywhere (conv_algorithm="direct"); ours under bfloat16 autocast. Times are
-medians over --repeats runs. Agreement of the defaults' and bf16's detections with those of torch's convolutions is
-measured on untrained weights with the class bias zeroed, where scores are close to each other, so it is a lower
-bound on agreement for a trained model. Also: peak memory of a training step on one 1024x1024 image with 1,000
-boxes against the same image with 10 boxes.
+medians over --repeats rounds, each round timing every model once in turn. Agreement of the defaults' and bf16's
+detections with those of torch's convolutions is measured on untrained weights with the class bias zeroed, where
+scores are close to each other, so it is a lower bound on agreement for a trained model. Also: peak memory of a
+training step on one 1024x1024 image with 1,000 boxes against the same image with 10 boxes.
 
     python benchmarks/bench_model.py [--repeats 5] [--device cpu|cuda] [--no-write]
 """
@@ -31,7 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, peak_extra_cpu_bytes, peak_extra_cuda_bytes, write_section  # noqa: E402
+from common import interleaved_median_times, peak_extra_cpu_bytes, peak_extra_cuda_bytes, write_section  # noqa: E402
 
 from retinanet import build_model  # noqa: E402
 
@@ -69,6 +69,7 @@ def train_step_fn(model, images, targets, ours: bool, autocast):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def step():
+        model.train()
         with autocast():
             losses = model.loss(images, targets) if ours else model(images, targets)
         opt.zero_grad(set_to_none=True)
@@ -80,6 +81,7 @@ def train_step_fn(model, images, targets, ours: bool, autocast):
 
 def infer_fn(model, images, ours: bool, autocast):
     def infer():
+        model.eval()
         with torch.no_grad(), autocast():
             return model.predict(images) if ours else model(images)
 
@@ -132,25 +134,28 @@ def main() -> None:
     agree_default = agreement(reference, infer_fn(ours, images, True, fp32)())
     agree_bf16 = agreement(reference, infer_fn(others["bf16"], images, True, fast)())
 
-    rows = []
     configs = [("torchvision RetinaNet, float32", tv, False, fp32),
                ("retinanet, float32, the defaults (channels-last, frozen BN folded, Winograd 3x3 convolutions on the "
                 "CPU)", ours, True, fp32),
                ("retinanet, float32, conv_algorithm='direct' (torch's convolutions)", others["direct"], True, fp32),
                ("retinanet, bf16 autocast", others["bf16"], True, fast)]  # fmt: skip
-    for name, model, is_ours, ac in configs:
-        model.train()
-        t_train = median_time(train_step_fn(model, images, targets, is_ours, ac), args.repeats, warmup=1, sync=sync)
-        model.eval()
-        t_inf = median_time(infer_fn(model, images, is_ours, ac), args.repeats, warmup=1, sync=sync)
-        rows.append((name, t_train, t_inf))
+    # every round times each model once, in turn: drift of the machine's speed during the run hits all alike
+    train_times = interleaved_median_times(
+        [train_step_fn(model, images, targets, is_ours, ac) for _, model, is_ours, ac in configs],
+        args.repeats, warmup=1, sync=sync,
+    )
+    infer_times = interleaved_median_times(
+        [infer_fn(model, images, is_ours, ac) for _, model, is_ours, ac in configs], args.repeats, warmup=1, sync=sync
+    )
+    rows = [(name, t_train, t_inf) for (name, *_), t_train, t_inf in zip(configs, train_times, infer_times)]
+    for name, t_train, t_inf in rows:
         print(f"{name:<50} train step {t_train * 1e3:8.1f} ms   inference {t_inf * 1e3:8.1f} ms", flush=True)
 
     n_ref = sum(len(d.scores) for d in reference)
     lines = [
         f"Device: {dev}. ResNet-50-FPN, 2 images of {size}x{size}, 80 classes, 5 boxes each; training step = loss,",
         "backward, SGD step; inference = preprocessing to detections. Median of "
-        f"{args.repeats} runs after a warm-up.",
+        f"{args.repeats} rounds after a warm-up, each round timing every row once in turn.",
         "",
         "| model | training step (ms) | vs torchvision | inference (ms) | vs torchvision |",
         "|---|---:|---:|---:|---:|",

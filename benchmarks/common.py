@@ -35,6 +35,27 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: C
     return statistics.median(times)
 
 
+def interleaved_median_times(
+    fns: list[Callable[[], object]], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> list[float]:
+    """Median wall time in seconds of each fn over `repeats` rounds, each round running every fn once in turn, so
+    that a machine whose speed drifts during the run (shared or throttled CPUs) slows all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def peak_extra_cpu_bytes(fn: Callable[[], object]) -> int:
     """Peak of the bytes allocated by PyTorch's CPU allocator during fn(), above what was allocated before it.
 
