@@ -146,7 +146,8 @@ def _kernel(
 
 _BACKEND = os.environ.get("RETINANET_LOSS_BACKEND", "auto")
 _COMPILED: dict[str, Callable] = {}
-_CHUNK = 1 << 17  # elements per eager chunk: a few float32 buffers of this size stay in L2
+_CHUNK = 1 << 17  # elements per eager chunk on a CPU: a few float32 buffers of this size stay in L2
+_GPU_CHUNK = 1 << 21  # on a GPU: few launches per op, and the eager temporaries bounded to ~100 MB
 
 
 def set_loss_backend(backend: Literal["auto", "compile", "eager"]) -> None:
@@ -197,8 +198,8 @@ def _run(x, targets, mask, kind, labels_mode, alpha, gamma, beta, reduce, grad_s
     want_grad = grad_scale is not None
     out = x.new_zeros((), dtype=_compute_dtype(x)) if reduce else torch.empty_like(x)
     gx = torch.empty_like(x) if want_grad else None
-    # chunks sized for a CPU core's L2 cache; a GPU wants the whole tensor in one launch per op
-    step = max(1, _CHUNK // max(x.shape[1], 1)) if x.device.type == "cpu" else max(1, x.shape[0])
+    chunk = _CHUNK if x.device.type == "cpu" else _GPU_CHUNK
+    step = max(1, chunk // max(x.shape[1], 1))
     for s in range(0, x.shape[0], step):
         rows = slice(s, s + step)
         scale = grad_scale if grad_scale is None or grad_scale.dim() == 0 else grad_scale[rows]
