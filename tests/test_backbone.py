@@ -191,10 +191,13 @@ def test_folded_forward_follows_changes_of_the_frozen_statistics():
 
 
 def test_frozen_stages_keep_their_batchnorm_statistics_in_training():
-    body = build_backbone("resnet18", norm="bn", freeze_at=2)
+    from retinanet import build_model
+
+    model = build_model("retinanet_r18_fpn", num_classes=2, backbone_norm="bn", freeze_at=2)
+    body = model.backbone
     frozen_before = body.layer1[0].bn1.running_mean.clone()
     trained_before = body.layer2[0].bn1.running_mean.clone()
-    body.eval().train()  # the whole model's train() reaches the body
+    model.eval().train()  # the model's train() reaches the body's
     assert not body.bn1.training and not body.layer1[0].bn1.training and body.layer2[0].bn1.training
     body(torch.randn(2, 3, 64, 64))
     assert torch.equal(body.layer1[0].bn1.running_mean, frozen_before)
@@ -206,3 +209,37 @@ def test_group_norm_head_needs_a_multiple_of_32_channels():
 
     with pytest.raises(ValueError, match="head_channels must be a multiple of 32, got 48"):
         RetinaNetHead(64, 9, 3, channels=48, norm="gn")
+
+
+def _frozen_bn_body():
+    torch.manual_seed(0)
+    return build_backbone("resnet18", norm="frozen_bn", freeze_at=5)
+
+
+def test_folded_statistics_cache_is_dropped_by_train_and_eval():
+    # a write through .data bypasses the version counter: the cache is dropped at the next train()/eval()
+    body = _frozen_bn_body().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        body(x)
+        for m in body.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_var.data.mul_(4)
+        body.eval()
+        folded = body(x)[-1]
+        body.fold_frozen_bn = False
+        plain = body(x)[-1]
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_backbone_under_inference_mode():
+    x = torch.randn(1, 3, 64, 64)
+    body = _frozen_bn_body()
+    with torch.inference_mode():
+        first = body(x)[-1]  # the first forward under inference_mode must not leave cached inference tensors
+    body.layer4[0].conv1.weight.requires_grad_(True)
+    body(x)[-1].sum().backward()  # then training works
+    assert body.layer4[0].conv1.weight.grad is not None
+    with torch.inference_mode():
+        built_inside = _frozen_bn_body()  # buffers that are inference tensors
+        torch.testing.assert_close(built_inside(x)[-1], first)

@@ -57,11 +57,22 @@ def test_float32_gradients_match_direct(hw):
         torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_only_the_needed_gradients_are_computed():
+def test_only_the_needed_gradients_are_computed(monkeypatch):
+    import retinanet.winograd as W
+
+    calls = []
+    real = W._forward
+    monkeypatch.setattr(W, "_forward", lambda *a: calls.append(a[0].shape) or real(*a))
     x = torch.randn(1, 4, 8, 8)
     w = torch.randn(4, 4, 3, 3, requires_grad=True)
     winograd_conv3x3(x, w).sum().backward()
     assert w.grad is not None and x.grad is None
+    assert len(calls) == 1  # the forward only: no data gradient for an input that does not need one
+    calls.clear()
+    x.requires_grad_()
+    w.grad = None
+    winograd_conv3x3(x, w.detach()).sum().backward()
+    assert x.grad is not None and w.grad is None and len(calls) == 2  # forward + data gradient
 
 
 def test_output_can_be_modified_in_place_under_autograd():
@@ -163,18 +174,32 @@ def test_conv_algorithm_setting():
         model.use_conv_algorithm("fft")
 
 
-def test_inference_keeps_the_transformed_filters_until_the_weight_changes():
+
+def test_forced_winograd_leaves_autocast_and_half_precision_to_torch():
+    # Winograd's transforms in bf16 lose too much: the forced setting computes those with torch's convolution
     torch.manual_seed(0)
-    m = Conv2d(8, 8, 3, padding=1)
-    m.algorithm = "winograd"
-    x = torch.randn(1, 8, 12, 12)
-    with torch.no_grad():
-        first = m(x)
-        kept = m._winograd_filters[1]
-        assert torch.equal(m(x), first) and m._winograd_filters[1] is kept
-        m.weight.mul_(2)  # an in-place change (an optimizer step, load_state_dict) must be seen
-        torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, padding=1), rtol=1e-4, atol=1e-5)
-        assert m._winograd_filters[1] is not kept
-    y = m(x.requires_grad_())  # with gradients the filters are transformed in the graph
-    y.sum().backward()
-    assert m.weight.grad is not None
+    x = torch.randn(1, 8, 12, 12, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv2d(x, w, None, 1, 1, algorithm="winograd")
+    assert not _uses_winograd(y) and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and w.grad is not None
+    assert not _uses_winograd(conv2d(x.bfloat16(), w.bfloat16(), None, 1, 1, algorithm="winograd"))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        winograd_conv3x3(x.detach().half(), w.detach().half())
+
+
+def test_model_with_forced_winograd_trains_under_bf16_autocast():
+    model = build_model("retinanet_tiny", num_classes=2, conv_algorithm="winograd")
+    images = [torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 6, 40, 50]]), "labels": torch.tensor([1])}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.loss(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_conv_algorithm_is_kept_in_the_config():
+    model = build_model("retinanet_tiny", num_classes=2).use_conv_algorithm("direct")
+    assert model.config.conv_algorithm == "direct"  # checkpoints rebuild the model from its config

@@ -96,6 +96,8 @@ class ResNetBody(nn.Module):
             for m in module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        for m in self.modules():
+            m.__dict__.pop("_retinanet_affine", None)  # see _frozen_bn_affine
         return self
 
 
@@ -109,20 +111,24 @@ def _conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, algorithm: str =
 
 
 def _frozen_bn_affine(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(scale, shift) of a frozen BatchNorm, cached on the module until one of its buffers changes (loading
-    weights, moving devices): four fewer kernels per convolution and call, which is what limits a GPU at small
-    batches."""
-    if torch.compiler.is_compiling():
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        return scale, bn.bias - bn.running_mean * scale
+    """(scale, shift) of a frozen BatchNorm: four fewer kernels per convolution and call, which is what limits a GPU
+    at small batches. Cached on the module until one of its buffers changes by an in-place operation or is replaced
+    (loading weights, moving devices), and dropped whenever the model's train()/eval() is called; a write through
+    `.data` is not seen until then."""
     buffers = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or any(t.is_inference() for t in buffers):
+        return _affine(bn)  # inference tensors have no version counter, and a cached one could not be trained through
     key = tuple((t.data_ptr(), t._version) for t in buffers) + (bn.eps,)
     cached = getattr(bn, "_retinanet_affine", None)
     if cached is None or cached[0] != key:
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        cached = (key, (scale, bn.bias - bn.running_mean * scale))
+        cached = (key, _affine(bn))
         bn._retinanet_affine = cached
     return cached[1]
+
+
+def _affine(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return scale, bn.bias - bn.running_mean * scale
 
 
 def _folded_block(block: nn.Module, x: Tensor, algorithm: str = "auto") -> Tensor:

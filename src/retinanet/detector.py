@@ -7,6 +7,7 @@ longer side at most max_size), pad into one batch -> backbone C3..C5 -> FPN P3..
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -96,6 +97,7 @@ class RetinaNet(nn.Module):
             if isinstance(m, Conv2d):
                 m.algorithm = algorithm
         self.backbone.conv_algorithm = algorithm
+        self.config = dataclasses.replace(self.config, conv_algorithm=algorithm)  # saved with checkpoints
         return self
 
     # ---------------------------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tenso
         t = torch.tensor(m, dtype=torch.float64)
         return torch.kron(t, t).to(dtype=dtype, device=device)
 
-    return kron(_BT), kron(_AT), kron(_G)
+    with torch.inference_mode(False):  # plain tensors even if first asked for under inference_mode
+        return kron(_BT), kron(_AT), kron(_G)
 
 
 def _is_3x3_same(weight: Tensor, stride, padding, dilation, groups: int) -> bool:
@@ -97,47 +98,44 @@ def conv2d(
 def _use_winograd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, algorithm: str) -> bool:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"conv algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "winograd":
-        return x.dim() == 4 and _is_3x3_same(weight, stride, padding, dilation, groups)
+    if algorithm == "winograd":  # every 3x3 stride-1 convolution, in float32/float64 outside autocast
+        return (
+            x.dim() == 4
+            and _is_3x3_same(weight, stride, padding, dilation, groups)
+            and x.dtype in (torch.float32, torch.float64)
+            and weight.dtype == x.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
     return algorithm == "auto" and winograd_applies(x, weight, stride, padding, dilation, groups)
 
 
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` whose forward is `conv2d(..., algorithm=self.algorithm)` (zero padding only). Without gradients
-    for its weight (inference) the Winograd-domain filters are kept until the weight changes."""
+    """`nn.Conv2d` whose forward is `conv2d(..., algorithm=self.algorithm)` (zero padding only)."""
 
     algorithm: str = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        if not _use_winograd(x, self.weight, self.stride, self.padding, self.dilation, self.groups, self.algorithm):
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling():
-            return winograd_conv3x3(x, self.weight, self.bias)
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
-        cached = getattr(self, "_winograd_filters", None)
-        if cached is None or cached[0] != key:
-            cached = (key, _filter_tiles(self.weight.detach()))
-            self._winograd_filters = cached
-        return winograd_conv3x3(x, self.weight, self.bias, filters=cached[1])
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.algorithm)
 
 
-def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, filters: Tensor | None = None) -> Tensor:
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.conv2d(x, weight, bias, padding=1)` for a [K, C, 3, 3] weight, by Winograd F(4x4, 3x3), differentiable.
-    The output is in channels-last memory layout. `filters`: the weight already in the Winograd domain
-    ([36, C, K], as `_filter_tiles` gives), to skip that transform."""
+    float32 or float64 (in lower precision the transforms lose too much). The output is channels-last."""
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[-2:]) != (3, 3) or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"winograd_conv3x3 needs x [N, C, H, W] and weight [K, C, 3, 3], got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    return _WinogradConv3x3.apply(x, weight, bias, filters)
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        raise ValueError(f"winograd_conv3x3 computes float32 or float64, got {x.dtype} input, {weight.dtype} weight")
+    return _WinogradConv3x3.apply(x, weight, bias)
 
 
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, filters: Tensor | None) -> Tensor:
-        out = _forward(x, weight, bias, filters)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        out = _forward(x, weight, bias)
         # the input, not its Winograd-domain tiles (2.25x larger): they are recomputed for the filter gradient
         ctx.save_for_backward(x, weight)
         ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
@@ -146,6 +144,7 @@ class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype)
         n, c, h, w = ctx.x_shape
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -167,7 +166,7 @@ class _WinogradConv3x3(torch.autograd.Function):
             grad_w = (g_w.t() @ grad_u.view(_A * _A, -1)).view(3, 3, c, k).permute(3, 2, 0, 1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b
 
 
 def _tiles(size: int) -> int:
@@ -192,14 +191,13 @@ def _filter_tiles(weight: Tensor) -> Tensor:
     return (g_w @ weight.reshape(k, c, 9).permute(2, 1, 0).reshape(9, c * k)).view(_A * _A, c, k)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, filters: Tensor | None = None) -> Tensor:
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The convolution's output [N, K, H, W], channels-last."""
     a_out = _transforms(x.dtype, x.device)[1]
     n, c, h, w = x.shape
     k = weight.shape[0]
     th, tw = _tiles(h), _tiles(w)
-    u = _filter_tiles(weight) if filters is None else filters.to(x.dtype)
-    m = torch.bmm(_input_tiles(x), u)  # [36, tiles, K]
+    m = torch.bmm(_input_tiles(x), _filter_tiles(weight))  # [36, tiles, K]
     y = (a_out @ m.view(_A * _A, -1)).view(TILE, TILE, n, th, tw, k).permute(2, 3, 0, 4, 1, 5)  # A^T M A
     out = torch.empty((n, k, th * TILE, tw * TILE), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
     tiled = out.permute(0, 2, 3, 1).view(n, th, TILE, tw, TILE, k)

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from retinanet import build_model
+from retinanet.engine import save_checkpoint
+from retinanet.jobs import run_eval
+from retinanet.runconfig import DataConfig
+
+
+@pytest.fixture
+def trained_on_ant_cat_dog(tmp_path: Path) -> Path:
+    # a checkpoint of a model whose labels 0, 1, 2 are ant, cat, dog (the training csv's sorted names)
+    model = build_model("retinanet_tiny", num_classes=3, class_names=("ant", "cat", "dog"), category_ids=(1, 2, 3),
+                        min_size=64, max_size=64)  # fmt: skip
+    return save_checkpoint(tmp_path / "model.pt", model)
+
+
+def _csv_data(folder: Path, lines: str) -> DataConfig:
+    (folder / "img").mkdir(exist_ok=True)
+    Image.new("RGB", (64, 48)).save(folder / "img" / "a.png")
+    (folder / "val.csv").write_text(lines)
+    return DataConfig(format="csv", val_annotations=str(folder / "val.csv"))
+
+
+def test_eval_of_a_csv_without_classes_file_uses_the_models_label_map(tmp_path, trained_on_ant_cat_dog):
+    # alone, this csv would make "dog" class 1 of 1; evaluated with the model it must be the model's dog (id 3)
+    data = _csv_data(tmp_path, "img/a.png,4,4,30,30,dog\n")
+    metrics = run_eval(trained_on_ant_cat_dog, data, tmp_path / "eval")
+    assert list(metrics.per_class_ap) == ["ant", "cat", "dog"]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_eval_names_an_unknown_class_of_a_csv(tmp_path, trained_on_ant_cat_dog):
+    data = _csv_data(tmp_path, "img/a.png,4,4,30,30,zebra\n")
+    with pytest.raises(Exception, match=r"val.csv: line 1: unknown class 'zebra'"):
+        run_eval(trained_on_ant_cat_dog, data, tmp_path / "eval")
