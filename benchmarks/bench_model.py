@@ -69,7 +69,8 @@ def train_step_fn(model, images, targets, ours: bool, autocast):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def step():
-        model.train()
+        if not model.training:  # as a training loop: train() once, not every step (it drops the folded-BN cache)
+            model.train()
         with autocast():
             losses = model.loss(images, targets) if ours else model(images, targets)
         opt.zero_grad(set_to_none=True)
@@ -81,7 +82,8 @@ def train_step_fn(model, images, targets, ours: bool, autocast):
 
 def infer_fn(model, images, ours: bool, autocast):
     def infer():
-        model.eval()
+        if model.training:
+            model.eval()
         with torch.no_grad(), autocast():
             return model.predict(images) if ours else model(images)
 

@@ -38,14 +38,16 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: C
 def interleaved_median_times(
     fns: list[Callable[[], object]], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
 ) -> list[float]:
-    """Median wall time in seconds of each fn over `repeats` rounds, each round running every fn once in turn, so
-    that a machine whose speed drifts during the run (shared or throttled CPUs) slows all of them alike."""
+    """Median wall time in seconds of each fn over `repeats` rounds, each round running every fn once in turn (the
+    order rotating from round to round), so that a machine whose speed drifts during the run (shared or throttled
+    CPUs) slows all of them alike."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
+    for r in range(repeats):
+        order = [(r + i) % len(fns) for i in range(len(fns))]
+        for fn, out in ((fns[i], times[i]) for i in order):
             if sync:
                 sync()
             t0 = time.perf_counter()
