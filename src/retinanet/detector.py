@@ -160,32 +160,33 @@ class RetinaNet(nn.Module):
         """Losses from head outputs and targets already in the batch's pixel coordinates."""
         cfg = self.config
         anchors = torch.cat(self.anchors_per_level(head, batch_size_hw))
-        labels, matched_boxes = self._assign(anchors, targets)  # [B, A], [P, 4] for the positives
+        labels, matched_boxes = self._assign(anchors, targets)  # [B, A], [B, A, 4]
         positive = labels >= 0
         normalizer = self._normalizer(positive.sum())
         cls_loss = self._classification_loss(head.cls_logits, labels, anchors) / normalizer
-        img_idx, anchor_idx = torch.nonzero(positive, as_tuple=True)
+        img_idx, anchor_idx = torch.nonzero(positive, as_tuple=True)  # the step's one host-device sync here
         pred = head.box_deltas[img_idx, anchor_idx].float()
-        box_loss = self._box_loss(pred, anchors[anchor_idx], matched_boxes) / normalizer
+        box_loss = self._box_loss(pred, anchors[anchor_idx], matched_boxes[img_idx, anchor_idx]) / normalizer
         return {"loss_cls": cls_loss, "loss_box": cfg.box_loss_weight * box_loss}
 
     def _assign(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-        """Per image and anchor the class label (>= 0), BACKGROUND or IGNORE: [B, A] int64; and the matched gt box of
-        every positive, in the order of torch.nonzero(labels >= 0): [P, 4]."""
+        """Per image and anchor the class label (>= 0), BACKGROUND or IGNORE: [B, A] int64; and the gt box each
+        anchor is matched to: [B, A, 4] float (meaningful where the label is >= 0). Gathers, not boolean indexing:
+        no host-device sync per image."""
         cfg = self.config
         labels, boxes = [], []
         for t in targets:
             matched = match_anchors(
                 anchors, t["boxes"], cfg.fg_iou, cfg.bg_iou, cfg.allow_low_quality_matches, t.get("iscrowd")
             )
-            pos = matched >= 0
-            lab = matched.clone()
             if t["boxes"].numel():
-                lab[pos] = t["labels"][matched[pos]]
-                boxes.append(t["boxes"][matched[pos]])
-            labels.append(lab)
-        matched_boxes = torch.cat(boxes) if boxes else anchors.new_zeros((0, 4))
-        return torch.stack(labels), matched_boxes.float()
+                gt = matched.clamp(min=0)
+                labels.append(torch.where(matched >= 0, t["labels"][gt], matched))
+                boxes.append(t["boxes"][gt].float())
+            else:
+                labels.append(matched)
+                boxes.append(anchors.new_zeros((anchors.shape[0], 4), dtype=torch.float32))
+        return torch.stack(labels), torch.stack(boxes)
 
     def _normalizer(self, num_pos: Tensor) -> Tensor:
         """The number of positive anchors in the batch (at least 1): the paper's normaliser; averaged over DDP

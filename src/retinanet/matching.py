@@ -103,19 +103,23 @@ def match_anchors(
     _check_match_args(anchors, gt_boxes, fg_iou, bg_iou, gt_is_crowd)
     dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
     anchors, gt_boxes = anchors.to(dtype), gt_boxes.to(dtype)
-    crowd = torch.zeros_like(gt_boxes[:, 0], dtype=torch.bool) if gt_is_crowd is None else gt_is_crowd.bool()
-    target_index = torch.nonzero(~crowd).squeeze(1)  # position among targets -> index into gt_boxes
-    targets = gt_boxes[target_index]
+    if gt_is_crowd is None:  # every box is a target; no host-device sync on this path
+        crowd, targets = None, gt_boxes
+    else:
+        crowd = gt_is_crowd.bool()
+        target_index = torch.nonzero(~crowd).squeeze(1)  # position among targets -> index into gt_boxes
+        targets = gt_boxes[target_index]
 
     matches = torch.full((anchors.shape[0],), BACKGROUND, dtype=torch.int64, device=anchors.device)
     if targets.shape[0] > 0 and anchors.shape[0] > 0:
         best_iou, best_gt, gt_best_iou = _best_gt_per_anchor(anchors, targets, chunk_elements)
-        matches = torch.where(best_iou >= fg_iou, target_index[best_gt], matches)
+        gt_of_anchor = best_gt if crowd is None else target_index[best_gt]
+        matches = torch.where(best_iou >= fg_iou, gt_of_anchor, matches)
         matches = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), IGNORE, matches)
         if allow_low_quality:
             low = _low_quality_anchors(anchors, targets, gt_best_iou, chunk_elements)
-            matches = torch.where(low, target_index[best_gt], matches)
-    if bool(crowd.any()) and anchors.shape[0] > 0:
+            matches = torch.where(low, gt_of_anchor, matches)
+    if crowd is not None and bool(crowd.any()) and anchors.shape[0] > 0:
         covered = _covered_by_crowd(anchors, gt_boxes[crowd], crowd_ioa, chunk_elements)
         matches = torch.where(covered & (matches < 0), IGNORE, matches)
     return matches
