@@ -21,18 +21,7 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
     """Median wall time of fn() in seconds over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_median_times([fn], repeats, warmup, sync)[0]
 
 
 def interleaved_median_times(

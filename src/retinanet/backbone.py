@@ -48,6 +48,7 @@ class ResNetBody(nn.Module):
         super().__init__()
         self.fold_frozen_bn = fold_frozen_bn
         self.conv_algorithm = "auto"  # of the folded convolutions: see retinanet.winograd.conv2d
+        self.freeze_at = 0  # set by freeze()
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.out_channels = out_channels
@@ -86,7 +87,7 @@ class ResNetBody(nn.Module):
 
     def _frozen_modules(self) -> list[nn.Module]:
         stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
-        return [m for stage in stages[: getattr(self, "freeze_at", 0)] for m in stage]
+        return [m for stage in stages[: self.freeze_at] for m in stage]
 
     def train(self, mode: bool = True) -> "ResNetBody":
         """As nn.Module.train, except that trainable BatchNorm layers (norm="bn") of frozen stages stay in eval mode:

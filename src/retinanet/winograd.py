@@ -52,14 +52,20 @@ def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tenso
         return kron(_BT), kron(_AT), kron(_G)
 
 
-def _is_3x3_same(weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+def _computable(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    """What the algorithm computes: a 4-D float32/float64 input outside autocast and a 3x3 filter of its dtype with
+    stride 1, padding 1, no dilation or groups."""
     return (
-        weight.dim() == 4
+        x.dim() == 4
+        and weight.dim() == 4
         and tuple(weight.shape[-2:]) == (3, 3)
         and _pair(stride) == (1, 1)
         and _pair(padding) == (1, 1)
         and _pair(dilation) == (1, 1)
         and groups == 1
+        and x.dtype in (torch.float32, torch.float64)
+        and weight.dtype == x.dtype
+        and not torch.is_autocast_enabled(x.device.type)
     )
 
 
@@ -67,12 +73,9 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
     """Whether "auto" uses Winograd: a float32 CPU tensor outside autocast, a 3x3 filter with stride 1, padding 1,
     no dilation or groups, at least MIN_CHANNELS channels in and out and MIN_POSITIONS output positions."""
     return (
-        x.device.type == "cpu"
+        x.device.type == "cpu"  # first: autocast is asked about the device type only then
         and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.dim() == 4
-        and not torch.is_autocast_enabled("cpu")
-        and _is_3x3_same(weight, stride, padding, dilation, groups)
+        and _computable(x, weight, stride, padding, dilation, groups)
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
         and x.shape[-2] * x.shape[-1] >= MIN_POSITIONS
     )
@@ -98,14 +101,8 @@ def conv2d(
 def _use_winograd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, algorithm: str) -> bool:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"conv algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "winograd":  # every 3x3 stride-1 convolution, in float32/float64 outside autocast
-        return (
-            x.dim() == 4
-            and _is_3x3_same(weight, stride, padding, dilation, groups)
-            and x.dtype in (torch.float32, torch.float64)
-            and weight.dtype == x.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
+    if algorithm == "winograd":  # every convolution the algorithm computes
+        return _computable(x, weight, stride, padding, dilation, groups)
     return algorithm == "auto" and winograd_applies(x, weight, stride, padding, dilation, groups)
 
 
