@@ -14,7 +14,6 @@ from retinanet.data import SyntheticShapes
 TINY = [
     "model.preset=retinanet_tiny", "model.min_size=64", "model.max_size=64",
     "data.synthetic_train_images=8", "data.synthetic_val_images=4", "data.synthetic_image_size=64",
-    "data.train_min_sizes=[64]", "data.max_size=64", "data.eval_min_size=64",
     "train.max_iters=3", "train.batch_size=2", "train.num_workers=0", "train.warmup_iters=1", "train.lr=0.001",
     "train.log_every=1", "train.checkpoint_every=2", "train.device=cpu",
 ]  # fmt: skip
@@ -120,9 +119,9 @@ def _train_coco(tmp_path, data, *extra):
 @pytest.mark.parametrize(
     "annotations, expected",
     [
-        ([_box(1, 1, [10, 10, 20, 20]), _box(2, 2, [30, 30, -5, 10])], ["ann.json", "annotation 1"]),
+        ([_box(1, 1, [10, 10, 20, 20]), _box(8, 2, [30, 30, -5, 10])], ["ann.json", "annotation id 8 (entry 1"]),
         ([_box(1, 1, [10, 10, 20, 20], cat=99)], ["ann.json", "99"]),
-        ([_box(1, 1, [10, 10, 90, 20])], ["ann.json", "image 0"]),
+        ([_box(1, 1, [10, 10, 90, 20])], ["ann.json", "image id 1 'a.png' (entry 0"]),
     ],
     ids=["negative-width", "unknown-category", "outside-image"],
 )
@@ -222,7 +221,7 @@ def test_non_integer_ids_in_coco_file(tmp_path, capsys):
     data = _coco_files(tmp_path, [_box(1, None, [10, 10, 20, 20])])
     assert _train_coco(tmp_path, data) == 2
     err = _error(capsys)
-    assert "ann.json" in err and "annotation 0" in err and "image_id" in err
+    assert "ann.json" in err and "annotation id 1 (entry 0" in err and "image_id" in err
 
 
 def test_bad_image_found_in_a_loader_worker_gives_one_line(tmp_path, capsys):

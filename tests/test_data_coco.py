@@ -28,9 +28,9 @@ def _coco() -> dict:
             {"id": 12, "file_name": "c.png", "width": 8, "height": 8},  # no annotations
         ],
         "annotations": [
-            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 5, 4], "iscrowd": 0},
-            {"id": 2, "image_id": 10, "category_id": 3, "bbox": [0, 0, 20, 16], "iscrowd": 1},
-            {"id": 3, "image_id": 11, "category_id": 3, "bbox": [1.5, 2.5, 3, 4]},
+            {"id": 40, "image_id": 10, "category_id": 7, "bbox": [2, 3, 5, 4], "iscrowd": 0},
+            {"id": 41, "image_id": 10, "category_id": 3, "bbox": [0, 0, 20, 16], "iscrowd": 1},
+            {"id": 42, "image_id": 11, "category_id": 3, "bbox": [1.5, 2.5, 3, 4]},
         ],
         "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
     }
@@ -97,13 +97,20 @@ def _with(change) -> dict:
     return data
 
 
+# a bad annotation is named by its own id and by its position in the file (ids 40, 41, 42 at entries 0, 1, 2)
 BAD_ANNOTATIONS = {
-    "w <= 0": (_with(lambda d: d["annotations"][1].update(bbox=[5, 5, 0, 3])), "annotation 1", "w > 0"),
-    "h <= 0": (_with(lambda d: d["annotations"][2].update(bbox=[1, 1, 2, -1])), "annotation 2", "h > 0"),
-    "outside": (_with(lambda d: d["annotations"][0].update(bbox=[15, 2, 8, 3])), "annotation 0", "outside"),
-    "unknown category": (_with(lambda d: d["annotations"][2].update(category_id=5)), "annotation 2", "category_id 5"),
-    "unknown image": (_with(lambda d: d["annotations"][1].update(image_id=99)), "annotation 1", "image_id 99"),
-    "bbox not 4 numbers": (_with(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "annotation 0", "[x, y, w, h]"),
+    "w <= 0": (_with(lambda d: d["annotations"][1].update(bbox=[5, 5, 0, 3])), "annotation id 41 (entry 1", "w > 0"),
+    "h <= 0": (_with(lambda d: d["annotations"][2].update(bbox=[1, 1, 2, -1])), "annotation id 42 (entry 2", "h > 0"),
+    "outside": (_with(lambda d: d["annotations"][0].update(bbox=[15, 2, 8, 3])), "annotation id 40 (entry 0",
+                "outside"),
+    "unknown category": (_with(lambda d: d["annotations"][2].update(category_id=5)), "annotation id 42 (entry 2",
+                         "category_id 5"),
+    "unknown image": (_with(lambda d: d["annotations"][1].update(image_id=99)), "annotation id 41 (entry 1",
+                      "image_id 99"),
+    "bbox not 4 numbers": (_with(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "annotation id 40 (entry 0",
+                           "[x, y, w, h]"),
+    "no id": (_with(lambda d: (d["annotations"][1].pop("id"), d["annotations"][1].update(bbox=[5, 5, 0, 3]))),
+              "annotation entry 1 of 'annotations'", "w > 0"),
 }
 
 
@@ -141,7 +148,17 @@ def test_missing_image_raises_in_getitem(coco_dir: Path) -> None:
     ds = _dataset(coco_dir)
     with pytest.raises(DatasetError) as e:
         ds[1]
-    assert "b.png" in str(e.value) and "image 1" in str(e.value) and "dataset index 1" in str(e.value)
+    assert "b.png" in str(e.value) and "image id 11 'b.png' (entry 1" in str(e.value)
+    assert "dataset index 1" in str(e.value)
+
+
+def test_missing_image_is_found_up_front_by_check_files(coco_dir: Path) -> None:
+    (coco_dir / "images" / "b.png").unlink()
+    with pytest.raises(DatasetError, match=r"image id 11 'b.png' .*dataset index 1.*not found"):
+        _dataset(coco_dir).check_files()
+    with pytest.warns(UserWarning, match="b.png"):
+        ds = CocoDetection(coco_dir / "images", coco_dir / "ann.json", skip_bad=True).check_files()
+    assert [r.image_id for r in ds.records] == [10, 12]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -158,13 +175,13 @@ def test_corrupt_image_raises_in_getitem(coco_dir: Path, damage: str) -> None:
 
 def test_image_size_must_match_annotation(coco_dir: Path) -> None:
     Image.new("RGB", (9, 8)).save(coco_dir / "images" / "c.png")
-    with pytest.raises(DatasetError, match=r"image 2 \('c.png'\).*9x8 but its annotation says 8x8"):
+    with pytest.raises(DatasetError, match=r"image id 12 'c.png' \(entry 2 of 'images'\).*9x8 but its annotation says 8x8"):
         _dataset(coco_dir)[2]
 
 
 def test_skip_bad_drops_bad_images_with_a_warning(coco_dir: Path) -> None:
     data = _with(lambda d: d["annotations"][2].update(category_id=5))
-    with pytest.warns(UserWarning, match=r"annotation 2 \(image 1 id 11 'b.png'\)"):
+    with pytest.warns(UserWarning, match=r"annotation id 42 \(entry 2 of 'annotations'\), of image id 11 'b.png'"):
         ds = _dataset(coco_dir, data, skip_bad=True)
     assert [r.image_id for r in ds.records] == [10, 12]
 

@@ -122,6 +122,7 @@ def test_given_categories_fix_the_label_map(csv_dir: Path) -> None:
 
 
 def test_validation_set_without_classes_file_takes_the_training_label_map(tmp_path: Path) -> None:
+    from retinanet.config import model_config
     from retinanet.jobs import _val_dataset, build_dataset
     from retinanet.runconfig import DataConfig
 
@@ -131,6 +132,7 @@ def test_validation_set_without_classes_file_takes_the_training_label_map(tmp_pa
     (tmp_path / "val.csv").write_text("img/a.png,1,2,11,9,dog\n")  # alone it would be class 1 of 1
     data = DataConfig(format="csv", train_annotations=str(tmp_path / "train.csv"),
                       val_annotations=str(tmp_path / "val.csv"))  # fmt: skip
-    train = build_dataset(data, "train", train_mode=True)
-    val = _val_dataset(data, train.categories)
+    model = model_config("retinanet_tiny", min_size=64, max_size=64)
+    train = build_dataset(data, model, "train", train_mode=True)
+    val = _val_dataset(data, model, train.categories)
     assert val.categories == train.categories and val.records[0].labels.tolist() == [2]

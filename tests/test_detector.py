@@ -274,10 +274,10 @@ class _OneAnchorHead(nn.Module):
 
 
 def test_predict_maps_boxes_back_to_each_input_image():
-    # both images are resized to 128 x 192 (scales 2 and 4), padded to 128 x 256: P3 is a 16 x 32 grid
+    # both images are resized to 128 x 192 (scales 2 and 4), a multiple of 32 already: P3 is a 16 x 24 grid
     model = _tiny(min_size=128, max_size=256).eval()
     y, x, a = 5, 10, 4  # anchor type 4: aspect ratio 1, the second size 16 * 2^(1/3)
-    model.head = _OneAnchorHead(9, 3, row=(y * 32 + x) * 9 + a, label=2)
+    model.head = _OneAnchorHead(9, 3, row=(y * 24 + x) * 9 + a, label=2)
     dets = model.predict([torch.rand(3, 64, 96), torch.rand(3, 32, 48)])
     cx, cy, half = (x + 0.5) * 8, (y + 0.5) * 8, 16 * 2 ** (1 / 3) / 2
     in_resized = torch.tensor([[cx - half, cy - half, cx + half, cy + half]])

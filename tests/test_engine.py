@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from retinanet import fastpath
 from retinanet.detector import build_model
 from retinanet.engine import (
     FORMAT_VERSION,
     BatchStream,
     NonFiniteLossError,
+    TrainingInterrupted,
     build_optimizer,
     build_scheduler,
     load_checkpoint,
@@ -24,6 +27,7 @@ from retinanet.engine import (
     save_checkpoint,
     train,
 )
+from retinanet.fastpath import CpuInfo
 from retinanet.train_config import TrainConfig, train_config
 
 CHECKPOINT_KEYS = {
@@ -83,7 +87,7 @@ def tiny_model(seed: int = 0):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    settings = dict(max_iters=6, batch_size=2, lr=0.01, warmup_iters=2, steps=(4,), log_every=1,
+    settings = dict(max_iters=6, batch_size=2, lr=0.01, warmup_iters=1, steps=(4,), log_every=1,
                     checkpoint_every=3, num_workers=0, device="cpu", seed=0)
     return train_config(**{**settings, **overrides})
 
@@ -221,22 +225,43 @@ def test_train_logs_evaluates_and_checkpoints_with_config(tmp_path):
         assert torch.equal(a, b), name
 
 
+def interrupt_at(model, iterations: set[int]):
+    """Press Ctrl-C (SIGINT to this process) during the loss of the given iterations (1-based, counting this
+    run's iterations)."""
+    real, calls = model.loss, [0]
+
+    def loss(images, targets, resize=True):
+        calls[0] += 1
+        if calls[0] in iterations:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(images, targets, resize=resize)
+
+    model.loss = loss
+    return model
+
+
 def test_resume_continues_exactly(tmp_path):
-    """Uninterrupted 6 iterations vs. stopping at 2, 4 and 5 and resuming: with 4 batches per epoch that resumes
-    mid-epoch, exactly at an epoch's end, and in the second epoch (where replaying the epoch's batches alone
-    would not bring the random flips back in step: the generator states must come from the checkpoint)."""
+    """A fresh uninterrupted run of 6 iterations against the same config stopped by Ctrl-C after iterations 2, 4
+    and 5 and resumed each time: with 4 batches per epoch that resumes mid-epoch, exactly at an epoch's end, and
+    in the second epoch (where replaying the epoch's batches alone would not bring the random flips back in step:
+    the generator states must come from the checkpoint)."""
     model = tiny_model()
     train(model, tiny_loader(), tiny_config(), tmp_path / "uninterrupted")
     expected, expected_state = train_losses(tmp_path / "uninterrupted"), model.state_dict()
 
     folder = tmp_path / "resumed"
-    train(tiny_model(), tiny_loader(), tiny_config(max_iters=2), folder)
-    for previous, stop_at in ((2, 4), (4, 5), (5, 6)):
-        assert load_checkpoint(folder / "last.pt")["iteration"] == previous
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(interrupt_at(tiny_model(), {2}), tiny_loader(), tiny_config(), folder)
+    for previous, stop_after in ((2, 2), (4, 1), (5, None)):
+        assert stopped.value.iteration == previous and load_checkpoint(folder / "last.pt")["iteration"] == previous
         # a new model with other weights, the global generators moved on: all must come from the checkpoint
-        model = tiny_model(seed=stop_at)
+        model = interrupt_at(tiny_model(seed=previous), {stop_after} if stop_after else set())
         torch.rand(1000)
-        train(model, tiny_loader(), tiny_config(max_iters=stop_at), folder, resume=folder / "last.pt")
+        if stop_after is None:
+            train(model, tiny_loader(), tiny_config(), folder, resume=folder / "last.pt")
+        else:
+            with pytest.raises(TrainingInterrupted) as stopped:
+                train(model, tiny_loader(), tiny_config(), folder, resume=folder / "last.pt")
 
     resumed = train_losses(folder)
     assert sorted(resumed) == list(range(1, 7))  # one history
@@ -244,6 +269,31 @@ def test_resume_continues_exactly(tmp_path):
         assert resumed[it] == expected[it], f"iteration {it}"  # bit-exact
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected_state[name]), name
+    assert "interrupted after iteration 4" in (folder / "train.log").read_text()
+
+
+def test_two_runs_with_the_same_seed_are_the_same_from_the_first_iteration(tmp_path):
+    for name in ("a", "b"):
+        train(tiny_model(), tiny_loader(), tiny_config(max_iters=3), tmp_path / name)
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    model = tiny_model()
+    real, calls = model.loss, [0]
+
+    def loss(images, targets, resize=True):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop after this iteration
+            os.kill(os.getpid(), signal.SIGINT)  # the second does not wait
+        return real(images, targets, resize=resize)
+
+    model.loss = loss
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tiny_loader(), tiny_config(checkpoint_every=100), tmp_path)
+    assert not (tmp_path / "last.pt").exists()  # it stopped before the iteration's checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
 
 
 def test_resume_drops_log_lines_after_the_checkpoint(tmp_path):
@@ -281,7 +331,20 @@ def test_non_finite_loss_names_the_loss_and_iteration(tmp_path):
     assert [r["iter"] for r in read_log(tmp_path)] == [1]
 
 
-def test_bf16_autocast_adamw_and_grad_clip_on_cpu(tmp_path):
+def _cpu(flags: set[str]) -> CpuInfo:
+    return CpuInfo("Test CPU", "AVX512" if "avx512f" in flags else "AVX2", None, frozenset(flags))
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(fastpath, "cpu_info", lambda: _cpu({"avx2", "fma"}))
+    with pytest.raises(ValueError, match=r"amp 'bf16'.*Test CPU.*no native bfloat16.*amp 'none'"):
+        train(tiny_model(), tiny_loader(), tiny_config(amp="bf16"), tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+    assert fastpath.choose_amp("auto", "cpu") == "none"
+
+
+def test_bf16_autocast_adamw_and_grad_clip_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(fastpath, "cpu_info", lambda: _cpu({"avx2", "avx512f", "avx512_bf16"}))
     cfg = tiny_config(max_iters=2, amp="bf16", optimizer="adamw", lr=1e-4, grad_clip=1.0)
     result = train(tiny_model(), tiny_loader(), cfg, tmp_path)
     assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from retinanet.downloads import fetch_state_dict
 from retinanet.winograd import conv2d
 
 __all__ = ["ResNetBody", "build_backbone", "BACKBONES"]
@@ -190,13 +191,14 @@ def build_backbone(
         raise ValueError(f"norm must be 'frozen_bn' or 'bn', got {norm!r}")
     ctor, imagenet, channels = BACKBONES[name]
     norm_layer = partial(FrozenBatchNorm2d, eps=frozen_bn_eps) if norm == "frozen_bn" else nn.BatchNorm2d
-    tv_weights = None
+    if weights == "imagenet" and imagenet is None:
+        raise ValueError(f"no published ImageNet weights for {name}")
+    resnet = ctor(weights=None, norm_layer=norm_layer) if name != "resnet10" else ctor(norm_layer=norm_layer)
     if weights == "imagenet":
-        if imagenet is None:
-            raise ValueError(f"no published ImageNet weights for {name}")
-        tv_weights = imagenet
-    resnet = ctor(weights=tv_weights, norm_layer=norm_layer) if name != "resnet10" else ctor(norm_layer=norm_layer)
-    if weights not in (None, "none", "imagenet"):
+        state = fetch_state_dict(imagenet, f"the ImageNet weights of {name}",
+                                 "set model.backbone_weights to that file's path")  # fmt: skip
+        resnet.load_state_dict(state)
+    elif weights not in (None, "none"):
         _load_local_weights(resnet, weights)
     body = ResNetBody(resnet, channels, fold_frozen_bn)
     body.freeze(freeze_at)

@@ -1,7 +1,12 @@
 """Typed configuration: the model's settings, presets by name, and YAML in and out.
 
 A config is plain dataclasses; `build_model` (detector.py) turns a ModelConfig into modules. Presets are
-ModelConfig instances; keyword overrides replace any field, and an unknown key is an error that names it.
+ModelConfig instances; keyword overrides replace any field, and an unknown key, a value of the wrong type or one
+outside its choices is an error that names the key and where it came from (a file, the command line).
+
+The model config holds everything a checkpoint needs to be used the way it was trained, the image sizes among
+them: training, evaluation, detection, the predictor and export all resize by `min_size`, `max_size` and (training
+only) `train_min_sizes`.
 """
 
 from __future__ import annotations
@@ -9,17 +14,50 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelConfig", "PRESETS", "model_config", "apply_overrides", "config_to_dict"]
+__all__ = ["ModelConfig", "PRESETS", "model_config", "apply_overrides", "config_to_dict", "CHOICES", "Checked"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# the settings that take one of a few values (None where the field may also be None)
+CHOICES: dict[str, tuple] = {
+    "backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext101_32x8d"),
+    "backbone_norm": ("frozen_bn", "bn"),
+    "conv_algorithm": ("auto", "direct", "winograd"),
+    "memory_format": ("auto", "channels_last", "contiguous"),
+    "p6_from": ("c5", "p5"),
+    "head_norm": (None, "gn"),
+    "cls_loss": ("focal", "focal_star", "ce", "balanced_ce", "ohem"),
+    "box_loss": ("smooth_l1", "l1", "giou"),
+    "normalizer": ("positives", "ema"),
+}
+
+
+class Checked:
+    """A config whose `problems()` lists what is wrong with its values; `check(where)` raises on the first."""
+
+    WHERE = "config"
+
+    def problems(self) -> list[str]:
+        return []
+
+    def check(self, where: str | None = None):
+        """self, or a ValueError naming `where` and the first problem."""
+        problems = self.problems()
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(f"{where or self.WHERE}: {problems[0]}{more}")
+        return self
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """Every setting of the detector. Defaults are the paper's RetinaNet (ResNet-50-FPN, 800 px)."""
+
+    WHERE = "model config"
 
     num_classes: int = 80
     # the dataset's categories, kept with the model so that outputs carry names and original ids (optional)
@@ -32,9 +70,11 @@ class ModelConfig:
     frozen_bn_eps: float = 1e-5
     freeze_at: int = 2  # stem + layer1 frozen (Detectron)
     fold_frozen_bn: bool = True  # frozen BatchNorm folded into the convolutions (faster; same function up to rounding)
-    # 3x3 convolutions: "auto" computes the large ones (head, FPN outputs, folded backbone) by Winograd F(4x4, 3x3)
-    # on the CPU in float32, where it is faster (retinanet.winograd); "direct": always torch's convolution
+    # fast paths that depend on the machine (retinanet.fastpath): "auto" measures which is faster here, once per
+    # machine and shape class. 3x3 convolutions: "auto", "direct" (torch's) or "winograd" (retinanet.winograd);
+    # memory layout: "auto", "channels_last" or "contiguous"
     conv_algorithm: str = "auto"
+    memory_format: str = "auto"
     # FPN and head
     fpn_channels: int = 256
     p6_from: str = "c5"  # "c5" (paper) | "p5" (torchvision v1)
@@ -69,10 +109,14 @@ class ModelConfig:
     box_loss_weight: float = 1.0
     normalizer: str = "positives"  # positives (the paper) | ema (detectron2's moving average)
     normalizer_momentum: float = 0.9
-    # input
+    # input: every image is resized so that its shorter side is min_size and its longer side at most max_size
+    # (evaluation, detection, export; training too unless train_min_sizes is set, whose sizes are drawn one per image
+    # for multi-scale training), then padded to a multiple of size_divisible
     min_size: int = 800
     max_size: int = 1333
-    size_divisible: int = 128
+    train_min_sizes: tuple[int, ...] = ()
+    size_divisible: int = 32
+    resize_antialias: bool = True  # False: torchvision's resize (normalise, then bilinear without antialiasing)
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     # inference
@@ -88,6 +132,44 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "model config") -> "ModelConfig":
         return apply_overrides(cls(), data, where)
 
+    @property
+    def training_sizes(self) -> tuple[int, ...]:
+        """The shorter sides drawn from in training: train_min_sizes, or min_size alone."""
+        return tuple(self.train_min_sizes) or (self.min_size,)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, as 'key: why' sentences (empty when nothing is)."""
+        out = [f"{k} = {getattr(self, k)!r} is not one of {list(v)}" for k, v in CHOICES.items()
+               if getattr(self, k) not in v]  # fmt: skip
+        checks = [
+            ("num_classes", self.num_classes >= 1, "must be at least 1"),
+            ("class_names", not self.class_names or len(self.class_names) == self.num_classes,
+             f"has {len(self.class_names)} names for {self.num_classes} classes"),
+            ("category_ids", not self.category_ids or len(self.category_ids) == self.num_classes,
+             f"has {len(self.category_ids)} ids for {self.num_classes} classes"),
+            ("freeze_at", 0 <= self.freeze_at <= 5, "must be in 0..5"),
+            ("prior_prob", 0 < self.prior_prob < 1, "must be in (0, 1)"),
+            ("fg_iou", 0 < self.bg_iou <= self.fg_iou <= 1, f"needs 0 < bg_iou ({self.bg_iou}) <= fg_iou <= 1"),
+            ("alpha", self.alpha < 0 or self.alpha <= 1, "must be in [0, 1] (or negative: no weighting)"),
+            ("gamma", self.gamma >= 0, "must be >= 0"),
+            ("min_size", self.min_size >= 1 and self.max_size >= 1, "min_size and max_size must be >= 1"),
+            ("train_min_sizes", all(s >= 1 for s in self.train_min_sizes), "must be >= 1"),
+            ("size_divisible", self.size_divisible >= 1, "must be >= 1"),
+            ("head_channels", self.head_channels >= 1 and self.fpn_channels >= 1, "channels must be >= 1"),
+            ("head_convs", self.head_convs >= 0, "must be >= 0"),
+            ("anchor_sizes", all(s > 0 for s in self.anchor_sizes) and all(s > 0 for s in self.anchor_scales)
+             and all(r > 0 for r in self.aspect_ratios), "anchor sizes, scales and aspect ratios must be > 0"),
+            ("score_thresh", 0 <= self.score_thresh < 1, "must be in [0, 1)"),
+            ("nms_thresh", 0 < self.nms_thresh <= 1, "must be in (0, 1]"),
+            ("detections_per_image", self.detections_per_image >= 1 and self.topk_candidates >= 1,
+             "detections_per_image and topk_candidates must be >= 1"),
+        ]  # fmt: skip
+        out += [f"{key} {why}" for key, ok, why in checks if not ok]
+        weights = self.backbone_weights
+        if weights not in (None, "none", "imagenet") and not Path(weights).is_file():
+            out.append(f"backbone_weights: file not found: {weights} (expected None, 'imagenet' or a state-dict file)")
+        return out
+
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as plain YAML/JSON-ready values (tuples become lists)."""
@@ -95,8 +177,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "config") -> Any:
-    """A copy of dataclass `config` with `overrides` applied; a key that is not a field raises ValueError naming it.
-    Lists become tuples where the field is a tuple."""
+    """A copy of dataclass `config` with `overrides` applied. A key that is not a field, a value of the wrong kind,
+    and (for configs that have `problems()`) a value outside its choices raise a ValueError naming `where` and the
+    key. Lists become tuples where the field is a tuple."""
     names = {f.name for f in fields(config)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -107,12 +190,18 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "config
         if isinstance(v, list) and (isinstance(current, tuple) or current is None):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
         values[k] = _checked(where, k, v, current)
-    return dataclasses.replace(config, **values)
+    out = dataclasses.replace(config, **values)
+    if hasattr(out, "check"):
+        out.check(where)
+    return out
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list"}
 
 
 def _checked(where: str, key: str, value: Any, current: Any) -> Any:
-    """`value` if it has the kind of the field's current value (ints pass as floats), else a ValueError naming the
-    key; fields whose current value is None take anything."""
+    """`value` if it has the kind of the field's current value (integers pass as floats), else a ValueError naming
+    the key; fields whose current value is None take anything."""
     ok = True
     if current is None or value is None:
         ok = True
@@ -126,7 +215,8 @@ def _checked(where: str, key: str, value: Any, current: Any) -> Any:
     elif isinstance(current, (str, tuple)):
         ok = isinstance(value, type(current))
     if not ok:
-        raise ValueError(f"{where}: {key} = {value!r} is not a {type(current).__name__} like its default {current!r}")
+        kind = next((name for t, name in _KINDS.items() if isinstance(current, t)), type(current).__name__)
+        raise ValueError(f"{where}: {key} = {value!r} is not {kind} (the default is {current!r})")
     return value
 
 
@@ -152,10 +242,12 @@ PRESETS: dict[str, ModelConfig] = {
         smooth_l1_beta=0.0,
     ),
 }
+for _name, _preset in PRESETS.items():
+    _preset.check(f"model preset {_name!r}")
 
 
-def model_config(name: str = "retinanet_r50_fpn", **overrides: Any) -> ModelConfig:
-    """The preset `name` with keyword overrides of any of its fields."""
+def model_config(name: str = "retinanet_r50_fpn", where: str | None = None, **overrides: Any) -> ModelConfig:
+    """The preset `name` with keyword overrides of any of its fields; errors name `where` (default: the preset)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return apply_overrides(PRESETS[name], overrides, f"model preset {name!r}")
+        raise ValueError(f"{where or 'model config'}: unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return apply_overrides(PRESETS[name], overrides, where or f"model preset {name!r}")

@@ -25,6 +25,7 @@ from retinanet.fpn import FPN
 from retinanet.head import RetinaNetHead
 from retinanet.matching import BoxCoder, match_anchors
 from retinanet.postprocess import Detections, postprocess
+from retinanet.resize import resize_image, resized_size
 from retinanet.winograd import ALGORITHMS, Conv2d
 
 __all__ = ["RetinaNet", "HeadOutputs", "Detections", "build_model"]
@@ -67,7 +68,7 @@ class RetinaNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(3, 1, 1), persistent=False)
         # detectron2's moving-average loss normaliser (used when config.normalizer == "ema"); saved with the model
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
-        self.channels_last = False  # build_from_config turns it on
+        self.memory_format = "contiguous"  # build_from_config and fastpath.tune set it
 
     @property
     def num_classes(self) -> int:
@@ -76,16 +77,21 @@ class RetinaNet(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> HeadOutputs:
         """images: [B, 3, Hp, Wp] normalised, padded batch (see `preprocess`) -> the head's raw outputs."""
-        if self.channels_last:
+        if self.memory_format == "channels_last":
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(images))
         cls_logits, box_deltas = self.head(features)
         return HeadOutputs(cls_logits, box_deltas, [tuple(f.shape[-2:]) for f in features])
 
-    def use_channels_last(self, enabled: bool = True) -> "RetinaNet":
-        """Run the convolutions in channels-last layout (faster with oneDNN on CPUs and tensor cores on GPUs)."""
-        self.channels_last = enabled
-        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+    def use_memory_format(self, memory_format: str) -> "RetinaNet":
+        """Run the convolutions in "channels_last" or "contiguous" layout (which is faster depends on the machine:
+        `retinanet.fastpath.tune` measures it). Changes the layout of the parameters in place."""
+        if memory_format not in ("channels_last", "contiguous"):
+            raise ValueError(f"memory_format must be 'channels_last' or 'contiguous', got {memory_format!r}")
+        if memory_format != self.memory_format:
+            self.memory_format = memory_format
+            self.to(memory_format=torch.channels_last if memory_format == "channels_last" else torch.contiguous_format)
+        return self
 
     def use_conv_algorithm(self, algorithm: str = "auto") -> "RetinaNet":
         """How the 3x3 convolutions of the head, the FPN outputs and the folded backbone are computed: "auto"
@@ -102,22 +108,28 @@ class RetinaNet(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------
     def preprocess(self, images: list[Tensor], resize: bool = True) -> Batch:
-        """Normalise each [3, H, W] float image in [0, 1], resize it so that its shorter side is min_size and its
-        longer at most max_size (bilinear, as torchvision; skipped with resize=False), and zero-pad all into one
-        batch whose sides are multiples of size_divisible."""
+        """Resize each [3, H, W] float image in [0, 1] so that its shorter side is min_size and its longer at most
+        max_size (retinanet.resize, as the data transforms; skipped with resize=False), normalise it, and zero-pad
+        all into one batch whose sides are multiples of size_divisible. With resize_antialias False (torchvision's
+        models) it normalises first and resizes as torchvision does, for torchvision's exact detections."""
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list of [3, H, W] float tensors")
+        cfg = self.config
         resized, sizes, scales = [], [], []
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
                 raise ValueError(f"image {i}: expected a float [3, H, W] tensor, got {img.dtype} {tuple(img.shape)}")
-            img = (img - self.pixel_mean.to(img)) / self.pixel_std.to(img)
             h, w = img.shape[-2:]
-            if resize:
-                scale = min(self.config.min_size / min(h, w), self.config.max_size / max(h, w))
+            if resize and not cfg.resize_antialias:
+                img = (img - self.pixel_mean.to(img)) / self.pixel_std.to(img)
+                scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
                 img = F.interpolate(
                     img[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
                 )[0]
+            else:
+                if resize:
+                    img = resize_image(img, resized_size(h, w, cfg.min_size, cfg.max_size))
+                img = (img - self.pixel_mean.to(img)) / self.pixel_std.to(img)
             resized.append(img)
             sizes.append((img.shape[-2], img.shape[-1]))
             scales.append((img.shape[-2] / h, img.shape[-1] / w))
@@ -302,7 +314,9 @@ def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
 
 
 def build_from_config(cfg: ModelConfig) -> RetinaNet:
-    """The single builder: a ModelConfig -> modules -> RetinaNet."""
+    """The single builder: a ModelConfig -> modules -> RetinaNet. Memory format "auto" starts as channels-last
+    until `retinanet.fastpath.tune` measures which is faster on the machine."""
+    cfg.check()
     backbone = build_backbone(
         cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at, cfg.fold_frozen_bn
     )
@@ -316,7 +330,8 @@ def build_from_config(cfg: ModelConfig) -> RetinaNet:
         backbone=backbone, fpn=fpn, head=head, anchor_generator=anchors,
         box_coder=BoxCoder(cfg.box_coder_weights, cfg.box_clamp), config=cfg,
     )  # fmt: skip
-    return model.use_channels_last().use_conv_algorithm(cfg.conv_algorithm)
+    layout = "channels_last" if cfg.memory_format == "auto" else cfg.memory_format
+    return model.use_memory_format(layout).use_conv_algorithm(cfg.conv_algorithm)
 
 
 def build_model(name: str = "retinanet_r50_fpn", **overrides: Any) -> RetinaNet:

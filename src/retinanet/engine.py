@@ -1,7 +1,8 @@
 """The training loop, its checkpoints and its logs.
 
 `train` is one readable loop: batch -> model.loss -> finite check -> backward -> (clip) -> step -> log / evaluate /
-checkpoint. A run can be stopped and resumed exactly: a checkpoint holds the weights, optimiser, lr schedule,
+checkpoint. Ctrl-C stops it after the current iteration with a checkpoint (TrainingInterrupted); a second Ctrl-C
+stops it at once. A run can be stopped and resumed exactly: a checkpoint holds the weights, optimiser, lr schedule,
 grad scaler, every process's random-number generators and the data loader's position, and each epoch's data
 order follows from (seed, epoch) alone. With the same seed, a resumed run logs the same losses as one that was
 never stopped (exactly so on CPU with num_workers=0; with worker processes the data order is still exact but the
@@ -21,7 +22,9 @@ import functools
 import json
 import os
 import random
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +40,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from retinanet.config import ModelConfig
+from retinanet import fastpath
+from retinanet.config import ModelConfig, apply_overrides
 from retinanet.detector import RetinaNet, build_from_config
 from retinanet.train_config import TrainConfig
 
@@ -46,16 +50,19 @@ __all__ = [
     "BatchStream",
     "LossModule",
     "NonFiniteLossError",
+    "TrainingInterrupted",
     "build_optimizer",
     "build_scheduler",
     "init_distributed",
     "load_checkpoint",
     "load_model",
     "lr_factor",
+    "resolve_device_and_amp",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
     "train",
+    "write_note",
 ]
 
 FORMAT_VERSION = 1  # bump when the checkpoint's keys change meaning; load_checkpoint refuses versions it does not know
@@ -65,6 +72,14 @@ EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the message names the loss, the iteration and the value."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped at Ctrl-C after iteration `iteration`, with a checkpoint at `checkpoint`."""
+
+    def __init__(self, iteration: int, checkpoint: Path):
+        super().__init__(f"interrupted after iteration {iteration}; checkpoint saved to {checkpoint}")
+        self.iteration, self.checkpoint = iteration, checkpoint
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -91,69 +106,111 @@ def train(
     Raises NonFiniteLossError, before the optimiser step, when a loss is NaN or infinite.
     """
     rank, world = _rank_and_world()
-    device, amp_dtype = _device_and_amp(cfg)
+    cfg.check()
+    device, amp = resolve_device_and_amp(cfg)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     out = Path(output_dir if output_dir is not None else cfg.output_dir)
     _seed_everything(cfg.seed + rank)
     _check_batch_size(train_loader, cfg, world)
     model.to(device).train()
-    if cfg.channels_last:
-        model.use_channels_last()
+    start, position, checkpoint = 0, {"epoch": 0, "batch": 0}, None
+    if resume is not None:
+        checkpoint = load_checkpoint(resume, map_location="cpu")
+        start, position = checkpoint["iteration"], checkpoint["data_position"] or position
+    stream = BatchStream(train_loader, cfg.seed, **position)
+    if checkpoint is not None:  # only now: replaying the epoch's consumed batches above drew random numbers
+        _restore_rng(checkpoint["rng"], rank, world)
+    log = RunLog(out, enabled=rank == 0, start=start)
+    first = _to_device(stream.next(), device) if start < cfg.max_iters else None
+    if first is not None:  # the memory layout that is faster here for batches like this one (fastpath.tune)
+        fastpath.tune(model, *first)
     loss_fn = _loss_module(model, device, world)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start, position, rngs = 0, {"epoch": 0, "batch": 0}, None
-    if resume is not None:
-        start, position, rngs = _restore(resume, model, optimizer, scheduler, scaler)
-    stream = BatchStream(train_loader, cfg.seed, **position)
-    if rngs is not None:  # only now: replaying the epoch's consumed batches above drew random numbers
-        _restore_rng(rngs, rank, world)
-    log = RunLog(out, enabled=rank == 0, start=start)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if checkpoint is not None:
+        _restore(checkpoint, resume, model, optimizer, scheduler, scaler)
+    for warning in cfg.schedule().warnings:
+        log.note(f"warning: {warning}")
+    log.note(f"fast paths: {fastpath.summary()}; amp {amp}")
     bar = tqdm(total=cfg.max_iters, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     values: dict[str, float] = {}
     metrics: dict[str, Any] = {}
     try:
-        for it in range(start + 1, cfg.max_iters + 1):
-            tic = time.perf_counter()
-            images, targets = _to_device(stream.next(), device)
-            data_time = time.perf_counter() - tic
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = loss_fn(images, targets)
-            total = sum(losses.values())
-            _check_finite(losses, total, it, world > 1, out / "last.pt")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            bar.update()
-            if it % cfg.log_every == 0 or it == cfg.max_iters:
-                values = {k: v.item() for k, v in losses.items()} | {"loss": total.item()}
-                log.write(it, {**values, "lr": lr, "time": time.perf_counter() - tic, "data_time": data_time})
-                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, lr=f"{lr:.3g}")
-            if eval_fn is not None and ((cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.max_iters):
-                metrics = _evaluate(model, eval_fn, it)
-                log.write(it, {f"eval/{k}": v for k, v in metrics.items()})
-            if it % cfg.checkpoint_every == 0 or it == cfg.max_iters:
-                _checkpoint(out, model, optimizer, scheduler, scaler, it, cfg, stream, rank, world)
+        with _StopOnInterrupt() as stop:
+            for it in range(start + 1, cfg.max_iters + 1):
+                tic = time.perf_counter()
+                images, targets = first if first is not None else _to_device(stream.next(), device)
+                first = None
+                data_time = time.perf_counter() - tic
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    losses = loss_fn(images, targets)
+                total = sum(losses.values())
+                stopping = _check_finite(losses, total, it, world > 1, out / "last.pt", stop.requested)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                lr = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                bar.update()
+                if it % cfg.log_every == 0 or it == cfg.max_iters or stopping:
+                    values = {k: v.item() for k, v in losses.items()} | {"loss": total.item()}
+                    log.write(it, {**values, "lr": lr, "time": time.perf_counter() - tic, "data_time": data_time})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, lr=f"{lr:.3g}")
+                if eval_fn is not None and ((cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.max_iters):
+                    metrics = _evaluate(model, eval_fn, it)
+                    log.write(it, {f"eval/{k}": v for k, v in metrics.items()})
+                if it % cfg.checkpoint_every == 0 or it == cfg.max_iters or stopping:
+                    _checkpoint(out, model, optimizer, scheduler, scaler, it, cfg, stream, rank, world)
+                if stopping and it < cfg.max_iters:
+                    log.note(f"interrupted after iteration {it}; checkpoint {out / 'last.pt'}")
+                    raise TrainingInterrupted(it, out / "last.pt")
     finally:
         bar.close()
         log.close()
     return {"iteration": max(start, cfg.max_iters), "losses": values, "metrics": metrics, "checkpoint": out / "last.pt"}
 
 
-def _check_finite(losses: dict[str, Tensor], total: Tensor, iteration: int, distributed: bool, last: Path) -> None:
-    """Raise NonFiniteLossError naming every non-finite loss; on all processes at once under DDP."""
-    # One host-device sync per iteration: we must know before the optimiser step, or NaN reaches the weights.
-    bad = (~torch.isfinite(total.detach())).float()
+class _StopOnInterrupt:
+    """Ctrl-C (SIGINT) during training: the first asks the loop to stop after the current iteration, which then
+    saves a checkpoint; a second raises KeyboardInterrupt at once. Only the main thread can own the handler."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("retinanet: stopping after this iteration to save a checkpoint (Ctrl-C again to quit at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_finite(losses: dict[str, Tensor], total: Tensor, iteration: int, distributed: bool, last: Path,
+                  stop_requested: bool = False) -> bool:
+    """Raise NonFiniteLossError naming every non-finite loss, on all processes at once under DDP; return whether a
+    stop (Ctrl-C) was requested on any process."""
+    # One host-device sync per iteration: we must know before the optimiser step, or NaN reaches the weights. Under
+    # DDP the stop requests travel in the same all-reduce, so that every process stops after the same iteration.
+    flags = torch.stack([(~torch.isfinite(total.detach())).float(), total.new_tensor(float(stop_requested))])
     if distributed:  # all stop together, rather than the healthy ones waiting forever in the next all-reduce
-        dist.all_reduce(bad)
-    if bad.item() == 0:
-        return
+        dist.all_reduce(flags)
+    bad, stop = flags.tolist()
+    if bad == 0:
+        return stop > 0
     named = [f"{k} = {v.item()}" for k, v in losses.items() if not torch.isfinite(v)]
     which = ", ".join(named) if named else ("the sum of the losses" if not distributed else "on another process")
     finite = ", ".join(f"{k} = {v.item():.4g}" for k, v in losses.items() if torch.isfinite(v))
@@ -197,9 +254,11 @@ def lr_factor(iteration: int, warmup_iters: int, warmup_factor: float, steps: tu
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
-    """LambdaLR of `lr_factor`; call .step() once per iteration, after optimizer.step()."""
+    """LambdaLR of `lr_factor` over the run's schedule in iterations (TrainConfig.schedule: fractional steps
+    resolved, warm-up fitted to the run); call .step() once per iteration, after optimizer.step()."""
+    plan = cfg.schedule()
     schedule = functools.partial(
-        lr_factor, warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor, steps=tuple(cfg.steps)
+        lr_factor, warmup_iters=plan.warmup_iters, warmup_factor=cfg.warmup_factor, steps=plan.steps
     )
     return LambdaLR(optimizer, schedule)
 
@@ -365,12 +424,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     return checkpoint
 
 
-def load_model(path: str | Path, map_location: str | torch.device | None = "cpu") -> RetinaNet:
-    """The model a checkpoint was saved from, rebuilt from its own model_config, with its weights."""
+def load_model(path: str | Path, map_location: str | torch.device | None = "cpu", **overrides: Any) -> RetinaNet:
+    """The model a checkpoint was saved from, rebuilt from its own model_config (with `overrides` of any of its
+    fields, e.g. min_size), with its weights."""
     checkpoint = load_checkpoint(path, map_location)
     if checkpoint["model_config"] is None:
         raise ValueError(f"{path}: the checkpoint holds no model_config to build the model from")
-    model = build_from_config(ModelConfig.from_dict(checkpoint["model_config"], where=f"{path}: model_config"))
+    # the weights come from the checkpoint: the files the model was initialised from are not needed again
+    saved = {**checkpoint["model_config"], "backbone_weights": None}
+    config = ModelConfig.from_dict(saved, where=f"{path}: model_config")
+    model = build_from_config(apply_overrides(config, overrides, "model overrides"))
     model.load_state_dict(checkpoint["model"])
     return model
 
@@ -386,13 +449,12 @@ def _checkpoint(out: Path, model: nn.Module, optimizer, scheduler, scaler, itera
         save_checkpoint(out / f"iter_{iteration:07d}.pt", *args)
 
 
-def _restore(path: str | Path, model: nn.Module, optimizer, scheduler, scaler) -> tuple[int, dict, list]:
-    """Load everything but the random generators into the given objects -> (iteration, data position, rng)."""
-    checkpoint = load_checkpoint(path, map_location="cpu")
+def _restore(checkpoint: dict[str, Any], path: str | Path, model: nn.Module, optimizer, scheduler, scaler) -> None:
+    """Load a checkpoint's model, optimiser, schedule and scaler states into the given objects."""
     saved = checkpoint["model_config"]
     config = getattr(model, "config", None)
     if saved is not None and dataclasses.is_dataclass(config):
-        differ = sorted(k for k, v in dataclasses.asdict(config).items() if saved.get(k, v) != v)
+        differ = sorted(k for k, v in dataclasses.asdict(config).items() if k in saved and _plain_value(saved[k]) != _plain_value(v))
         if differ:
             warnings.warn(f"resuming from {path}: the model config differs in {differ}", stacklevel=3)
     model.load_state_dict(checkpoint["model"])
@@ -400,8 +462,10 @@ def _restore(path: str | Path, model: nn.Module, optimizer, scheduler, scaler) -
     scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
-    position = checkpoint["data_position"] or {"epoch": 0, "batch": 0}
-    return checkpoint["iteration"], position, checkpoint["rng"]
+
+
+def _plain_value(v: Any) -> Any:
+    return [_plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -495,7 +559,8 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return gathered
 
 
-def _device_and_amp(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+def resolve_device_and_amp(cfg: TrainConfig) -> tuple[torch.device, str]:
+    """The device and the precision to train in ("none", "bf16", "fp16"; amp "auto" resolved by measurement)."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -503,8 +568,11 @@ def _device_and_amp(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # init_distributed pinned this process's GPU
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"train config: amp='fp16' needs a CUDA device, got {device}; use amp='bf16' on CPU")
-    return device, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        raise ValueError(f"train config: amp='fp16' needs a CUDA device, got {device}; use amp='none' on a CPU")
+    try:
+        return device, fastpath.choose_amp(cfg.amp, device)
+    except ValueError as exc:
+        raise ValueError(f"train config: {exc}") from None
 
 
 def _check_batch_size(loader: DataLoader, cfg: TrainConfig, world: int) -> None:
@@ -520,9 +588,10 @@ def _check_batch_size(loader: DataLoader, cfg: TrainConfig, world: int) -> None:
 
 
 class RunLog:
-    """JSON lines at output_dir/log.jsonl and TensorBoard scalars at output_dir/tb; silent when not enabled
-    (processes other than rank 0). A run starting at iteration N (0 when fresh) drops what an earlier run in the
-    folder logged after N, so that the log reads as one history."""
+    """JSON lines at output_dir/log.jsonl, TensorBoard scalars at output_dir/tb and notes (the run's summary,
+    warnings, where it stopped) printed and appended to output_dir/train.log; silent when not enabled (processes
+    other than rank 0). A run starting at iteration N (0 when fresh) drops what an earlier run in the folder
+    logged after N, so that the log reads as one history."""
 
     def __init__(self, output_dir: Path, enabled: bool = True, start: int = 0):
         self.enabled = enabled
@@ -533,6 +602,13 @@ class RunLog:
         _truncate_log(self.path, start)
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=start + 1)
+
+    def note(self, text: str) -> None:
+        """Print a line (above the progress bar) and keep it in train.log."""
+        if not self.enabled:
+            return
+        tqdm.write(text)
+        write_note(self.path.parent, text)
 
     def write(self, iteration: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -547,6 +623,13 @@ class RunLog:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def write_note(output_dir: Path, text: str) -> None:
+    """Append a timestamped line to output_dir/train.log."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "train.log", "a", encoding="utf-8") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
 def _plain(value: Any) -> Any:

@@ -18,6 +18,7 @@ from torch import nn
 from retinanet.anchors import TORCHVISION_SIZES_PER_LEVEL
 from retinanet.config import ModelConfig, apply_overrides
 from retinanet.detector import RetinaNet, build_from_config
+from retinanet.downloads import fetch_state_dict
 
 __all__ = ["from_torchvision", "torchvision_config", "load_torchvision_coco", "TORCHVISION_COCO_WEIGHTS"]
 
@@ -43,6 +44,7 @@ def torchvision_config(
         freeze_at=2,  # torchvision's trainable_backbone_layers=3 for pretrained backbones
         fold_frozen_bn=False,  # torchvision's order of operations, so that rounding matches too
         conv_algorithm="direct",  # torchvision's convolutions, for the same reason
+        memory_format="contiguous",  # and its memory layout, so that near-tied detections match exactly
         p6_from="p5" if version == "v1" else "c5",
         head_norm=None if version == "v1" else "gn",
         anchor_sizes_per_level=TORCHVISION_SIZES_PER_LEVEL,
@@ -54,6 +56,7 @@ def torchvision_config(
         min_size=min_size,
         max_size=max_size,
         size_divisible=32,
+        resize_antialias=False,
         detections_per_image=300,
     )
     return apply_overrides(cfg, overrides, "torchvision config")
@@ -160,8 +163,7 @@ def from_torchvision(module_or_state_dict: nn.Module | dict[str, torch.Tensor], 
     cfg = torchvision_config(
         version, num_classes, norm="frozen_bn" if frozen else "bn", frozen_bn_eps=eps, **{**settings, **overrides}
     )
-    # torchvision's memory layout too, so that the rounding, and with it near-tied detections, match exactly
-    model = build_from_config(cfg).use_channels_last(False)
+    model = build_from_config(cfg)
     ours = _convert_state(state, version)
     missing, unexpected = model.load_state_dict(ours, strict=False)
     missing = [k for k in missing if k != "loss_normalizer"]
@@ -176,7 +178,8 @@ def load_torchvision_coco(
     """torchvision's published COCO RetinaNet as our model, with the COCO categories.
 
     Args:
-        name: "retinanet_resnet50_fpn" (v1, 36.4 box AP) or "retinanet_resnet50_fpn_v2" (41.5 box AP).
+        name: "retinanet_resnet50_fpn" (v1, 36.4 box AP) or "retinanet_resnet50_fpn_v2" (41.5 box AP), or the
+            path of a downloaded checkpoint of either.
         weights_path: a local copy of the checkpoint; None downloads it through torchvision's weights mechanism
             (needs a connection the first time, then torch hub's cache).
     Returns:
@@ -185,6 +188,9 @@ def load_torchvision_coco(
     """
     import torchvision.models.detection as tvd
 
+    if name not in TORCHVISION_COCO_WEIGHTS and weights_path is None and Path(name).is_file():
+        # a downloaded checkpoint file: v1 or v2 is read from its weights; both have the same COCO categories
+        name, weights_path = "retinanet_resnet50_fpn", name
     if name not in TORCHVISION_COCO_WEIGHTS:
         raise ValueError(f"unknown torchvision RetinaNet {name!r}; choose one of {sorted(TORCHVISION_COCO_WEIGHTS)}")
     enum_name, _ = TORCHVISION_COCO_WEIGHTS[name]
@@ -195,7 +201,8 @@ def load_torchvision_coco(
             raise ValueError(f"torchvision weights file not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        state = weights.get_state_dict(progress=True, check_hash=True)
+        state = fetch_state_dict(weights, f"torchvision's {name} COCO weights",
+                                 f"pass its path (retinanet detect --torchvision {Path(weights.url).name})")
     model = from_torchvision(state, **overrides)
     categories = [{"id": i, "name": n} for i, n in enumerate(weights.meta["categories"])]
     return model, categories

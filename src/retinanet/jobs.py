@@ -1,22 +1,21 @@
 """The main job, end to end: datasets from a DataConfig, training, evaluation, detection on files, the demo.
 
 file -> dataset -> transforms -> batch -> model -> (loss | detections) -> evaluation or drawing. The command line
-(cli.py) is a thin layer over these functions.
+(cli.py) is a thin layer over these functions. Image sizes come from the model config alone, so the training
+run's own evaluation, `retinanet eval` of its checkpoint and `retinanet detect` all see the same pixels.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision import tv_tensors
-from torchvision.transforms.v2.functional import pil_to_tensor
 
-from retinanet.config import apply_overrides
+from retinanet.config import ModelConfig, apply_overrides
 from retinanet.data import (
     CocoDetection,
     CsvDetection,
@@ -28,27 +27,30 @@ from retinanet.data import (
     train_transforms,
 )
 from retinanet.detector import RetinaNet, build_from_config
-from retinanet.engine import init_distributed, load_model, train
+from retinanet.engine import init_distributed, load_checkpoint, load_model, resolve_device_and_amp, train, write_note
 from retinanet.evaluate import CocoMetrics, evaluate_coco, evaluate_voc, plot_pr_curves, save_coco_results
+from retinanet.predictor import Predictor, categories_of, detect_resized, read_image
 from retinanet.runconfig import DataConfig, RunConfig, save_run_config
 from retinanet.visualize import plot_training_curves, save_detections_image
 
-__all__ = ["build_dataset", "run_train", "evaluate_model", "run_eval", "run_detect", "demo_config", "run_demo"]
+__all__ = ["build_dataset", "run_train", "evaluate_model", "run_eval", "run_detect", "demo_config", "run_demo",
+           "categories_of"]  # fmt: skip
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def build_dataset(
-    data: DataConfig, split: str, train_mode: bool, categories: list[dict[str, Any]] | None = None
+    data: DataConfig, model: ModelConfig, split: str, train_mode: bool, categories: list[dict[str, Any]] | None = None
 ) -> DetectionDataset:
-    """The train or val dataset of `data`, with training (multi-scale, flip) or evaluation transforms.
+    """The train or val dataset of `data`, resized as `model` says: training transforms (a shorter side drawn from
+    model.training_sizes, flips) or evaluation transforms (model.min_size). Every image file is checked to exist.
 
     categories: the label map to use where the data does not fix one (CSV without a classes file): the training
     set's for the validation set, the model's for evaluation, so that a name gets the label the model learnt."""
     if train_mode:
-        tf = train_transforms(data.train_min_sizes, data.max_size, data.flip_prob)
+        tf = train_transforms(model.training_sizes, model.max_size, data.flip_prob)
     else:
-        tf = eval_transforms(data.eval_min_size, data.max_size)
+        tf = eval_transforms(model.min_size, model.max_size)
     fmt, is_train = data.format, split == "train"
     if fmt == "synthetic":
         n = data.synthetic_train_images if is_train else data.synthetic_val_images
@@ -59,14 +61,16 @@ def build_dataset(
     annotations = data.train_annotations if is_train else data.val_annotations
     if fmt == "coco":
         _require(data, images=images, annotations=annotations, split=split)
-        return CocoDetection(images, annotations, transforms=tf, skip_bad=data.skip_bad)
-    if fmt == "csv":
+        dataset = CocoDetection(images, annotations, transforms=tf, skip_bad=data.skip_bad)
+    elif fmt == "csv":
         _require(data, annotations=annotations, split=split)
-        return CsvDetection(annotations, data.classes, root=images, transforms=tf, skip_bad=data.skip_bad,
-                            categories=None if data.classes else categories)  # fmt: skip
-    _require(data, root=data.root, split=split)
-    voc_split = data.train_split if is_train else data.val_split
-    return VocDetection(data.root, voc_split, transforms=tf, skip_bad=data.skip_bad)
+        dataset = CsvDetection(annotations, data.classes, root=images, transforms=tf, skip_bad=data.skip_bad,
+                               categories=None if data.classes else categories)  # fmt: skip
+    else:
+        _require(data, root=data.root, split=split)
+        voc_split = data.train_split if is_train else data.val_split
+        dataset = VocDetection(data.root, voc_split, transforms=tf, skip_bad=data.skip_bad)
+    return dataset.check_files()
 
 
 def _require(data: DataConfig, split: str, **paths: str | None) -> None:
@@ -75,20 +79,13 @@ def _require(data: DataConfig, split: str, **paths: str | None) -> None:
         raise ValueError(f"data config: format {data.format!r} needs {split} {', '.join(missing)} (set data.* keys)")
 
 
-def _categories_config(model_cfg, dataset: DetectionDataset):
+def _categories_config(model_cfg: ModelConfig, dataset: DetectionDataset) -> ModelConfig:
     """The model config with num_classes and category names/ids taken from the training dataset."""
     return apply_overrides(model_cfg, {
         "num_classes": dataset.num_classes,
         "class_names": tuple(dataset.category_names),
         "category_ids": tuple(c["id"] for c in dataset.categories),
     })  # fmt: skip
-
-
-def categories_of(model: RetinaNet) -> list[dict[str, Any]]:
-    cfg = model.config
-    names = cfg.class_names or tuple(str(i) for i in range(cfg.num_classes))
-    ids = cfg.category_ids or tuple(range(cfg.num_classes))
-    return [{"id": int(i), "name": n} for i, n in zip(ids, names)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,23 +95,17 @@ def predict_dataset(
 ) -> tuple[list[dict], list[dict]]:
     """Ground truth and detections of every image of `dataset` (evaluation transforms), both in the original
     image's pixels, as the dicts `retinanet.evaluate` takes."""
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     records = {r.image_id: r for r in dataset.records}
     gts, dets = [], []
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     for images, targets in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=amp != "none"):
-            out = model.predict([im.to(device) for im in images], resize=False)
-        for d, t in zip(out, targets):
-            sy, sx = t["scale"]
-            scale = torch.tensor([sx, sy, sx, sy], device=d.boxes.device)
+        found = detect_resized(model, images, [t["scale"] for t in targets], amp)
+        for d, t in zip(found, targets):
             rec = records[int(t["image_id"])]
             h0, w0 = t["orig_size"]
-            dets.append({"image_id": rec.image_id, "boxes": (d.boxes.float() / scale).cpu(), "scores": d.scores.float().cpu(),
-                         "labels": d.labels.cpu()})  # fmt: skip
+            dets.append({"image_id": rec.image_id, "boxes": d.boxes, "scores": d.scores, "labels": d.labels})
             gts.append({"image_id": rec.image_id, "boxes": rec.boxes, "labels": rec.labels, "iscrowd": rec.iscrowd,
                         "width": int(w0), "height": int(h0)})  # fmt: skip
     model.train(was_training)
@@ -139,23 +130,38 @@ def evaluate_model(model: RetinaNet, dataset: DetectionDataset, output: Path | N
 
 # ----------------------------------------------------------------------------------------------------------------
 def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True) -> dict[str, Any]:
-    """Train as `cfg` says: saves config.yaml, log.jsonl, tb/, last.pt, training_curves.png (and evaluation
-    results, when there is a validation set) in cfg.train.output_dir."""
+    """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and
+    evaluation results, when there is a validation set) in cfg.train.output_dir.
+
+    Everything that can be checked is checked before anything is written: the config, every image file, the
+    checkpoint to resume from, the device and precision. The model is built after seeding, so that a run is a
+    function of its config and seed."""
     init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
     out = Path(cfg.train.output_dir)
-    train_set = build_dataset(cfg.data, "train", train_mode=True)
+    train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
     cfg.model = _categories_config(cfg.model, train_set)
-    val_set = _val_dataset(cfg.data, train_set.categories) if evaluate else None
-    save_run_config(cfg, out / "config.yaml")
+    val_set = _val_dataset(cfg.data, cfg.model, train_set.categories) if evaluate else None
+    if resume is not None:
+        load_checkpoint(resume)  # a missing or unreadable checkpoint stops the run here, not after setup
+    _, amp = resolve_device_and_amp(cfg.train)
+    workers, workers_warning = cfg.train.workers()
+    torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
     model = build_from_config(cfg.model)
     per_process = cfg.train.batch_size // max(_world(), 1)
-    loader = make_loader(train_set, per_process, shuffle=True, num_workers=cfg.train.num_workers,
+    loader = make_loader(train_set, per_process, shuffle=True, num_workers=workers,
                          seed=cfg.train.seed, distributed=_world() > 1, drop_last=True)  # fmt: skip
+    if _rank() == 0:  # the run will start: now its folder is written
+        save_run_config(cfg, out / "config.yaml")
+        for line in [_summary(cfg, train_set, val_set, amp, workers), workers_warning]:
+            if line:
+                print(line, flush=True)
+                write_note(out, line)
+
     def evaluate(m, iteration):  # on the main process only
         if _rank() != 0:
             return {}
         base = m.module if hasattr(m, "module") else m
-        return evaluate_model(base, val_set, out / "eval", amp=cfg.train.amp).to_dict()
+        return evaluate_model(base, val_set, out / "eval", amp=amp).to_dict()
 
     t0 = time.perf_counter()
     result = train(model, loader, cfg.train, out, eval_fn=evaluate if val_set is not None else None, resume=resume)
@@ -166,9 +172,23 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     return result
 
 
-def _val_dataset(data: DataConfig, categories: list[dict[str, Any]]) -> DetectionDataset | None:
+def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, amp: str,
+             workers: int) -> str:  # fmt: skip
+    """One line saying what the run will do."""
+    t, m = cfg.train, cfg.model
+    epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
+    val = f", {len(val_set)} validation images" if val_set is not None else ", no validation set"
+    sizes = "" if m.training_sizes == (m.min_size,) else f" (training: drawn from {list(m.training_sizes)})"
+    return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
+            f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs; images resized to shorter "
+            f"side {m.min_size}, longer at most {m.max_size}{sizes}; {cfg.preset} {m.backbone}; lr {t.lr:g} "
+            f"({t.optimizer}), {t.schedule().describe()}; device {t.device}, amp {amp}, {workers} data workers; "
+            f"output {t.output_dir}")  # fmt: skip
+
+
+def _val_dataset(data: DataConfig, model: ModelConfig, categories: list[dict[str, Any]]) -> DetectionDataset | None:
     if data.format == "synthetic" or (data.format == "voc" and data.root) or data.val_annotations:
-        return build_dataset(data, "val", train_mode=False, categories=categories)
+        return build_dataset(data, model, "val", train_mode=False, categories=categories)
     return None
 
 
@@ -180,11 +200,14 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def run_eval(checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "cpu") -> CocoMetrics:
-    model = load_model(checkpoint, map_location=device).to(device)
-    data = apply_overrides(data, {"eval_min_size": model.config.min_size, "max_size": model.config.max_size})
+def run_eval(
+    checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "cpu", **model_overrides: Any
+) -> CocoMetrics:
+    """COCO metrics of a checkpoint on the validation data of `data`, resized as the checkpoint's model config says
+    (or with model_overrides such as min_size, max_size): the same numbers as the training run's own evaluation."""
+    model = load_model(checkpoint, map_location=device, **model_overrides).to(device)
     known = categories_of(model) if model.config.class_names else None
-    dataset = build_dataset(data, "val", train_mode=False, categories=known)
+    dataset = build_dataset(data, model.config, "val", train_mode=False, categories=known)
     ids = tuple(c["id"] for c in dataset.categories)
     if model.config.category_ids and ids != tuple(model.config.category_ids):
         raise ValueError(f"{checkpoint}: the model was trained on category ids {list(model.config.category_ids)} "
@@ -212,62 +235,43 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """float [3, H, W] in [0, 1]; a ValueError naming the file for a missing, corrupt or truncated image."""
-    try:
-        with Image.open(path) as im:
-            return pil_to_tensor(im.convert("RGB")).float() / 255
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"{path}: cannot read the image ({exc})") from None
-
-
 def run_detect(
     inputs: Sequence[str | Path], output: str | Path, checkpoint: str | Path | None = None,
     torchvision_weights: str | None = None, score_thresh: float = 0.3, device: str = "cpu",
+    min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Detect objects in image files with a checkpoint of ours or torchvision's COCO weights by name; writes an
-    annotated PNG per image and detections.json (per file: box XYXY pixels, score, label, category_id, name)."""
+    """Detect objects in image files with a checkpoint of ours (resized as it was evaluated, or by min_size /
+    max_size) or torchvision's COCO weights by name; writes an annotated PNG per image and detections.json (per
+    file: box XYXY pixels, score, label, category_id, name). An unreadable file stops the run naming it, or with
+    skip_bad is reported and skipped."""
     if (checkpoint is None) == (torchvision_weights is None):
         raise ValueError("give either a checkpoint or torchvision weights by name")
+    sizes = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
     if checkpoint is not None:
-        model = load_model(checkpoint, map_location=device)
+        model = load_model(checkpoint, map_location=device, **sizes)
         categories = categories_of(model)
     else:
         from retinanet.interop import load_torchvision_coco
 
-        model, categories = load_torchvision_coco(torchvision_weights)
-    model.to(device).eval()
-    names = [c["name"] for c in categories]
+        model, categories = load_torchvision_coco(torchvision_weights, **sizes)
+    predictor = Predictor(model, categories, device=device, score_thresh=score_thresh)
     out = Path(output)
     results = []
-    # our checkpoints see the resize they were trained and evaluated with (the data transforms); torchvision's
-    # models keep their own internal resize, so that their detections stay torchvision's
-    resize = eval_transforms(model.config.min_size, model.config.max_size) if checkpoint is not None else None
     for path in image_files(inputs):
-        image = read_image(path)
-        d = _predict_file(model, image, resize, device)
-        keep = d.scores >= score_thresh
-        boxes, scores, labels = d.boxes[keep].cpu(), d.scores[keep].cpu(), d.labels[keep].cpu()
-        save_detections_image(out / f"{path.stem}.png", image, boxes, scores, labels, names)
-        results.append({"file": str(path), "detections": [
-            {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(lab),
-             "category_id": categories[int(lab)]["id"], "name": names[int(lab)]}
-            for b, s, lab in zip(boxes, scores, labels)
-        ]})  # fmt: skip
+        try:
+            image = read_image(path)
+        except ValueError as exc:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipped: {exc}", stacklevel=2)
+            continue
+        (found,) = predictor.predict_tensors([image], [str(path)])
+        save_detections_image(out / f"{path.stem}.png", image.float() / 255, found.boxes, found.scores,
+                              found.labels, predictor.class_names)  # fmt: skip
+        results.append({"file": str(path), "detections": found.to_dicts()})
     out.mkdir(parents=True, exist_ok=True)
     (out / "detections.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def _predict_file(model: RetinaNet, image: torch.Tensor, resize, device: str):
-    """Detections of one [3, H, W] image in its own pixels."""
-    if resize is None:
-        return model.predict([image.to(device)])[0]
-    resized = resize(tv_tensors.Image(image)).as_subclass(torch.Tensor)
-    d = model.predict([resized.to(device)], resize=False)[0]
-    sy, sx = resized.shape[-2] / image.shape[-2], resized.shape[-1] / image.shape[-1]
-    scale = torch.tensor([sx, sy, sx, sy], device=d.boxes.device)
-    return type(d)(d.boxes / scale, d.scores, d.labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,10 +280,9 @@ def demo_config(output: str | Path = "runs/demo", **train_overrides: Any) -> Run
     from retinanet.config import model_config
     from retinanet.train_config import train_config
 
-    size = 128  # a multiple of the batch padding (128): no pixel is wasted
+    size = 128  # the synthetic images' own size: no resizing
     data = DataConfig(format="synthetic", synthetic_image_size=size, synthetic_train_images=3000,
-                      synthetic_val_images=200, synthetic_cache=True, train_min_sizes=(size,), max_size=size,
-                      eval_min_size=size)  # fmt: skip
+                      synthetic_val_images=200, synthetic_cache=True)  # fmt: skip
     train_cfg = train_config(**{
         "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "warmup_iters": 100, "warmup_factor": 0.01,
         "max_iters": 1600, "steps": (1300, 1500), "batch_size": 8, "grad_clip": 10.0, "amp": "none",
@@ -297,7 +300,7 @@ def run_demo(output: str | Path = "runs/demo", **train_overrides: Any) -> dict[s
     out = Path(output)
     result = run_train(cfg, evaluate=False)
     model = result["model"].eval()
-    val_set = build_dataset(cfg.data, "val", train_mode=False)
+    val_set = build_dataset(cfg.data, cfg.model, "val", train_mode=False)
     metrics = evaluate_model(model, val_set, out / "eval", amp=cfg.train.amp)
     _draw_examples(model, val_set, out / "val_images", n=8)
     summary = {k: getattr(metrics, k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}

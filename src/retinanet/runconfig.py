@@ -5,7 +5,8 @@
     train: {max_iters: 1000, lr: 0.01, ...}                              # TrainConfig
 
 Command-line overrides use dotted keys: `--set model.gamma=1.0 train.max_iters=200`; values are read as YAML.
-An unknown key anywhere is a ValueError that names it.
+An unknown key anywhere is a ValueError that names it and where it came from: the file, or the command line.
+Image sizes are the model's (model.min_size, model.max_size, model.train_min_sizes), not the data's.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ from typing import Any
 
 import yaml
 
-from retinanet.config import ModelConfig, apply_overrides, config_to_dict, model_config
+from retinanet.config import Checked, ModelConfig, apply_overrides, config_to_dict, model_config
 from retinanet.train_config import TrainConfig
 
-__all__ = ["DataConfig", "RunConfig", "load_run_config", "save_run_config", "parse_overrides"]
+__all__ = ["DataConfig", "RunConfig", "load_run_config", "save_run_config", "parse_overrides", "run_config_from_dict"]
 
 FORMATS = ("synthetic", "coco", "voc", "csv")
 
 
 @dataclass
-class DataConfig:
-    """Where the images and boxes come from, and how they are resized.
+class DataConfig(Checked):
+    """Where the images and boxes come from (their sizes in training and evaluation are the model's: ModelConfig).
 
     coco: train_images + train_annotations (val_images + val_annotations); voc: root + train_split (val_split);
     csv: train_annotations (+ classes) and val_annotations; synthetic: no paths.
     """
+
+    WHERE = "data config"
 
     format: str = "synthetic"
     root: str | None = None  # VOC root (JPEGImages/, Annotations/, ImageSets/Main/)
@@ -47,17 +50,25 @@ class DataConfig:
     synthetic_image_size: int = 192
     synthetic_seed: int = 0
     synthetic_cache: bool = False  # keep drawn training images in memory (worth it when epochs repeat)
-    # transforms: training sizes of the shorter side (one is picked per image: several = multi-scale jitter; the
-    # paper trains at 800 with horizontal flips), cap on the longer side, evaluation size
-    train_min_sizes: tuple[int, ...] = (800,)
-    max_size: int = 1333
-    eval_min_size: int = 800
-    flip_prob: float = 0.5
+    flip_prob: float = 0.5  # horizontal flips in training (the paper's only augmentation)
     skip_bad: bool = False
 
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"data config: format {self.format!r} is not one of {FORMATS}")
+    def problems(self) -> list[str]:
+        out = [] if self.format in FORMATS else [f"format = {self.format!r} is not one of {list(FORMATS)}"]
+        if not 0 <= self.flip_prob <= 1:
+            out.append(f"flip_prob = {self.flip_prob} must be in [0, 1]")
+        if self.synthetic_image_size < 32:
+            out.append(f"synthetic_image_size = {self.synthetic_image_size} must be at least 32")
+        return out
+
+
+# keys that moved, with where they live now: an old config gets told, not just "unknown key"
+MOVED = {
+    ("data", "train_min_sizes"): "model.train_min_sizes",
+    ("data", "max_size"): "model.max_size",
+    ("data", "eval_min_size"): "model.min_size",
+    ("train", "channels_last"): "model.memory_format (auto, channels_last or contiguous)",
+}
 
 
 @dataclass
@@ -77,19 +88,43 @@ class RunConfig:
 
 def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     """A RunConfig from {"model": {...}, "data": {...}, "train": {...}}; missing sections take defaults."""
+    return _apply(RunConfig(), _sections(data, where), where)
+
+
+def _sections(data: Any, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping with model, data and train sections")
     unknown = sorted(set(data) - {"model", "data", "train"})
     if unknown:
         raise ValueError(f"{where}: unknown section(s) {unknown}; valid sections are ['data', 'model', 'train']")
-    model = dict(data.get("model") or {})
-    preset = model.pop("preset", "retinanet_r50_fpn")
-    return RunConfig(
-        preset=preset,
-        model=model_config(preset, **model) if model else model_config(preset),
-        data=apply_overrides(DataConfig(), data.get("data") or {}, f"{where}: data"),
-        train=apply_overrides(TrainConfig(), data.get("train") or {}, f"{where}: train"),
-    )
+    out = {}
+    for name in ("model", "data", "train"):
+        section = data.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{where}: section {name!r} must be a mapping of keys to values, got {section!r}")
+        for key in section:
+            if (name, key) in MOVED:
+                raise ValueError(f"{where}: {name}.{key} has moved to {MOVED[name, key]} (image sizes and fast "
+                                 "paths belong to the model, and travel with its checkpoints)")
+        out[name] = dict(section)
+    return out
+
+
+def _apply(base: RunConfig, sections: dict[str, dict[str, Any]], where: str) -> RunConfig:
+    """`base` with the sections' values applied; errors name `where` and the section."""
+    model = dict(sections.get("model", {}))
+    preset = model.pop("preset", None)
+    cfg = RunConfig(base.preset, base.model, base.data, base.train)
+    if preset is not None:  # a preset replaces the model settings given so far, then this source's keys apply
+        cfg.preset = preset
+        cfg.model = model_config(preset, where=f"{where}: model")
+    if model:
+        cfg.model = apply_overrides(cfg.model, model, f"{where}: model")
+    if sections.get("data"):
+        cfg.data = apply_overrides(cfg.data, sections["data"], f"{where}: data")
+    if sections.get("train"):
+        cfg.train = apply_overrides(cfg.train, sections["train"], f"{where}: train")
+    return cfg
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -99,32 +134,32 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.max_iters=100")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
-    return out
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for section, values in overrides.items():
-        out.setdefault(section, {}).update(values)
+            raise ValueError(f"command line: --set {item!r}: expected section.key=value, e.g. train.max_iters=100")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value  # a value YAML cannot read is taken as a string, which the key's type check judges
+        out.setdefault(section, {})[name] = parsed
     return out
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """A RunConfig from a YAML file (or the defaults) plus dotted command-line overrides."""
-    data: dict[str, Any] = {}
-    where = "command line"
+    """A RunConfig from a YAML file (or the defaults) plus dotted command-line overrides. Each source's errors name
+    it: the file's keys the file, --set's keys the command line."""
+    cfg = RunConfig()
     if path is not None:
         path = Path(path)
-        where = str(path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    return run_config_from_dict(merge(data, parse_overrides(overrides or [])), where)
+        cfg = _apply(cfg, _sections(data, str(path)), str(path))
+    if overrides:
+        where = "command line (--set)"
+        cfg = _apply(cfg, _sections(parse_overrides(overrides), where), where)
+    return cfg
 
 
 def save_run_config(config: RunConfig, path: str | Path) -> Path:

@@ -183,6 +183,21 @@ class DetectionDataset(torch.utils.data.Dataset):
         """Original category id -> contiguous label 0..K-1."""
         return {int(c["id"]): label for label, c in enumerate(self.categories)}
 
+    def check_files(self) -> "DetectionDataset":
+        """Check that every image file exists, before training starts (a stat per file; decoding stays lazy, in
+        __getitem__). A missing file raises DatasetError naming it and its index, or with skip_bad its image is
+        dropped with a warning."""
+        missing = [i for i, r in enumerate(self.records) if r.path is not None and not r.path.is_file()]
+        if not missing:
+            return self
+        report_bad([f"{self.records[i].where} (dataset index {i}): image file not found: {self.records[i].path}"
+                    for i in missing], self.skip_bad)  # fmt: skip
+        gone = set(missing)
+        self.records = [r for i, r in enumerate(self.records) if i not in gone]
+        if not self.records:
+            raise DatasetError(f"none of the {len(gone)} image files of the dataset exists")
+        return self
+
     def load_image(self, index: int) -> Image.Image:
         """The RGB PIL image of record `index`; raises DatasetError if it is missing or does not decode."""
         record = self.records[index]

@@ -60,8 +60,9 @@ def _parse_categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
         raise DatasetError(f"{path}: 'categories' must be a non-empty list of {{'id': int, 'name': str}}")
     categories = []
     for k, cat in enumerate(data["categories"]):
-        _require_keys(path, cat, ("id", "name"), f"category {k}")
-        categories.append({"id": _int(path, f"category {k}", "id", cat["id"]), "name": str(cat["name"])})
+        _require_keys(path, cat, ("id", "name"), f"category entry {k} of 'categories'")
+        categories.append({"id": _int(path, f"category entry {k} of 'categories'", "id", cat["id"]),
+                           "name": str(cat["name"])})  # fmt: skip
     ids = [c["id"] for c in categories]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{path}: duplicate category ids in {sorted(ids)}")
@@ -73,36 +74,46 @@ def _parse_images(path: Path, data: dict[str, Any]) -> dict[int, dict[str, Any]]
         raise DatasetError(f"{path}: 'images' must be a list")
     images: dict[int, dict[str, Any]] = {}
     for k, img in enumerate(data["images"]):
-        _require_keys(path, img, ("id", "file_name", "width", "height"), f"image {k}")
-        image_id = _int(path, f"image {k}", "id", img["id"])
+        name = f"image entry {k} of 'images'"
+        _require_keys(path, img, ("id", "file_name", "width", "height"), name)
+        image_id = _int(path, name, "id", img["id"])
+        name = f"image id {image_id} '{img['file_name']}' (entry {k} of 'images')"
         if image_id in images:
-            raise DatasetError(f"{path}: image {k} ('{img['file_name']}'): duplicate image id {image_id}")
+            raise DatasetError(f"{path}: {name}: duplicate image id {image_id}")
         images[image_id] = {"index": k, "file_name": str(img["file_name"]),
-                            "width": _int(path, f"image {k}", "width", img["width"]),
-                            "height": _int(path, f"image {k}", "height", img["height"]), "anns": []}
+                            "width": _int(path, name, "width", img["width"]),
+                            "height": _int(path, name, "height", img["height"]), "anns": []}
     return images
+
+
+def _annotation_name(j: int, ann: Any) -> str:
+    """How messages name annotation j: by its own id, and its position in the file's 'annotations' list."""
+    if isinstance(ann, dict) and "id" in ann:
+        return f"annotation id {ann['id']!r} (entry {j} of 'annotations')"
+    return f"annotation entry {j} of 'annotations'"
 
 
 def _parse_annotation(
     path: Path, j: int, ann: Any, images: dict[int, Any], cat_to_label: dict[int, int]
 ) -> tuple[int | None, str | None]:
     """Attach annotation j to its image; return (image_id, problem) where problem makes the image bad."""
-    _require_keys(path, ann, ("image_id", "category_id", "bbox"), f"annotation {j}")
-    image_id = _int(path, f"annotation {j}", "image_id", ann["image_id"])
+    name = _annotation_name(j, ann)
+    _require_keys(path, ann, ("image_id", "category_id", "bbox"), name)
+    image_id = _int(path, name, "image_id", ann["image_id"])
     if image_id not in images:
-        return None, f"{path}: annotation {j}: unknown image_id {image_id} (not in 'images')"
+        return None, f"{path}: {name}: unknown image_id {image_id} (not in 'images')"
     img = images[image_id]
-    where = f"{path}: annotation {j} (image {img['index']} id {image_id} '{img['file_name']}')"
+    where = f"{path}: {name}, of image id {image_id} '{img['file_name']}' (entry {img['index']} of 'images')"
     bbox = ann["bbox"]
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
         return image_id, f"{where}: bbox {bbox!r}; expected [x, y, w, h] numbers"
     x, y, w, h = (float(v) for v in bbox)
     if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
         return image_id, f"{where}: bbox [x, y, w, h] = {bbox}: expected w > 0 and h > 0"
-    category_id = _int(path, f"annotation {j}", "category_id", ann["category_id"])
+    category_id = _int(path, name, "category_id", ann["category_id"])
     if category_id not in cat_to_label:
         return image_id, f"{where}: unknown category_id {category_id}; expected one of {sorted(cat_to_label)}"
-    img["anns"].append((j, [x, y, x + w, y + h], cat_to_label[category_id], bool(ann.get("iscrowd", 0))))
+    img["anns"].append((name, [x, y, x + w, y + h], cat_to_label[category_id], bool(ann.get("iscrowd", 0))))
     return image_id, None
 
 
@@ -116,8 +127,8 @@ def _make_record(path: Path, images_dir: Path, image_id: int, img: dict[str, Any
         iscrowd=torch.tensor([a[3] for a in anns], dtype=torch.bool),
         width=img["width"],
         height=img["height"],
-        where=f"{path}: image {img['index']} ('{img['file_name']}')",
-        box_names=[f"annotation {a[0]}" for a in anns],
+        where=f"{path}: image id {image_id} '{img['file_name']}' (entry {img['index']} of 'images')",
+        box_names=[a[0] for a in anns],
     )
 
 

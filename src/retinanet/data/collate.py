@@ -8,6 +8,7 @@ normalisation; `pad_batch` does the same zero-padding for code outside the model
 from __future__ import annotations
 
 import random
+import signal
 from typing import Any, Sequence
 
 import numpy as np
@@ -72,11 +73,14 @@ def pad_batch(images: Sequence[Tensor], size_divisible: int = 128) -> tuple[Tens
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed Python's and NumPy's generators from the worker's torch seed.
+    """DataLoader worker_init_fn: seed Python's and NumPy's generators from the worker's torch seed, and leave
+    Ctrl-C to the main process.
 
     torch seeds each worker from the loader's generator; Python's `random` and NumPy are not, and a transform
-    that used them would repeat the same draws in every worker.
+    that used them would repeat the same draws in every worker. Ctrl-C reaches every process of the terminal's
+    group: a worker killed by it would end the main process's last iteration, which saves a checkpoint.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -6,7 +6,8 @@ with the boxes. The output image is float32 in [0, 1]: normalisation by the Imag
 model, so that the data pipeline holds no backbone-specific constants and drawn images look like images.
 
 Only resizing and horizontal flips are used (the paper's augmentation), so boxes map back to the original image
-by the per-axis scale that `collate_detection` records.
+by the per-axis scale that `collate_detection` records. The sizes are the model's (ModelConfig.min_size,
+max_size, train_min_sizes) and the rule is `retinanet.resize`'s, the model's own.
 """
 
 from __future__ import annotations
@@ -18,16 +19,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
+from retinanet.resize import resized_size
+
 __all__ = ["ResizeShortLong", "eval_transforms", "resized_size", "train_transforms"]
-
-
-def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """The (h, w) that brings the shorter side to min_size unless the longer side would pass max_size.
-
-    scale = min(min_size / short side, max_size / long side); each side is rounded to the nearest pixel.
-    """
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 class ResizeShortLong(v2.Transform):
