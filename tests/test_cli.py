@@ -24,7 +24,7 @@ def _train(tmp_path: Path, *extra: str) -> int:
 
 
 def test_train_eval_detect_end_to_end(tmp_path, capsys):
-    assert _train(tmp_path) == 0
+    assert _train(tmp_path, "model.score_thresh=0.0") == 0  # every image gets detections to compare
     run = tmp_path / "run"
     for name in ("last.pt", "log.jsonl", "config.yaml", "training_curves.png", "eval/metrics.json"):
         assert (run / name).exists(), name
@@ -40,6 +40,14 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "VOC_mAP50", "per_class_ap"} <= set(metrics)
     assert (tmp_path / "ev" / "detections.json").exists() and (tmp_path / "ev" / "pr_curves.png").exists()
+    # the checkpoint carries the image size: `retinanet eval` of it gives exactly the training run's own numbers
+    assert metrics == json.loads((run / "eval" / "metrics.json").read_text())
+    detections = (tmp_path / "ev" / "detections.json").read_text()
+    assert len(json.loads(detections)) == 4 * 100 and detections == (run / "eval" / "detections.json").read_text()
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev2"),
+                 "--min-size", "96", "--max-size", "96"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "ev2" / "detections.json").read_text()) != json.loads(
+        (tmp_path / "ev" / "detections.json").read_text())  # another size, other detections
 
     images = tmp_path / "images"
     images.mkdir()
@@ -58,6 +66,11 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out)]) == 2
     assert "broken.png" in _error(capsys)
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
+                     "--skip-bad"]) == 0  # fmt: skip
+    result = json.loads((out / "detections.json").read_text())
+    assert [Path(r["file"]).name for r in result] == ["img0.png", "img1.png"]
     assert main(["detect", str(tmp_path / "nothing.png"), "--checkpoint", str(run / "last.pt")]) == 2
     assert "nothing.png" in _error(capsys)
 
@@ -231,3 +244,95 @@ def test_bad_image_found_in_a_loader_worker_gives_one_line(tmp_path, capsys):
     err = _error(capsys)
     errors = [line for line in err.splitlines() if line.startswith("retinanet:")]  # the rest is the progress bar
     assert len(errors) == 1 and "b.png" in errors[0] and "Original Traceback" not in err
+
+
+def _losses(folder: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k.startswith("loss")}
+            for x in (folder / "log.jsonl").read_text().splitlines() if '"loss"' in x]  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_fresh_runs_with_the_same_seed_give_the_same_losses_from_the_first_iteration(tmp_path, workers):
+    for name in ("a", "b"):
+        assert main(["train", "--set", *TINY, f"train.num_workers={workers}", f"train.output_dir={tmp_path / name}"]) == 0
+    first, second = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(first) == 3 and first == second
+    assert main(["train", "--set", *TINY, "train.seed=1", f"train.output_dir={tmp_path / 'c'}"]) == 0
+    assert _losses(tmp_path / "c")[0] != first[0]  # the seed matters from the first iteration
+
+
+def test_the_run_says_what_it_will_do_and_where_its_schedule_was_fitted(tmp_path, capsys):
+    assert _train(tmp_path, "train.warmup_iters=50") == 0
+    out = capsys.readouterr()
+    line = next(x for x in out.out.splitlines() if x.startswith("run: "))
+    for part in ("8 training images (synthetic, 5 classes)", "4 validation images", "3 iterations of 2 images",
+                 "0.8 epochs", "shorter side 64", "lr 0.001", "device cpu", "amp none", "0 data workers"):
+        assert part in line, part
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert line in log and "warmup_iters 50 is more than a fifth of max_iters 3" in log and "fast paths:" in log
+
+
+@pytest.mark.parametrize("problem", ["missing image", "bad setting", "missing checkpoint"])
+def test_problems_are_found_before_anything_is_written(tmp_path, capsys, problem):
+    run = tmp_path / "run"
+    if problem == "missing image":
+        data = _coco_files(tmp_path, [_box(1, 1, [10, 10, 20, 20]), _box(2, 2, [5, 5, 30, 30])])
+        (tmp_path / "imgs" / "b.png").unlink()
+        assert _train_coco(tmp_path, data) == 2
+        assert "b.png" in _error(capsys)
+    elif problem == "bad setting":
+        assert _train(tmp_path, "model.cls_loss=focall") == 2
+        assert "cls_loss = 'focall' is not one of" in _error(capsys)
+    else:
+        assert _train(tmp_path, "--resume", str(tmp_path / "gone.pt")) == 2
+        assert "gone.pt" in _error(capsys)
+    assert not run.exists()  # no config.yaml, no log: the run never started
+
+
+def test_offline_downloads_end_in_one_line(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api as api
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    assert _train(tmp_path, "model.backbone=resnet18", "model.backbone_weights=imagenet") == 2
+    err = _error(capsys)
+    assert "could not download the ImageNet weights of resnet18 from https://" in err
+    assert "model.backbone_weights to that file's path" in err and len(err.strip().splitlines()) == 1
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["detect", str(image), "--torchvision", "retinanet_resnet50_fpn"]) == 2
+    err = _error(capsys)
+    assert "could not download torchvision's retinanet_resnet50_fpn COCO weights" in err
+    assert "retinanet detect --torchvision retinanet_resnet50_fpn_coco-" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    """`retinanet train` in its own process, interrupted by SIGINT as a terminal's Ctrl-C would."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "--set", *TINY, "train.max_iters=2000", "train.checkpoint_every=1000", f"train.output_dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "retinanet.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "log.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [x for x in err.splitlines() if x.startswith("retinanet: interrupted")]
+    assert len(lines) == 1 and "Traceback" not in err
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert 0 < ckpt["iteration"] < 2000 and f"after iteration {ckpt['iteration']}" in lines[0]
+    assert f"--resume {run / 'last.pt'}" in lines[0]
