@@ -75,18 +75,14 @@ def peak_extra_cuda_bytes(fn: Callable[[], object]) -> int:
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The CPU by model and capability (what decides which kernels run: AVX-512 or AVX2, native bf16 or not), the
+    GPU if any, Python and torch."""
+    from retinanet.fastpath import cpu_info
+
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
+        f"{cpu_info().describe()}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
     )
 
 

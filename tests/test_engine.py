@@ -119,6 +119,17 @@ def test_lr_factor_paper_schedule():
     assert lr_factor(5, warmup_iters=10, warmup_factor=0.5, steps=(3,)) == pytest.approx(0.1 * 0.75)
 
 
+def test_lr_factor_cosine_schedule():
+    cosine = dict(warmup_iters=10, warmup_factor=0.1, steps=(), cosine_iters=110)
+    assert lr_factor(0, **cosine) == pytest.approx(0.1)
+    assert lr_factor(5, **cosine) == pytest.approx(0.55)  # the warm-up ramp, with no decay yet
+    assert lr_factor(10, **cosine) == pytest.approx(1.0)
+    assert lr_factor(60, **cosine) == pytest.approx(0.5)
+    assert lr_factor(110, **cosine) == pytest.approx(0.0, abs=1e-12)
+    plan = train_config(max_iters=110, warmup_iters=10, lr_schedule="cosine").schedule()
+    assert plan.steps == () and "cosine" in plan.describe()
+
+
 def test_scheduler_drives_optimizer_lr():
     cfg = train_config(lr=0.02, warmup_iters=4, warmup_factor=0.25, steps=(6,))
     optimizer = build_optimizer(nn.Linear(2, 2), cfg)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import random
 import signal
@@ -171,6 +172,7 @@ def train(
                     raise TrainingInterrupted(it, out / "last.pt")
     finally:
         bar.close()
+        log.note(f"fast paths used: {fastpath.summary()}", echo=False)  # classes met after the first batch too
         log.close()
     return {"iteration": max(start, cfg.max_iters), "losses": values, "metrics": metrics, "checkpoint": out / "last.pt"}
 
@@ -243,10 +245,18 @@ def _to_device(batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.d
 # optimiser and learning-rate schedule
 
 
-def lr_factor(iteration: int, warmup_iters: int, warmup_factor: float, steps: tuple[int, ...]) -> float:
+def lr_factor(
+    iteration: int, warmup_iters: int, warmup_factor: float, steps: tuple[int, ...], cosine_iters: int | None = None
+) -> float:
     """The multiplier of the base lr at 0-based `iteration`: linear warm-up from warmup_factor to 1 over
-    warmup_iters, times 0.1 for each step already passed (iteration >= step), as Detectron's WarmupMultiStepLR."""
-    decay = 0.1 ** bisect.bisect_right(steps, iteration)
+    warmup_iters, then either times 0.1 for each step already passed (iteration >= step), as Detectron's
+    WarmupMultiStepLR, or, with cosine_iters (the run's length), a cosine decay from 1 to 0 over the iterations
+    after the warm-up."""
+    if cosine_iters is not None:
+        progress = min(max(iteration - warmup_iters, 0) / max(cosine_iters - warmup_iters, 1), 1.0)
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 0.1 ** bisect.bisect_right(steps, iteration)
     if iteration >= warmup_iters:
         return decay
     alpha = iteration / warmup_iters
@@ -258,8 +268,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Lambd
     resolved, warm-up fitted to the run); call .step() once per iteration, after optimizer.step()."""
     plan = cfg.schedule()
     schedule = functools.partial(
-        lr_factor, warmup_iters=plan.warmup_iters, warmup_factor=cfg.warmup_factor, steps=plan.steps
-    )
+        lr_factor, warmup_iters=plan.warmup_iters, warmup_factor=cfg.warmup_factor, steps=plan.steps,
+        cosine_iters=cfg.max_iters if cfg.lr_schedule == "cosine" else None,
+    )  # fmt: skip
     return LambdaLR(optimizer, schedule)
 
 
@@ -603,11 +614,12 @@ class RunLog:
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=start + 1)
 
-    def note(self, text: str) -> None:
-        """Print a line (above the progress bar) and keep it in train.log."""
+    def note(self, text: str, echo: bool = True) -> None:
+        """Keep a line in train.log and (echo) print it above the progress bar."""
         if not self.enabled:
             return
-        tqdm.write(text)
+        if echo:
+            tqdm.write(text)
         write_note(self.path.parent, text)
 
     def write(self, iteration: int, values: Mapping[str, Any]) -> None:

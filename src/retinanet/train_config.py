@@ -39,8 +39,9 @@ class TrainConfig(Checked):
     warmup_iters: int = 500
     warmup_factor: float = 1.0 / 3  # the lr rises linearly from lr * warmup_factor to lr over warmup_iters
     # after these the lr is divided by 10: iterations, or below 1 fractions of max_iters (the paper's 60k and 80k
-    # of 90k)
+    # of 90k); lr_schedule "cosine" instead decays the lr from its value to 0 along a half cosine after the warm-up
     steps: tuple[float, ...] = (2 / 3, 8 / 9)
+    lr_schedule: str = "step"
     max_iters: int = 90_000
     batch_size: int = 16  # images per iteration, summed over all processes
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
@@ -62,6 +63,8 @@ class TrainConfig(Checked):
             out.append(f"optimizer = {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
         if self.amp not in AMP_MODES:
             out.append(f"amp = {self.amp!r} is not one of {list(AMP_MODES)}")
+        if self.lr_schedule not in ("step", "cosine"):
+            out.append(f"lr_schedule = {self.lr_schedule!r} is not one of ['step', 'cosine']")
         for name in ("max_iters", "log_every", "checkpoint_every", "batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -108,12 +111,15 @@ class Schedule:
     warmup_iters: int
     steps: tuple[int, ...]
     warnings: tuple[str, ...]
+    cosine: bool = False
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> "Schedule":
         warnings = []
         steps = tuple(round(s * cfg.max_iters) if s < 1 else int(s) for s in cfg.steps)
         late = [s for s, given in zip(steps, cfg.steps) if given >= 1 and s >= cfg.max_iters]
+        if cfg.lr_schedule == "cosine":
+            steps, late = (), []
         if late:
             warnings.append(f"lr steps {late} are at or after max_iters {cfg.max_iters}: the lr never decays there; "
                             "give steps as fractions of max_iters, e.g. [0.667, 0.889]")  # fmt: skip
@@ -123,9 +129,11 @@ class Schedule:
             warnings.append(f"warmup_iters {warmup} is more than a fifth of max_iters {cfg.max_iters}: the warm-up "
                             f"is shortened to {longest} iterations")  # fmt: skip
             warmup = longest
-        return cls(warmup, steps, tuple(warnings))
+        return cls(warmup, steps, tuple(warnings), cfg.lr_schedule == "cosine")
 
     def describe(self) -> str:
+        if self.cosine:
+            return f"warm-up {self.warmup_iters} iterations, then a cosine decay to 0"
         decay = ", ".join(str(s) for s in self.steps) or "never"
         return f"warm-up {self.warmup_iters} iterations, lr / 10 after iterations {decay}"
 
