@@ -117,8 +117,13 @@ def agreement(reference, other, iou: float = 0.9) -> float:
 FIXED = [(layout, algo) for layout in ("channels_last", "contiguous") for algo in ("direct", "winograd")]
 
 
+# torchvision's setup for a pretrained backbone (frozen BatchNorm, three trainable stages), without the download
+PRETRAINED_SETUP = {"backbone_norm": "frozen_bn", "freeze_at": 2}
+
+
 def ours(size: int, device: str, state: dict | None, **overrides):
-    model = build_model("retinanet_r50_fpn", num_classes=80, min_size=size, max_size=size, **overrides).to(device)
+    model = build_model("retinanet_r50_fpn", num_classes=80, min_size=size, max_size=size, **PRETRAINED_SETUP,
+                        **overrides).to(device)  # fmt: skip
     if state is not None:
         model.load_state_dict(state)
     spread_scores(model)
@@ -235,7 +240,8 @@ def paper_scale(repeats: int, batch: int = 16, height: int = 800, width: int = 1
         torch.manual_seed(0)
         tv = torchvision_model(80, height).to(dev)
         tv.transform.max_size = width
-        ours_model = build_model("retinanet_r50_fpn", num_classes=80, min_size=height, max_size=width).to(dev)
+        ours_model = build_model("retinanet_r50_fpn", num_classes=80, min_size=height, max_size=width,
+                                 **PRETRAINED_SETUP).to(dev)  # fmt: skip
         fastpath.tune(ours_model, images, targets)
         autocast = lambda dtype=dtype: torch.autocast("cuda", dtype=dtype)  # noqa: E731
         steps = [_amp_train_step(m, images, targets, is_ours, autocast, amp == "fp16")
@@ -291,7 +297,8 @@ def dense_scene(dev: str, repeats: int) -> str:
     for name in ("retinanet", "torchvision RetinaNet"):
         torch.manual_seed(0)
         if name == "retinanet":
-            model = build_model("retinanet_r50_fpn", num_classes=80, min_size=1024, max_size=1024).to(dev).train()
+            model = build_model("retinanet_r50_fpn", num_classes=80, min_size=1024, max_size=1024,
+                                **PRETRAINED_SETUP).to(dev).train()  # fmt: skip
         else:
             model = torchvision_model(80, 1024).to(dev).train()
         result = []

@@ -57,3 +57,21 @@ def test_from_dict_rejects_unknown_keys_naming_where():
         ModelConfig.from_dict({"bogus": 1}, where="my.yaml")
     with pytest.raises(ValueError, match="bogus"):
         apply_overrides(ModelConfig(), {"bogus": 1})
+
+
+def test_auto_backbone_norm_follows_the_weights(tmp_path):
+    import torch
+    import torchvision
+
+    from retinanet import build_model
+
+    scratch = build_model("retinanet_r18_fpn", num_classes=2)
+    assert (scratch.config.backbone_norm, scratch.config.freeze_at) == ("bn", 0)  # frozen random BN normalises nothing
+    assert isinstance(scratch.backbone.bn1, torch.nn.BatchNorm2d) and scratch.backbone.conv1.weight.requires_grad
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    pretrained = build_model("retinanet_r18_fpn", num_classes=2, backbone_weights=str(path))
+    assert (pretrained.config.backbone_norm, pretrained.config.freeze_at) == ("frozen_bn", 2)
+    assert not pretrained.backbone.layer1[0].conv1.weight.requires_grad
+    forced = build_model("retinanet_r18_fpn", num_classes=2, backbone_norm="frozen_bn", freeze_at=1)
+    assert (forced.config.backbone_norm, forced.config.freeze_at) == ("frozen_bn", 1)

@@ -25,7 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # the settings that take one of a few values (None where the field may also be None)
 CHOICES: dict[str, tuple] = {
     "backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext101_32x8d"),
-    "backbone_norm": ("frozen_bn", "bn"),
+    "backbone_norm": ("auto", "frozen_bn", "bn"),
     "conv_algorithm": ("auto", "direct", "winograd"),
     "memory_format": ("auto", "channels_last", "contiguous"),
     "p6_from": ("c5", "p5"),
@@ -33,7 +33,10 @@ CHOICES: dict[str, tuple] = {
     "cls_loss": ("focal", "focal_star", "ce", "balanced_ce", "ohem"),
     "box_loss": ("smooth_l1", "l1", "giou"),
     "normalizer": ("positives", "ema"),
+    "init_classes": ("reinit", "match"),
 }
+# the torchvision detectors whose COCO weights `init_from: torchvision:NAME` downloads
+TORCHVISION_DETECTORS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
 
 
 class Checked:
@@ -66,9 +69,18 @@ class ModelConfig(Checked):
     # backbone
     backbone: str = "resnet50"
     backbone_weights: str | None = None  # None, "imagenet" (torchvision download) or a local state-dict path
-    backbone_norm: str = "frozen_bn"  # "frozen_bn" | "bn"
+    # a whole detector to start from (retinanet.pretrained): a checkpoint of ours, a torchvision RetinaNet state-dict
+    # file (v1 or v2), or "torchvision:retinanet_resnet50_fpn[_v2]" (COCO weights, downloaded once). With other
+    # classes the last classification layer starts again from the prior: init_classes "reinit" for all of them,
+    # "match" keeps the rows of the classes whose names the source has
+    init_from: str | None = None
+    init_classes: str = "reinit"
+    # "frozen_bn" (the paper, for ImageNet-initialised backbones), "bn" (trainable) or "auto": frozen_bn when the
+    # backbone starts from pretrained weights, bn from scratch, where frozen statistics of a random network
+    # normalise nothing and training diverges (resolved() writes the choice into the config a checkpoint keeps)
+    backbone_norm: str = "auto"
     frozen_bn_eps: float = 1e-5
-    freeze_at: int = 2  # stem + layer1 frozen (Detectron)
+    freeze_at: int | None = None  # 2: stem + layer1 frozen (Detectron, pretrained); None: 2 pretrained, 0 from scratch
     fold_frozen_bn: bool = True  # frozen BatchNorm folded into the convolutions (faster; same function up to rounding)
     # fast paths that depend on the machine (retinanet.fastpath): "auto" measures which is faster here, once per
     # machine and shape class. 3x3 convolutions: "auto", "direct" (torch's) or "winograd" (retinanet.winograd);
@@ -133,6 +145,19 @@ class ModelConfig(Checked):
         return apply_overrides(cls(), data, where)
 
     @property
+    def pretrained(self) -> bool:
+        """Whether the weights start from elsewhere: an ImageNet backbone or a detector to initialise from."""
+        return self.backbone_weights not in (None, "none") or bool(getattr(self, "init_from", None))
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with the "auto" settings that shape the modules made concrete: backbone_norm and freeze_at follow
+        from whether the weights are pretrained. The model keeps (and a checkpoint saves) this copy, so that
+        rebuilding it from a checkpoint gives the same modules."""
+        norm = self.backbone_norm if self.backbone_norm != "auto" else ("frozen_bn" if self.pretrained else "bn")
+        freeze_at = self.freeze_at if self.freeze_at is not None else (2 if self.pretrained else 0)
+        return dataclasses.replace(self, backbone_norm=norm, freeze_at=freeze_at)
+
+    @property
     def training_sizes(self) -> tuple[int, ...]:
         """The shorter sides drawn from in training: train_min_sizes, or min_size alone."""
         return tuple(self.train_min_sizes) or (self.min_size,)
@@ -147,7 +172,8 @@ class ModelConfig(Checked):
              f"has {len(self.class_names)} names for {self.num_classes} classes"),
             ("category_ids", not self.category_ids or len(self.category_ids) == self.num_classes,
              f"has {len(self.category_ids)} ids for {self.num_classes} classes"),
-            ("freeze_at", 0 <= self.freeze_at <= 5, "must be in 0..5"),
+            ("freeze_at", self.freeze_at is None or (isinstance(self.freeze_at, int) and 0 <= self.freeze_at <= 5),
+             "must be in 0..5 (or None: 2 with pretrained weights, 0 from scratch)"),
             ("prior_prob", 0 < self.prior_prob < 1, "must be in (0, 1)"),
             ("fg_iou", 0 < self.bg_iou <= self.fg_iou <= 1, f"needs 0 < bg_iou ({self.bg_iou}) <= fg_iou <= 1"),
             ("alpha", self.alpha < 0 or self.alpha <= 1, "must be in [0, 1] (or negative: no weighting)"),
@@ -168,6 +194,16 @@ class ModelConfig(Checked):
         weights = self.backbone_weights
         if weights not in (None, "none", "imagenet") and not Path(weights).is_file():
             out.append(f"backbone_weights: file not found: {weights} (expected None, 'imagenet' or a state-dict file)")
+        source = self.init_from
+        if source is not None and not isinstance(source, str):
+            out.append(f"init_from = {source!r} is not a string (a file or torchvision:NAME)")
+        elif source is not None and source.startswith("torchvision:"):
+            if source.partition(":")[2] not in TORCHVISION_DETECTORS:
+                out.append(f"init_from: unknown torchvision detector {source!r}; expected one of "
+                           f"{['torchvision:' + n for n in TORCHVISION_DETECTORS]}")  # fmt: skip
+        elif source is not None and not Path(source).is_file():
+            out.append(f"init_from: file not found: {source} (expected a checkpoint, a torchvision RetinaNet "
+                       "state-dict file or torchvision:retinanet_resnet50_fpn[_v2])")  # fmt: skip
         return out
 
 

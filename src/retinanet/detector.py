@@ -315,8 +315,9 @@ def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
 
 def build_from_config(cfg: ModelConfig) -> RetinaNet:
     """The single builder: a ModelConfig -> modules -> RetinaNet. Memory format "auto" starts as channels-last
-    until `retinanet.fastpath.tune` measures which is faster on the machine."""
-    cfg.check()
+    until `retinanet.fastpath.tune` measures which is faster on the machine; "auto" backbone norm and freezing
+    follow from whether the backbone is pretrained (ModelConfig.resolved)."""
+    cfg = cfg.check().resolved()
     backbone = build_backbone(
         cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at, cfg.fold_frozen_bn
     )
