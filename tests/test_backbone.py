@@ -255,3 +255,17 @@ def test_folded_backbone_under_inference_mode():
     with torch.inference_mode():
         built_inside = _frozen_bn_body()  # buffers that are inference tensors
         torch.testing.assert_close(built_inside(x)[-1], first)
+
+
+def test_a_narrower_backbone_halves_every_stage(tmp_path):
+    body = build_backbone("resnet18", norm="bn", freeze_at=0, width=32)
+    assert body.out_channels == (64, 128, 256)
+    feats = body(torch.rand(1, 3, 64, 96))
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 8, 12), (128, 4, 6), (256, 2, 3)]
+    full = build_backbone("resnet18", norm="bn", freeze_at=0)
+    ratio = sum(p.numel() for p in body.parameters()) / sum(p.numel() for p in full.parameters())
+    assert 0.2 < ratio < 0.3  # a quarter of the weights: every convolution has half the channels in and out
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="width 64 only"):
+        build_backbone("resnet18", weights=str(path), width=32)

@@ -166,6 +166,27 @@ def _load_local_weights(resnet: ResNet, path: str | Path) -> None:
         raise ValueError(f"backbone weights {path} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def _with_width(resnet: ResNet, width: int) -> ResNet:
+    """The same architecture with `width` channels in the stem and the first stage, doubling per stage (torchvision
+    builds 64): a narrower network for training from scratch on small data, or on a small budget. Initialised as
+    torchvision initialises its ResNets."""
+    block = type(resnet.layer1[0])
+    depths = [len(stage) for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)]
+    resnet.inplanes, resnet.dilation = width, 1
+    resnet.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    resnet.bn1 = resnet._norm_layer(width)
+    for i, depth in enumerate(depths):
+        setattr(resnet, f"layer{i + 1}", resnet._make_layer(block, width * 2**i, depth, stride=1 if i == 0 else 2))
+    resnet.fc = nn.Linear(width * 8 * block.expansion, resnet.fc.out_features)
+    for m in resnet.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return resnet
+
+
 def build_backbone(
     name: str = "resnet50",
     weights: str | None = None,
@@ -173,6 +194,7 @@ def build_backbone(
     frozen_bn_eps: float = 1e-5,
     freeze_at: int = 2,
     fold_frozen_bn: bool = True,
+    width: int | None = None,
 ) -> ResNetBody:
     """A ResNet body.
 
@@ -184,6 +206,8 @@ def build_backbone(
         frozen_bn_eps: eps of the frozen BatchNorm (torchvision's published RetinaNet v1 weights use 0).
         freeze_at: see `ResNetBody.freeze`.
         fold_frozen_bn: compute each (conv, frozen BN) pair as one convolution (see `ResNetBody.forward`).
+        width: channels of the stem and first stage (doubling per stage); None: the architecture's 64. Only from
+            scratch: published weights are for 64.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
@@ -194,6 +218,11 @@ def build_backbone(
     if weights == "imagenet" and imagenet is None:
         raise ValueError(f"no published ImageNet weights for {name}")
     resnet = ctor(weights=None, norm_layer=norm_layer) if name != "resnet10" else ctor(norm_layer=norm_layer)
+    if width not in (None, 64):
+        if weights not in (None, "none"):
+            raise ValueError(f"backbone_width {width}: pretrained {name} weights exist for width 64 only")
+        resnet = _with_width(resnet, width)
+        channels = tuple(c * width // 64 for c in channels)
     if weights == "imagenet":
         state = fetch_state_dict(imagenet, f"the ImageNet weights of {name}",
                                  "set model.backbone_weights to that file's path")  # fmt: skip

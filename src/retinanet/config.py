@@ -79,6 +79,7 @@ class ModelConfig(Checked):
     # backbone starts from pretrained weights, bn from scratch, where frozen statistics of a random network
     # normalise nothing and training diverges (resolved() writes the choice into the config a checkpoint keeps)
     backbone_norm: str = "auto"
+    backbone_width: int | None = None  # channels of the stem and first stage, doubling per stage; None: 64
     frozen_bn_eps: float = 1e-5
     freeze_at: int | None = None  # 2: stem + layer1 frozen (Detectron, pretrained); None: 2 pretrained, 0 from scratch
     fold_frozen_bn: bool = True  # frozen BatchNorm folded into the convolutions (faster; same function up to rounding)
@@ -172,6 +173,9 @@ class ModelConfig(Checked):
              f"has {len(self.class_names)} names for {self.num_classes} classes"),
             ("category_ids", not self.category_ids or len(self.category_ids) == self.num_classes,
              f"has {len(self.category_ids)} ids for {self.num_classes} classes"),
+            ("backbone_width", self.backbone_width is None or (isinstance(self.backbone_width, int)
+                                and self.backbone_width >= 8 and self.backbone_width % 8 == 0),
+             "must be a multiple of 8 (or None: the architecture's 64)"),
             ("freeze_at", self.freeze_at is None or (isinstance(self.freeze_at, int) and 0 <= self.freeze_at <= 5),
              "must be in 0..5 (or None: 2 with pretrained weights, 0 from scratch)"),
             ("prior_prob", 0 < self.prior_prob < 1, "must be in (0, 1)"),

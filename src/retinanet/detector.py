@@ -319,7 +319,8 @@ def build_from_config(cfg: ModelConfig) -> RetinaNet:
     follow from whether the backbone is pretrained (ModelConfig.resolved)."""
     cfg = cfg.check().resolved()
     backbone = build_backbone(
-        cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at, cfg.fold_frozen_bn
+        cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at, cfg.fold_frozen_bn,
+        cfg.backbone_width,
     )
     fpn = FPN(backbone.out_channels, cfg.fpn_channels, cfg.p6_from)
     anchors = _anchor_generator(cfg)
