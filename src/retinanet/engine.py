@@ -135,6 +135,7 @@ def train(
         log.note(f"warning: {warning}")
     log.note(f"fast paths: {fastpath.summary()}; amp {amp}")
     bar = tqdm(total=cfg.max_iters, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    t_start, t_eval = time.perf_counter(), 0.0
     values: dict[str, float] = {}
     metrics: dict[str, Any] = {}
     try:
@@ -163,7 +164,9 @@ def train(
                     log.write(it, {**values, "lr": lr, "time": time.perf_counter() - tic, "data_time": data_time})
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, lr=f"{lr:.3g}")
                 if eval_fn is not None and ((cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.max_iters):
+                    t_eval -= time.perf_counter()
                     metrics = _evaluate(model, eval_fn, it)
+                    t_eval += time.perf_counter()
                     log.write(it, {f"eval/{k}": v for k, v in metrics.items()})
                 if it % cfg.checkpoint_every == 0 or it == cfg.max_iters or stopping:
                     _checkpoint(out, model, optimizer, scheduler, scaler, it, cfg, stream, rank, world)
@@ -172,6 +175,9 @@ def train(
                     raise TrainingInterrupted(it, out / "last.pt")
     finally:
         bar.close()
+        seconds = time.perf_counter() - t_start - t_eval
+        log.note(f"trained iterations {start + 1}..{int(bar.n)} in {seconds:.1f} s "
+                 f"(evaluation not counted: {t_eval:.1f} s)", echo=False)  # fmt: skip
         log.note(f"fast paths used: {fastpath.summary()}", echo=False)  # classes met after the first batch too
         log.close()
     return {"iteration": max(start, cfg.max_iters), "losses": values, "metrics": metrics, "checkpoint": out / "last.pt"}
@@ -441,8 +447,8 @@ def load_model(path: str | Path, map_location: str | torch.device | None = "cpu"
     checkpoint = load_checkpoint(path, map_location)
     if checkpoint["model_config"] is None:
         raise ValueError(f"{path}: the checkpoint holds no model_config to build the model from")
-    # the weights come from the checkpoint: the files the model was initialised from are not needed again
-    saved = {**checkpoint["model_config"], "backbone_weights": None}
+    # the weights come from the checkpoint: the files (or downloads) the model was initialised from are not needed
+    saved = {**checkpoint["model_config"], "backbone_weights": None, "init_from": None}
     config = ModelConfig.from_dict(saved, where=f"{path}: model_config")
     model = build_from_config(apply_overrides(config, overrides, "model overrides"))
     model.load_state_dict(checkpoint["model"])
