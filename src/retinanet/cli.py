@@ -5,6 +5,10 @@
     retinanet detect --checkpoint runs/x/last.pt images/ photo.jpg --output runs/x/detect
     retinanet detect --torchvision retinanet_resnet50_fpn photo.jpg --output out/
     retinanet demo [--output runs/demo]
+    retinanet analyze loss-curves --output docs/figures       (Figures 1, 5, 6 of the paper: PNG and CSV)
+    retinanet analyze examples --p 0.95 0.05 0.99 0.01         (CE, balanced CE and FL at each p)
+    retinanet analyze loss-cdf --checkpoint runs/x/last.pt --config run.yaml --output runs/x/loss_cdf  (Figure 4)
+    retinanet ablate --grid a b d --config run.yaml --output runs/ablate   (Tables 1 and 3: a grid of runs)
 
 Bad input (a missing or corrupt image, a bad box, an unknown category, a malformed file or config key, a download
 that fails offline) ends the command with one line naming the file and the index, and exit status 2; a non-finite
@@ -56,7 +60,38 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="train the small preset on synthetic shapes, evaluate, draw (a few minutes)")
     m.add_argument("--output", default="runs/demo")
     m.add_argument("--set", nargs="*", default=[], metavar="train.KEY=VALUE", help="override the demo's training")
+    _analysis_parsers(sub)
     return p
+
+
+def _analysis_parsers(sub) -> None:
+    a = sub.add_parser("analyze", help="the paper's analysis: loss curves, worked examples, loss distribution")
+    what = a.add_subparsers(dest="analysis", required=True)
+    c = what.add_parser("loss-curves", help="Figures 1, 5 and 6: FL for several gamma, FL*, derivatives (PNG, CSV)")
+    c.add_argument("--output", default="runs/analysis")
+    c.add_argument("--points", type=int, default=1000, help="points per curve")
+    e = what.add_parser("examples", help="CE, balanced CE and FL of a foreground and a background example")
+    e.add_argument("--p", type=float, nargs="+", default=[0.95, 0.05, 0.99, 0.01],
+                   help="predicted probabilities of the foreground class")  # fmt: skip
+    e.add_argument("--alpha", type=float, default=0.25)
+    e.add_argument("--gamma", type=float, default=2.0)
+    f = what.add_parser("loss-cdf", help="Figure 4: cumulative loss of positive and negative anchors of a model")
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--config", help="run config YAML giving the data section (its validation set is used)")
+    f.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
+    f.add_argument("--output", default="runs/analysis/loss_cdf")
+    f.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--max-images", type=int, help="use only the first N validation images")
+
+    b = sub.add_parser("ablate", help="a grid of training runs, written as the paper's ablation tables")
+    b.add_argument("--grid", nargs="+", required=True, help="grid YAML files, or shipped grids by name: "
+                   "a, b, b_alpha, c, d, e, fl_star, prior")  # fmt: skip
+    b.add_argument("--config", help="base run config YAML (default: the shipped ablation base, small CPU runs)")
+    b.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override the base config")
+    b.add_argument("--output", default="runs/ablate")
+    b.add_argument("--cells", nargs="+", metavar="NAME", help="run only these cells (the tables show all)")
 
 
 def _size_options(p: argparse.ArgumentParser) -> None:
@@ -92,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         n = sum(len(r["detections"]) for r in results)
         print(f"{n} detections in {len(results)} images; annotated images and detections.json in {args.output}")
         return 0
+    if args.command in ("analyze", "ablate"):
+        return _run_analysis(args)
     overrides = parse_overrides(args.set)
     unknown = sorted(set(overrides) - {"train"})
     if unknown:
@@ -104,8 +141,41 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_analysis(args: argparse.Namespace) -> int:
+    from retinanet.analysis import ablate, curves, grids, loss_cdf
+    from retinanet.engine import TrainingInterrupted
+    from retinanet.runconfig import load_run_config
+
+    if args.command == "ablate":
+        config = args.config or grids.shipped_file("base.yaml")
+        base = load_run_config(config, args.set)
+        try:
+            outcome = ablate.run_grids([grids.load_grid(g) for g in args.grid], base, args.output, str(config),
+                                       ["retinanet", *args.argv], args.cells)  # fmt: skip
+        except TrainingInterrupted as exc:  # the cell resumes from its checkpoint when the grid runs again
+            print(f"retinanet: {exc}; continue with the same command", file=sys.stderr)
+            return 130
+        print(f"ablate: ran {len(outcome['ran'])} cells, {len(outcome['done'])} were done, "
+              f"{len(outcome['held'])} run by other processes; tables in {args.output}")  # fmt: skip
+        return 0
+    if args.analysis == "loss-curves":
+        for path in curves.write_loss_curves(args.output, args.points):
+            print(path)
+        return 0
+    if args.analysis == "examples":
+        print(curves.examples_table(curves.loss_examples(args.p, args.alpha, args.gamma), args.alpha, args.gamma))
+        return 0
+    cfg = load_run_config(args.config, args.set)
+    result = loss_cdf.run_loss_cdf(args.checkpoint, cfg.data, args.output, args.gammas, args.device,
+                                   args.batch_size, args.max_images)  # fmt: skip
+    print(loss_cdf.describe(result))
+    print(f"written to {args.output}: loss_cdf.png, loss_cdf.csv, loss_cdf.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # the command as typed, for the tables' footers
     from retinanet.engine import NonFiniteLossError, TrainingInterrupted
 
     try:

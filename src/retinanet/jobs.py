@@ -57,7 +57,9 @@ def build_dataset(
         n = data.synthetic_train_images if is_train else data.synthetic_val_images
         size = (data.synthetic_image_size, data.synthetic_image_size)
         return SyntheticShapes(split, num_images=n, image_size=size, seed=data.synthetic_seed, transforms=tf,
-                               cache=data.synthetic_cache and is_train)
+                               cache=data.synthetic_cache and is_train, max_objects=data.synthetic_max_objects,
+                               min_size=data.synthetic_min_object_size,
+                               max_size_frac=data.synthetic_max_object_frac)  # fmt: skip
     images = data.train_images if is_train else data.val_images
     annotations = data.train_annotations if is_train else data.val_annotations
     if fmt == "coco":

@@ -50,6 +50,12 @@ class DataConfig(Checked):
     synthetic_image_size: int = 192
     synthetic_seed: int = 0
     synthetic_cache: bool = False  # keep drawn training images in memory (worth it when epochs repeat)
+    # how crowded and how small (the ablations' harder set: many small objects, closer to COCO's imbalance): 1 to
+    # synthetic_max_objects objects per image, extents from synthetic_min_object_size px to
+    # synthetic_max_object_frac of the image side; the defaults are SyntheticShapes' own
+    synthetic_max_objects: int = 6
+    synthetic_min_object_size: int = 12
+    synthetic_max_object_frac: float = 0.8
     flip_prob: float = 0.5  # horizontal flips in training (the paper's only augmentation)
     skip_bad: bool = False
 
@@ -59,6 +65,11 @@ class DataConfig(Checked):
             out.append(f"flip_prob = {self.flip_prob} must be in [0, 1]")
         if self.synthetic_image_size < 32:
             out.append(f"synthetic_image_size = {self.synthetic_image_size} must be at least 32")
+        if self.synthetic_max_objects < 1 or self.synthetic_min_object_size < 2:
+            out.append(f"synthetic_max_objects must be >= 1 and synthetic_min_object_size >= 2, got "
+                       f"{self.synthetic_max_objects} and {self.synthetic_min_object_size}")  # fmt: skip
+        if not 0 < self.synthetic_max_object_frac <= 1:
+            out.append(f"synthetic_max_object_frac = {self.synthetic_max_object_frac} must be in (0, 1]")
         return out
 
 
@@ -86,9 +97,10 @@ class RunConfig:
         }
 
 
-def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
-    """A RunConfig from {"model": {...}, "data": {...}, "train": {...}}; missing sections take defaults."""
-    return _apply(RunConfig(), _sections(data, where), where)
+def run_config_from_dict(data: dict[str, Any], where: str = "config", base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from {"model": {...}, "data": {...}, "train": {...}}: the values given applied to `base` (default:
+    the defaults), so that missing keys keep base's values. Errors name `where`."""
+    return _apply(base or RunConfig(), _sections(data, where), where)
 
 
 def _sections(data: Any, where: str) -> dict[str, dict[str, Any]]:
