@@ -1,9 +1,11 @@
-"""The `retinanet` command: train, eval, detect, demo.
+"""The `retinanet` command: train, eval, detect, export, demo.
 
     retinanet train --config run.yaml --set train.max_iters=2000 model.gamma=1.0 [--resume runs/x/last.pt]
     retinanet eval --checkpoint runs/x/last.pt --config run.yaml --output runs/x/eval
     retinanet detect --checkpoint runs/x/last.pt images/ photo.jpg --output runs/x/detect
     retinanet detect --torchvision retinanet_resnet50_fpn photo.jpg --output out/
+    retinanet detect --onnx model.onnx "scans/*.tif" list.txt --tile 800 --overlap 0.2 --csv [--engine openvino]
+    retinanet export --checkpoint runs/x/last.pt --output model.onnx [--opset 18] [--image-size H W | --dynamic]
     retinanet demo [--output runs/demo]
     retinanet analyze loss-curves --output docs/figures       (Figures 1, 5, 6 of the paper: PNG and CSV)
     retinanet analyze examples --p 0.95 0.05 0.99 0.01         (CE, balanced CE and FL at each p)
@@ -45,17 +47,41 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true")
     _size_options(e)
 
-    d = sub.add_parser("detect", help="detect objects in images or folders; writes annotated images and JSON")
-    d.add_argument("inputs", nargs="+", help="image files or folders")
+    d = sub.add_parser("detect", help="detect objects in images, folders, globs or list files; writes JSON (COCO "
+                       "results too), annotated images, optionally CSV")
+    d.add_argument("inputs", nargs="+", help="image files, folders, glob patterns or list files (.txt, one path a line)")
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by `retinanet train`")
     src.add_argument("--torchvision", help="torchvision's COCO weights by name, retinanet_resnet50_fpn[_v2] "
                      "(downloaded once), or a downloaded checkpoint file of either")
+    src.add_argument("--onnx", help="a model written by `retinanet export`, run by --engine")
+    d.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="what runs --onnx (openvino: pip install 'retinanet[openvino]')")
     d.add_argument("--output", default="runs/detect")
     d.add_argument("--score-thresh", type=float, default=0.3)
     d.add_argument("--device", default="cpu")
     d.add_argument("--skip-bad", action="store_true", help="report unreadable images by name and go on")
+    d.add_argument("--tile", type=int, help="detect in tiles of TILE x TILE px, merged across tile borders (large "
+                   "images)")
+    d.add_argument("--overlap", type=float, default=0.2, help="share of a tile that neighbouring tiles overlap")
+    d.add_argument("--batch-size", type=int, default=4, help="images (or tiles) per forward pass")
+    d.add_argument("--workers", type=int, default=2, help="processes decoding and resizing images (0: none)")
+    d.add_argument("--csv", action="store_true", help="also write detections.csv in keras-retinanet's layout")
+    d.add_argument("--no-draw", action="store_true", help="write no annotated images")
     _size_options(d)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (detections decoded and NMS'd in the graph), "
+                       "checked against PyTorch with ONNX Runtime")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--output", required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or later")
+    size = x.add_mutually_exclusive_group()
+    size.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="a fixed padded input size "
+                      "(multiples of 32)")
+    size.add_argument("--dynamic", action="store_true", help="any input size (the default)")
+    x.add_argument("--check-images", nargs="*", default=None, help="images for the parity check (default: two "
+                   "synthetic images)")
+    _size_options(x)
 
     m = sub.add_parser("demo", help="train the small preset on synthetic shapes, evaluate, draw (a few minutes)")
     m.add_argument("--output", default="runs/demo")
@@ -123,9 +149,20 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "detect":
         results = jobs.run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh,
-                                  args.device, skip_bad=args.skip_bad, **_sizes(args))  # fmt: skip
+                                  args.device, skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine,
+                                  tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+                                  workers=args.workers, csv_file=args.csv, draw=not args.no_draw,
+                                  **_sizes(args))  # fmt: skip
         n = sum(len(r["detections"]) for r in results)
-        print(f"{n} detections in {len(results)} images; annotated images and detections.json in {args.output}")
+        print(f"{n} detections in {len(results)} images; detections.json, results.json (COCO) in {args.output}")
+        return 0
+    if args.command == "export":
+        report = jobs.run_export(args.checkpoint, args.output, args.opset, args.image_size, args.check_images,
+                                 **_sizes(args))  # fmt: skip
+        print(report.describe())
+        if not report.ok:
+            raise ValueError(f"{args.output}: the exported model's detections differ from PyTorch's (above)")
+        print(f"exported to {args.output}; ONNX checker passed, detections as PyTorch's")
         return 0
     if args.command in ("analyze", "ablate"):
         return _run_analysis(args)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -30,14 +29,16 @@ from retinanet.data import (
 from retinanet.detector import RetinaNet, build_from_config
 from retinanet.engine import init_distributed, load_checkpoint, load_model, resolve_device_and_amp, train, write_note
 from retinanet.evaluate import CocoMetrics, evaluate_coco, evaluate_voc, plot_pr_curves, save_coco_results
-from retinanet.predictor import Predictor, categories_of, detect_resized, read_image
+from retinanet.inference import image_files, run_inference
+from retinanet.predictor import Predictor, categories_of, detect_resized
 from retinanet.runconfig import DataConfig, RunConfig, save_run_config
 from retinanet.visualize import plot_training_curves, save_detections_image
 
-__all__ = ["build_dataset", "run_train", "evaluate_model", "run_eval", "run_detect", "demo_config", "run_demo",
-           "categories_of"]  # fmt: skip
+if TYPE_CHECKING:  # export needs onnx at run time, only when exporting
+    from retinanet.export import ExportReport
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+__all__ = ["build_dataset", "run_train", "evaluate_model", "run_eval", "run_detect", "run_export", "demo_config",
+           "run_demo", "categories_of"]  # fmt: skip
 
 
 def build_dataset(
@@ -227,58 +228,54 @@ def run_eval(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def image_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (non-recursively, sorted) in the folders given."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise ValueError(f"input not found: {item}")
-    if not files:
-        raise ValueError(f"no images found in {[str(i) for i in inputs]}")
-    return files
-
-
 def run_detect(
     inputs: Sequence[str | Path], output: str | Path, checkpoint: str | Path | None = None,
     torchvision_weights: str | None = None, score_thresh: float = 0.3, device: str = "cpu",
-    min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False,
+    min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False, onnx: str | Path | None = None,
+    engine: str = "onnxruntime", tile: int | None = None, overlap: float = 0.2, batch_size: int = 4,
+    workers: int = 0, csv_file: bool = False, draw: bool = True,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Detect objects in image files with a checkpoint of ours (resized as it was evaluated, or by min_size /
-    max_size) or torchvision's COCO weights by name; writes an annotated PNG per image and detections.json (per
-    file: box XYXY pixels, score, label, category_id, name). An unreadable file stops the run naming it, or with
-    skip_bad is reported and skipped."""
-    if (checkpoint is None) == (torchvision_weights is None):
-        raise ValueError("give either a checkpoint or torchvision weights by name")
+    """Detect objects in image files, folders, globs and list files (retinanet.inference) with a checkpoint of ours
+    (resized as it was evaluated, or by min_size / max_size), torchvision's COCO weights by name, or an exported
+    ONNX file run by `engine`; in tiles of `tile` px when it is given. Writes an annotated PNG per image,
+    detections.json (every image: box XYXY pixels, score, label, category_id, name), results.json (COCO results)
+    and with csv_file detections.csv. An unreadable file stops the run naming it, or with skip_bad is reported and
+    skipped. Returns the records of detections.json."""
+    if sum(x is not None for x in (checkpoint, torchvision_weights, onnx)) != 1:
+        raise ValueError("give one of: a checkpoint, torchvision weights by name, an ONNX file")
+    files = image_files(inputs)
     sizes = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
-    if checkpoint is not None:
+    options = {"score_thresh": score_thresh, "tile": tile, "overlap": overlap, "batch_size": batch_size}
+    if onnx is not None:
+        from retinanet.export import OnnxPredictor
+
+        predictor: Predictor = OnnxPredictor(onnx, engine, **sizes, **options)
+    elif checkpoint is not None:
         model = load_model(checkpoint, map_location=device, **sizes)
-        categories = categories_of(model)
+        predictor = Predictor(model, categories_of(model), device=device, **options)
     else:
         from retinanet.interop import load_torchvision_coco
 
         model, categories = load_torchvision_coco(torchvision_weights, **sizes)
-    predictor = Predictor(model, categories, device=device, score_thresh=score_thresh)
-    out = Path(output)
-    results = []
-    for path in image_files(inputs):
-        try:
-            image = read_image(path)
-        except ValueError as exc:
-            if not skip_bad:
-                raise
-            warnings.warn(f"skipped: {exc}", stacklevel=2)
-            continue
-        (found,) = predictor.predict_tensors([image], [str(path)])
-        save_detections_image(out / f"{path.stem}.png", image.float() / 255, found.boxes, found.scores,
-                              found.labels, predictor.class_names)  # fmt: skip
-        results.append({"file": str(path), "detections": found.to_dicts()})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detections.json").write_text(json.dumps(results, indent=1))
-    return results
+        predictor = Predictor(model, categories, device=device, **options)
+    result = run_inference(predictor, files, output, batch_size, workers, skip_bad, csv_file, draw)
+    return result.records
+
+
+def run_export(
+    checkpoint: str | Path, output: str | Path, opset: int = 18, image_size: Sequence[int] | None = None,
+    check_images: Sequence[str | Path] | None = None, **model_overrides: Any,
+) -> ExportReport:  # fmt: skip
+    """Export a checkpoint to ONNX (retinanet.export: dynamic size, or the fixed padded `image_size` (H, W)) and
+    check the file: onnx.checker, and ONNX Runtime's detections against PyTorch's on `check_images` (default: two
+    synthetic images of two sizes), each alone and both in one batch. Returns the export.ExportReport."""
+    from retinanet.export import export_onnx, verify_export
+    from retinanet.predictor import read_image
+
+    model = load_model(checkpoint, map_location="cpu", **model_overrides)
+    images = [read_image(p) for p in check_images] if check_images else None  # bad files stop us before exporting
+    export_onnx(model, output, opset, tuple(image_size) if image_size else None)
+    return verify_export(model, output, images)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,26 +8,34 @@
 Images are resized exactly as evaluation resizes them: the model's min_size and max_size, by `eval_transforms`
 on the decoded pixels, as the evaluation dataset does; then predicted `batch_size` at a time, and the boxes mapped
 back to each image's pixels. `retinanet detect` and `retinanet eval` run through the same code (`detect_resized`).
+
+Large images: `load(..., tile=800, overlap=0.2)` detects in overlapping tiles merged across tile borders
+(retinanet.tiling). Other engines (ONNX Runtime, OpenVINO: retinanet.export.OnnxPredictor) subclass Predictor and
+replace `detect_prepared` alone, so that they resize, tile and name classes exactly as it does.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision import tv_tensors
 
 from retinanet import fastpath
+from retinanet.config import ModelConfig
 from retinanet.data.transforms import eval_transforms
 from retinanet.detector import RetinaNet
 from retinanet.postprocess import Detections
+from retinanet.tiling import detect_tiled, tile_windows
 
-__all__ = ["Prediction", "Predictor", "load", "detect_resized", "read_image", "categories_of"]
+__all__ = ["Prediction", "Predictor", "load", "detect_resized", "prepare_image", "read_image", "categories_of"]
 
 ImageInput = "str | Path | Image.Image | np.ndarray | Tensor"
 
@@ -62,9 +70,9 @@ class Prediction:
         ]  # fmt: skip
 
 
-def categories_of(model: RetinaNet) -> list[dict[str, Any]]:
-    """The model's categories [{"id", "name"}] by label: those it was trained on, else "0", "1", ..."""
-    cfg = model.config
+def categories_of(model: RetinaNet | ModelConfig) -> list[dict[str, Any]]:
+    """The categories [{"id", "name"}] by label of a model (or its config): those it was trained on, else "0", ..."""
+    cfg = model if isinstance(model, ModelConfig) else model.config
     names = cfg.class_names or tuple(str(i) for i in range(cfg.num_classes))
     ids = cfg.category_ids or tuple(range(cfg.num_classes))
     return [{"id": int(i), "name": n} for i, n in zip(ids, names)]
@@ -101,6 +109,30 @@ def as_image_tensor(image: Any, index: int = 0) -> tuple[Tensor, str | None]:
                      "array or a [3, H, W] tensor")  # fmt: skip
 
 
+def prepare_image(
+    image: Tensor, config: ModelConfig, model_resizes: bool = False
+) -> tuple[Tensor, tuple[float, float]]:
+    """One [3, H, W] image (uint8, or float in [0, 1]) as the network takes it: float [3, h, w] in [0, 1] resized
+    as evaluation resizes (the config's min_size and max_size, by `eval_transforms`), and its (h / H, w / W).
+
+    With resize_antialias False (torchvision's weights) the resize is torchvision's, bilinear without antialiasing:
+    inside the model when model_resizes (eager PyTorch, whose model does it in torchvision's order for torchvision's
+    exact detections; the image is returned unresized, scale (1, 1)), else here (engines that take resized input)."""
+    if image.dtype == torch.uint8 and (model_resizes or not config.resize_antialias):
+        image = image.float() / 255
+    if model_resizes:
+        return image, (1.0, 1.0)
+    if not config.resize_antialias:
+        h, w = image.shape[-2:]
+        scale = min(config.min_size / min(h, w), config.max_size / max(h, w))
+        resized = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                                align_corners=False)[0]  # fmt: skip
+    else:
+        resize = eval_transforms(config.min_size, config.max_size)
+        resized = resize(tv_tensors.Image(image)).as_subclass(Tensor)
+    return resized, (resized.shape[-2] / image.shape[-2], resized.shape[-1] / image.shape[-1])
+
+
 @torch.no_grad()
 def detect_resized(
     model: RetinaNet, images: list[Tensor], scales: Sequence[tuple[float, float]], amp: str = "none"
@@ -125,7 +157,8 @@ class Predictor:
     model: a RetinaNet (put in eval mode and moved to `device`). categories: [{"id", "name"}] by label (default:
     the model's own). batch_size: images per forward pass. amp: "none", or "bf16"/"fp16" autocast (bf16 is refused
     on a CPU without native bf16). score_thresh: the least score returned (default: the model's score_thresh).
-    min_size / max_size: resize settings other than the model's (e.g. a photo with small objects).
+    tile / overlap: detect in tiles of tile x tile px sharing `overlap` of a tile, merged across tile borders
+    (retinanet.tiling), for images much larger than the model's size; None: the whole image at once.
     """
 
     def __init__(
@@ -136,16 +169,27 @@ class Predictor:
         batch_size: int = 4,
         amp: str = "none",
         score_thresh: float | None = None,
+        tile: int | None = None,
+        overlap: float = 0.2,
     ):
         device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(device).eval()
         self.device = device
-        self.categories = categories or categories_of(model)
-        self.batch_size = batch_size
         self.amp = fastpath.choose_amp(amp, device)
-        self.score_thresh = score_thresh if score_thresh is not None else model.config.score_thresh
-        self.resize = eval_transforms(model.config.min_size, model.config.max_size)
         self._tuned = False
+        self._model_resizes = not model.config.resize_antialias  # torchvision's weights: its own resize
+        self._setup(model.config, categories, batch_size, score_thresh, tile, overlap)
+
+    def _setup(self, config: ModelConfig, categories: list[dict[str, Any]] | None, batch_size: int,
+               score_thresh: float | None, tile: int | None, overlap: float) -> None:  # fmt: skip
+        """What every engine's predictor holds: the model's config, its classes, the batch and tile settings."""
+        if tile is not None:
+            tile_windows(tile, tile, tile, overlap)  # checks tile and overlap now, not at the first image
+        self.config = config
+        self.categories = categories or categories_of(config)
+        self.batch_size = batch_size
+        self.score_thresh = score_thresh if score_thresh is not None else config.score_thresh
+        self.tile, self.overlap = tile, overlap
 
     @property
     def class_names(self) -> list[str]:
@@ -168,31 +212,52 @@ class Predictor:
         """Predictions of [3, H, W] uint8 (or float in [0, 1]) tensors, resized as evaluation resizes."""
         thresh = self.score_thresh if score_thresh is None else score_thresh
         sources = sources or [None] * len(images)
-        if not self.model.config.resize_antialias:  # torchvision's weights: its own resize, for its detections
-            floats = [im.float() / 255 if im.dtype == torch.uint8 else im for im in images]
-            with torch.no_grad():
-                dets = [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu())
-                        for d in self.model.predict([f.to(self.device) for f in floats])]  # fmt: skip
-            return [self._prediction(d, image, src, thresh) for d, image, src in zip(dets, images, sources)]
-        resized, scales = [], []
-        for image in images:
-            r = self.resize(tv_tensors.Image(image)).as_subclass(Tensor)
-            resized.append(r)
-            scales.append((r.shape[-2] / image.shape[-2], r.shape[-1] / image.shape[-1]))
-        if not self._tuned:  # the memory layout faster on this machine, for batches like this one
-            fastpath.tune(self.model, [r.to(self.device) for r in resized])
-            self._tuned = True
-        dets = detect_resized(self.model, resized, scales, self.amp)
-        return [self._prediction(d, image, src, thresh) for d, image, src in zip(dets, images, sources)]
+        if self.tile is not None:
+            dets = [detect_tiled(image, self.detect_images, self.tile, self.overlap, self.batch_size, thresh)
+                    for image in images]  # fmt: skip
+        else:
+            dets = self.detect_images(images)
+        return [self.to_prediction(d, tuple(image.shape[-2:]), src, thresh)
+                for d, image, src in zip(dets, images, sources)]  # fmt: skip
 
-    def _prediction(self, d: Detections, image: Tensor, source: str | None, thresh: float) -> Prediction:
-        keep = d.scores >= thresh
+    @property
+    def prepare_fn(self) -> Callable[[Tensor], tuple[Tensor, tuple[float, float]]]:
+        """`prepare` as a small picklable function, for DataLoader workers."""
+        return functools.partial(prepare_image, config=self.config, model_resizes=self._model_resizes)
+
+    def prepare(self, image: Tensor) -> tuple[Tensor, tuple[float, float]]:
+        """The network input of one [3, H, W] image and its scale: `prepare_image` with this model's sizes."""
+        return prepare_image(image, self.config, self._model_resizes)
+
+    def detect_images(self, images: list[Tensor]) -> list[Detections]:
+        """Detections of [3, H, W] images (uint8, or float in [0, 1]) in their own pixels, in one forward pass."""
+        prepared = [self.prepare(image) for image in images]
+        return self.detect_prepared([p for p, _ in prepared], [s for _, s in prepared])
+
+    def detect_prepared(self, images: list[Tensor], scales: Sequence[tuple[float, float]]) -> list[Detections]:
+        """Detections, in original pixels, of images made ready by `prepare` (float [3, h, w]) with their scales:
+        the one step an engine replaces."""
+        if self._model_resizes:
+            with torch.no_grad():
+                return [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu())
+                        for d in self.model.predict([im.to(self.device) for im in images])]  # fmt: skip
+        if not self._tuned:  # the memory layout faster on this machine, for batches like this one
+            fastpath.tune(self.model, [im.to(self.device) for im in images])
+            self._tuned = True
+        return detect_resized(self.model, images, scales, self.amp)
+
+    def to_prediction(
+        self, d: Detections, image_size_hw: tuple[int, int], source: str | None = None, thresh: float | None = None
+    ) -> Prediction:
+        """The Prediction of an image's detections (in its pixels): those scoring at least `thresh` (default: the
+        predictor's score_thresh), with class names and the dataset's category ids."""
+        keep = d.scores >= (self.score_thresh if thresh is None else thresh)
         labels = d.labels[keep]
         return Prediction(
             d.boxes[keep], d.scores[keep], labels,
             names=[self.categories[int(k)]["name"] for k in labels],
             category_ids=[int(self.categories[int(k)]["id"]) for k in labels],
-            image_size=(int(image.shape[-2]), int(image.shape[-1])), source=source,
+            image_size=(int(image_size_hw[0]), int(image_size_hw[1])), source=source,
         )  # fmt: skip
 
 
@@ -204,7 +269,7 @@ def load(
     **kwargs: Any,
 ) -> Predictor:
     """A Predictor of a checkpoint written by `retinanet train`; min_size / max_size override the resize it was
-    trained with; other keyword arguments go to Predictor (batch_size, amp, score_thresh)."""
+    trained with; other keyword arguments go to Predictor (batch_size, amp, score_thresh, tile, overlap)."""
     from retinanet.engine import load_model
 
     overrides = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
