@@ -219,7 +219,7 @@ def test_train_logs_evaluates_and_checkpoints_with_config(tmp_path):
     assert result["iteration"] == 3 and result["metrics"] == {"AP": 1.5}
     log = read_log(tmp_path)
     assert [r["iter"] for r in log] == [2, 2, 3, 3]  # train line then eval line, at log_every and at the end
-    assert set(log[0]) == {"iter", "loss_cls", "loss_box", "loss", "lr", "time", "data_time"}
+    assert set(log[0]) == {"iter", "loss_cls", "loss_box", "loss", "lr", "time", "data_time", "boxes_without_positive"}
     assert log[1] == {"iter": 2, "eval/AP": 1.0}
     assert log[2]["loss"] == pytest.approx(log[2]["loss_cls"] + log[2]["loss_box"])
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())

@@ -17,13 +17,16 @@ from retinanet.losses import (
 __version__ = "0.1.0"
 
 from retinanet.postprocess import Detections  # noqa: E402
+from retinanet.predictor import Predictor, load  # noqa: E402  (retinanet.load("runs/x/last.pt").predict(...))
 
 __all__ = [
     "Detections",
     "ModelConfig",
+    "Predictor",
     "RetinaNet",
     "build_model",
     "from_torchvision",
+    "load",
     "load_torchvision_coco",
     "model_config",
     "binary_cross_entropy",

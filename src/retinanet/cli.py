@@ -7,6 +7,8 @@
     retinanet detect --onnx model.onnx "scans/*.tif" list.txt --tile 800 --overlap 0.2 --csv [--engine openvino]
     retinanet export --checkpoint runs/x/last.pt --output model.onnx [--opset 18] [--image-size H W | --dynamic]
     retinanet demo [--output runs/demo]
+    retinanet anchors --config run.yaml --output runs/anchors [--fit]   (which boxes the anchors miss; anchors that fit)
+    retinanet inspect --config run.yaml --output runs/inspect [--split val] [--augment] [--show-anchors]
     retinanet analyze loss-curves --output docs/figures       (Figures 1, 5, 6 of the paper: PNG and CSV)
     retinanet analyze examples --p 0.95 0.05 0.99 0.01         (CE, balanced CE and FL at each p)
     retinanet analyze loss-cdf --checkpoint runs/x/last.pt --config run.yaml --output runs/x/loss_cdf  (Figure 4)
@@ -87,7 +89,28 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--output", default="runs/demo")
     m.add_argument("--set", nargs="*", default=[], metavar="train.KEY=VALUE", help="override the demo's training")
     _analysis_parsers(sub)
+    _data_parsers(sub)
     return p
+
+
+def _data_parsers(sub) -> None:
+    a = sub.add_parser("anchors", help="how many training boxes get an anchor at IoU >= fg_iou, by size and aspect "
+                       "ratio (JSON, PNG); --fit: anchors that fit the data, as config overrides")  # fmt: skip
+    a.add_argument("--config", help="run config YAML (model and data sections)")
+    a.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
+    a.add_argument("--output", default="runs/anchors")
+    a.add_argument("--fit", action="store_true", help="search anchor sizes, scales and ratios for the most coverage")
+    a.add_argument("--max-anchors", type=int, default=9, help="most anchors per location the fit may use (A)")
+    i = sub.add_parser("inspect", help="images after the transforms with each box coloured by its anchors, and the "
+                       "data's statistics")  # fmt: skip
+    i.add_argument("--config", help="run config YAML (model and data sections)")
+    i.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
+    i.add_argument("--output", default="runs/inspect")
+    i.add_argument("--split", choices=("train", "val"), default="train")
+    i.add_argument("--augment", action="store_true", help="the training transforms: random sizes and flips")
+    i.add_argument("--show-anchors", action="store_true", help="draw each box's positive anchors too")
+    i.add_argument("--limit", type=int, default=64, help="most images drawn (0: all)")
+    i.add_argument("--only-missed", action="store_true", help="draw only images with a box without a positive anchor")
 
 
 def _analysis_parsers(sub) -> None:
@@ -166,6 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("analyze", "ablate"):
         return _run_analysis(args)
+    if args.command in ("anchors", "inspect"):
+        return _run_data_tool(args, jobs, load_run_config(args.config, args.set))
     overrides = parse_overrides(args.set)
     unknown = sorted(set(overrides) - {"train"})
     if unknown:
@@ -176,6 +201,41 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {k:>13}: {v:.4f}" if isinstance(v, float) else f"  {k:>13}: {v}")
     print(f"written to {Path(args.output) / 'metrics.json'}")
     return 0
+
+
+def _run_data_tool(args: argparse.Namespace, jobs, cfg) -> int:
+    import yaml
+
+    if args.command == "anchors":
+        summary = jobs.run_anchors(cfg, args.output, fit=args.fit, max_anchors=args.max_anchors)
+        _print_coverage("anchors", summary)
+        if args.fit:
+            _print_coverage("fitted", summary["fitted"])
+            print(f"the fitted anchors, to paste into the config (also {Path(args.output) / 'anchors_fit.yaml'}):")
+            print(yaml.safe_dump({"model": summary["overrides"]}, sort_keys=False, default_flow_style=None).rstrip())
+        print(f"anchors.json and anchors.png in {args.output} ({summary['seconds']} s)")
+        return 0
+    result = jobs.run_inspect(cfg, args.output, args.split, args.augment, args.show_anchors, args.limit or None,
+                              args.only_missed)  # fmt: skip
+    stats, by_status = result["statistics"], result["boxes_by_status"]
+    print(f"{stats['images']} images ({stats['empty_images']} empty), {stats['boxes']} boxes; drawn: "
+          f"{len(result['images'])} images, boxes with a positive anchor {by_status.get('positive', 0)}, only "
+          f"low-quality {by_status.get('low_quality_only', 0)}, none {by_status.get('no_anchor', 0)}")  # fmt: skip
+    print(f"images/, stats.json, stats.png and inspect.json in {args.output}")
+    return 0
+
+
+def _print_coverage(name: str, summary: dict) -> None:
+    """The coverage overall and by size bucket, as a few lines."""
+    if not summary["boxes"]:
+        print(f"{name}: no boxes")
+        return
+    print(f"{name}: {100 * summary['coverage']:.1f}% of {summary['boxes']} boxes have an anchor at IoU >= "
+          f"{summary['fg_iou']:g}; {100 * summary['low_quality_only']:.1f}% only low-quality matches, "
+          f"{100 * summary['no_anchor']:.1f}% none")  # fmt: skip
+    for row in summary["by_size"] + summary["by_aspect_ratio"]:
+        print(f"  {row['bucket']:>12}: {row['boxes']:>7} boxes, {100 * row['coverage']:5.1f}% covered, "
+              f"{100 * row['no_anchor']:5.1f}% none")  # fmt: skip
 
 
 def _run_analysis(args: argparse.Namespace) -> int:

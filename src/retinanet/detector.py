@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retinanet import losses as L
+from retinanet.anchor_tools import anchor_counts, anchor_generator
 from retinanet.anchors import AnchorGenerator
 from retinanet.backbone import ResNetBody, build_backbone
 from retinanet.boxes import first_invalid_box
@@ -69,6 +70,9 @@ class RetinaNet(nn.Module):
         # detectron2's moving-average loss normaliser (used when config.normalizer == "ema"); saved with the model
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
         self.memory_format = "contiguous"  # build_from_config and fastpath.tune set it
+        # gt boxes of the last loss's batch that no anchor at IoU >= fg_iou was given to: a tensor, read (a host
+        # sync) only when the training loop logs it
+        self.boxes_without_positive: Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -186,7 +190,7 @@ class RetinaNet(nn.Module):
         anchor is matched to: [B, A, 4] float (meaningful where the label is >= 0). Gathers, not boolean indexing:
         no host-device sync per image."""
         cfg = self.config
-        labels, boxes = [], []
+        labels, boxes, uncovered = [], [], []
         for t in targets:
             matched = match_anchors(
                 anchors, t["boxes"], cfg.fg_iou, cfg.bg_iou, cfg.allow_low_quality_matches, t.get("iscrowd")
@@ -195,9 +199,12 @@ class RetinaNet(nn.Module):
                 gt = matched.clamp(min=0)
                 labels.append(torch.where(matched >= 0, t["labels"][gt], matched))
                 boxes.append(t["boxes"][gt].float())
+                uncovered.append(_boxes_without_positive(matched, anchors, t, cfg.fg_iou))
             else:
                 labels.append(matched)
                 boxes.append(anchors.new_zeros((anchors.shape[0], 4), dtype=torch.float32))
+        none = torch.zeros((), dtype=torch.int64, device=anchors.device)
+        self.boxes_without_positive = torch.stack(uncovered).sum() if uncovered else none
         return torch.stack(labels), torch.stack(boxes)
 
     def _normalizer(self, num_pos: Tensor) -> Tensor:
@@ -302,15 +309,12 @@ def _unscale(d: Detections, sy: float, sx: float) -> Detections:
     return Detections(d.boxes * scale, d.scores, d.labels)
 
 
-def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
-    sizes = cfg.anchor_sizes_per_level or tuple(tuple(s * k for k in cfg.anchor_scales) for s in cfg.anchor_sizes)
-    return AnchorGenerator(
-        sizes_per_level=sizes,
-        aspect_ratios=cfg.aspect_ratios,
-        strides=None if cfg.anchor_strides_from_image else (8, 16, 32, 64, 128),
-        offset=cfg.anchor_offset,
-        round_base=cfg.anchor_round_base,
-    )
+def _boxes_without_positive(matched: Tensor, anchors: Tensor, target: dict[str, Tensor], fg_iou: float) -> Tensor:
+    """Scalar int64: the image's non-crowd gt boxes given no anchor at IoU >= fg_iou (anchor_tools' coverage)."""
+    positive, _ = anchor_counts(matched, anchors, target["boxes"], fg_iou)
+    crowd = target.get("iscrowd")
+    missing = positive == 0
+    return (missing & ~crowd.bool()).sum() if crowd is not None else missing.sum()
 
 
 def build_from_config(cfg: ModelConfig) -> RetinaNet:
@@ -323,7 +327,7 @@ def build_from_config(cfg: ModelConfig) -> RetinaNet:
         cfg.backbone_width,
     )
     fpn = FPN(backbone.out_channels, cfg.fpn_channels, cfg.p6_from)
-    anchors = _anchor_generator(cfg)
+    anchors = anchor_generator(cfg)
     head = RetinaNetHead(
         cfg.fpn_channels, anchors.num_anchors_per_location(), cfg.num_classes,
         cfg.head_channels, cfg.head_convs, cfg.head_norm, cfg.prior_prob,

@@ -161,7 +161,8 @@ def train(
                 bar.update()
                 if it % cfg.log_every == 0 or it == cfg.max_iters or stopping:
                     values = {k: v.item() for k, v in losses.items()} | {"loss": total.item()}
-                    log.write(it, {**values, "lr": lr, "time": time.perf_counter() - tic, "data_time": data_time})
+                    log.write(it, {**values, "lr": lr, "time": time.perf_counter() - tic, "data_time": data_time,
+                                   **_coverage_counts(model)})  # fmt: skip
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, lr=f"{lr:.3g}")
                 if eval_fn is not None and ((cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.max_iters):
                     t_eval -= time.perf_counter()
@@ -238,6 +239,13 @@ def _evaluate(model: nn.Module, eval_fn: EvalFn, iteration: int) -> dict[str, An
     finally:
         model.train()
         set_rng_state(state)
+
+
+def _coverage_counts(model: nn.Module) -> dict[str, int]:
+    """{"boxes_without_positive": gt boxes of this process's last batch that no anchor at IoU >= fg_iou was given
+    to} as the model counted them (retinanet.anchor_tools), or {} for a model that does not count."""
+    count = getattr(model, "boxes_without_positive", None)
+    return {} if count is None else {"boxes_without_positive": int(count)}
 
 
 def _to_device(batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.device) -> tuple[list, list]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from retinanet import fastpath
+from retinanet import anchor_tools, fastpath
 from retinanet.config import ModelConfig, apply_overrides
 from retinanet.data import (
     CocoDetection,
@@ -30,7 +30,9 @@ from retinanet.detector import RetinaNet, build_from_config
 from retinanet.engine import init_distributed, load_checkpoint, load_model, resolve_device_and_amp, train, write_note
 from retinanet.evaluate import CocoMetrics, evaluate_coco, evaluate_voc, plot_pr_curves, save_coco_results
 from retinanet.inference import image_files, run_inference
+from retinanet.inspection import inspect_dataset
 from retinanet.predictor import Predictor, categories_of, detect_resized
+from retinanet.pretrained import init_from
 from retinanet.runconfig import DataConfig, RunConfig, save_run_config
 from retinanet.visualize import plot_training_curves, save_detections_image
 
@@ -38,7 +40,7 @@ if TYPE_CHECKING:  # export needs onnx at run time, only when exporting
     from retinanet.export import ExportReport
 
 __all__ = ["build_dataset", "run_train", "evaluate_model", "run_eval", "run_detect", "run_export", "demo_config",
-           "run_demo", "categories_of"]  # fmt: skip
+           "run_demo", "run_anchors", "run_inspect", "categories_of"]  # fmt: skip
 
 
 def build_dataset(
@@ -155,12 +157,15 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     workers, workers_warning = cfg.train.workers()
     torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
     model = build_from_config(cfg.model)
+    init_lines = _init_weights(model, resume)
     per_process = cfg.train.batch_size // max(_world(), 1)
     loader = make_loader(train_set, per_process, shuffle=True, num_workers=workers,
                          seed=cfg.train.seed, distributed=_world() > 1, drop_last=True)  # fmt: skip
     if _rank() == 0:  # the run will start: now its folder is written
         save_run_config(cfg, out / "config.yaml")
-        for line in [_summary(cfg, train_set, val_set, amp, workers), workers_warning]:
+        coverage = anchor_tools.coverage(anchor_tools.training_boxes(train_set.records, model.config), model.config)
+        for line in [_summary(cfg, train_set, val_set, amp, workers), workers_warning, *init_lines,
+                     *anchor_tools.coverage_lines(coverage)]:  # fmt: skip
             if line:
                 print(line, flush=True)
                 write_note(out, line)
@@ -178,6 +183,16 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         plot_training_curves(out / "log.jsonl", out / "training_curves.png")
     result["model"] = model
     return result
+
+
+def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
+    """model.init_from applied to `model` (retinanet.pretrained), as log lines; not when resuming, whose
+    checkpoint holds the weights."""
+    if model.config.init_from is None:
+        return []
+    if resume is not None:
+        return [f"init_from {model.config.init_from}: not applied, the weights come from {resume}"]
+    return init_from(model).lines()
 
 
 def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, amp: str,
@@ -225,6 +240,33 @@ def run_eval(
         raise ValueError(f"{checkpoint}: the model was trained on categories {list(model.config.class_names)} "
                          f"but the evaluation data has {list(names)}")  # fmt: skip
     return evaluate_model(model, dataset, Path(output))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def run_anchors(cfg: RunConfig, output: str | Path, fit: bool = False, max_anchors: int = 9) -> dict[str, Any]:
+    """`retinanet anchors`: how the training boxes are covered by the model's anchors (retinanet.anchor_tools),
+    with `fit` anchors fitted to them; writes anchors.json, anchors.png (and anchors_fit.yaml) in `output`."""
+    train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
+    model_cfg = _categories_config(cfg.model, train_set)
+    return anchor_tools.write_report(train_set.records, model_cfg, output, fit=fit, max_anchors=max_anchors)
+
+
+def run_inspect(cfg: RunConfig, output: str | Path, split: str = "train", augment: bool = False,
+                show_anchors: bool = False, limit: int | None = 64, only_missed: bool = False) -> dict[str, Any]:
+    """`retinanet inspect`: the images of a split after the transforms (the training ones, random sizes and flips,
+    with `augment`; else the evaluation resize), boxes coloured by their anchors, and the data's statistics
+    (retinanet.inspection)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"inspect: split must be 'train' or 'val', got {split!r}")
+    torch.manual_seed(cfg.train.seed)  # the augmentations drawn are the same every time
+    train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=augment)
+    model_cfg = _categories_config(cfg.model, train_set)
+    dataset = train_set if split == "train" else _val_dataset(cfg.data, model_cfg, train_set.categories)
+    if dataset is None:
+        raise ValueError("data config: no validation set to inspect (set data.val_annotations, or data.root for VOC)")
+    if augment:
+        dataset.transforms = train_transforms(model_cfg.training_sizes, model_cfg.max_size, cfg.data.flip_prob)
+    return inspect_dataset(dataset, model_cfg, output, show_anchors=show_anchors, limit=limit, only_missed=only_missed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
