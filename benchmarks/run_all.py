@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_losses.py", "bench_model.py", "bench_demo.py"]
+# bench_deploy after bench_demo: its tiled comparison uses the demo model that bench_demo trains (runs/demo)
+SCRIPTS = ["bench_losses.py", "bench_model.py", "bench_demo.py", "bench_deploy.py"]
 
 for name in SCRIPTS:
     path = HERE / name

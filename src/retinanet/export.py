@@ -27,8 +27,10 @@ works, and what needs them says which package and extra to install.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +245,7 @@ def export_onnx(
                                3: d * torch.export.Dim("width_blocks", min=1, max=16384 // d)})  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet("onnx_ir"):
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # the batch dim named twice
         program = torch.onnx.export(
             graph, (images, sizes), dynamic_shapes=dims, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
@@ -256,6 +258,19 @@ def export_onnx(
 
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """The exporter's libraries log warnings meant for their developers (an empty attribute list defaulted to
+    INTS): keep them off the user's screen while exporting."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _exportable_copy(model: RetinaNet) -> RetinaNet:
@@ -296,14 +311,17 @@ def read_metadata(path: str | Path) -> tuple[ModelConfig, list[dict[str, Any]], 
 # ----------------------------------------------------------------------------------------------------------------
 class _OnnxRuntime:
     """An ONNX Runtime CPU session: all graph optimisations, `threads` intra-op threads (default: its own choice,
-    one per physical core)."""
+    one per physical core). spinning: whether idle threads spin waiting for work (ONNX Runtime's default: faster
+    on a machine of one's own, wasteful on one shared with other processes)."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, spinning: bool = True):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> list[np.ndarray]:
@@ -337,7 +355,7 @@ class OnnxPredictor(Predictor):
     engine; boxes come back in each image's pixels.
 
     path: a file written by `export_onnx`. engine: "onnxruntime" or "openvino". threads: the engine's threads
-    (default: its own choice). engine_options: OpenVINO's hint and precision (see _OpenVino). batch_size,
+    (default: its own choice). engine_options: ONNX Runtime's spinning, OpenVINO's hint and precision. batch_size,
     score_thresh, tile, overlap: as Predictor's. min_size / max_size: resize settings other than the exported
     model's (a graph of dynamic size takes any).
     """
