@@ -72,6 +72,11 @@ def test_resize_drops_boxes_under_one_pixel_and_skips_crowds():
     assert box_set.dropped == 1 and box_set.crowd == 1 and box_set.num_boxes == 1
     torch.testing.assert_close(box_set.boxes_per_entry[0], torch.tensor([[0.0, 0.0, 20.0, 20.0]]))
     assert box_set.padded_sizes == [(64, 64)]
+    # multi-scale training: every size of every image, or (training's start line) image i at size i mod sizes
+    multi = model_config("retinanet_tiny", **{**HAND, "train_min_sizes": (64, 96), "max_size": 96})
+    records = [_record(boxes[:1], (128, 128))] * 3
+    assert at.training_boxes(records, multi).padded_sizes == [(64, 64), (96, 96)] * 3
+    assert at.training_boxes(records, multi, one_size_each=True).padded_sizes == [(64, 64), (96, 96), (64, 64)]
 
 
 def _random_boxes(g, n, width, height):

@@ -268,16 +268,18 @@ def resize_boxes(boxes: Tensor, size_hw: tuple[int, int], resized_hw: tuple[int,
     return boxes[kept], kept
 
 
-def training_boxes(records: Sequence[Any], cfg: ModelConfig, sizes: Iterable[int] | None = None) -> BoxSet:
+def training_boxes(records: Sequence[Any], cfg: ModelConfig, sizes: Iterable[int] | None = None,
+                   one_size_each: bool = False) -> BoxSet:  # fmt: skip
     """The boxes of a dataset's records (`DetectionDataset.records`) resized to each training size (default
-    model.training_sizes), with the padded size the model would give each image."""
+    model.training_sizes), with the padded size the model would give each image. one_size_each: image i at size
+    i mod len(sizes) only, an estimate of multi-scale training's coverage at the cost of one size."""
     sizes = tuple(sizes) if sizes is not None else cfg.training_sizes
     out = BoxSet([], [], [], images=len(records))
     for index, record in enumerate(records):
         size_hw = _image_size(record)
         crowd = record.iscrowd.bool()
         out.crowd += int(crowd.sum())
-        for min_size in sizes:
+        for min_size in (sizes[index % len(sizes)],) if one_size_each else sizes:
             resized = resized_size(size_hw[0], size_hw[1], min_size, cfg.max_size)
             boxes, kept = resize_boxes(record.boxes[~crowd], size_hw, resized)
             out.dropped += int((~kept).sum())

@@ -163,7 +163,8 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
                          seed=cfg.train.seed, distributed=_world() > 1, drop_last=True)  # fmt: skip
     if _rank() == 0:  # the run will start: now its folder is written
         save_run_config(cfg, out / "config.yaml")
-        coverage = anchor_tools.coverage(anchor_tools.training_boxes(train_set.records, model.config), model.config)
+        boxes = anchor_tools.training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
+        coverage = anchor_tools.coverage(boxes, model.config)
         for line in [_summary(cfg, train_set, val_set, amp, workers), workers_warning, *init_lines,
                      *anchor_tools.coverage_lines(coverage)]:  # fmt: skip
             if line:
