@@ -669,6 +669,10 @@ def write_report(records: Sequence[Any], cfg: ModelConfig, output: str | Path, f
         out.mkdir(parents=True, exist_ok=True)
         header = (f"# retinanet anchors --fit: {_percent(found.value)} -> {_percent(fitted.value)} of the "
                   f"{found.num_boxes} training boxes get an anchor at IoU >= {cfg.fg_iou:g}\n")  # fmt: skip
+        before, after = anchor_generator(cfg).num_anchors_per_location(), result.layout.num_anchors
+        if before != after:
+            header += (f"# anchors per location {before} -> {after}: a model started (model.init_from) from one with "
+                       f"{before} starts its final layers again\n")  # fmt: skip
         text = yaml.safe_dump({"model": overrides}, sort_keys=False, default_flow_style=None)
         (out / "anchors_fit.yaml").write_text(header + text)
     summary["seconds"] = round(time.perf_counter() - tic, 2)
