@@ -242,3 +242,10 @@ def test_only_named_cells_run_and_the_table_still_lists_all(setup, monkeypatch):
     assert "| .5 | not run |" in (out / "t.md").read_text()
     with pytest.raises(ValueError, match=r"no cell named \['alpha_9'\]"):
         run_grids([grid], base, out, only=["alpha_9"])
+
+
+def test_a_setting_added_by_newer_code_does_not_void_finished_cells():
+    old = {"model": {"alpha": 0.5}, "train": {"lr": 0.01}}
+    new = {"model": {"alpha": 0.5, "new_setting": "default"}, "train": {"lr": 0.01}}
+    assert ablate._differences(old, new) == []
+    assert ablate._differences(old, {**new, "train": {"lr": 0.02}}) == ["train.lr"]
