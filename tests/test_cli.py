@@ -24,7 +24,9 @@ def _train(tmp_path: Path, *extra: str) -> int:
 
 
 def test_train_eval_detect_end_to_end(tmp_path, capsys):
-    assert _train(tmp_path, "model.score_thresh=0.0") == 0  # every image gets detections to compare
+    # 64 px images seen at 48 px in evaluation and at 40 or 56 px in training: every path resizes
+    sizes = ["model.min_size=48", "model.max_size=48", "model.train_min_sizes=[40, 56]"]
+    assert _train(tmp_path, "model.score_thresh=0.0", *sizes) == 0  # every image gets detections to compare
     run = tmp_path / "run"
     for name in ("last.pt", "log.jsonl", "config.yaml", "training_curves.png", "eval/metrics.json"):
         assert (run / name).exists(), name
@@ -48,6 +50,9 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
                  "--min-size", "96", "--max-size", "96"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "ev2" / "detections.json").read_text()) != json.loads(
         (tmp_path / "ev" / "detections.json").read_text())  # another size, other detections
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev3"),
+                 "--set", "model.min_size=96", "model.max_size=96"]) == 0  # fmt: skip
+    assert (tmp_path / "ev3" / "detections.json").read_text() == (tmp_path / "ev2" / "detections.json").read_text()
 
     images = tmp_path / "images"
     images.mkdir()
@@ -62,6 +67,16 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     assert [Path(r["file"]).name for r in result] == ["img0.png", "img1.png"]
     assert all(d["name"] in ds.category_names for r in result for d in r["detections"])
     assert Image.open(out / "img0.png").size == (80 * 6, 64 * 6)  # small images are drawn enlarged
+    bigger = tmp_path / "det96"
+    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(bigger),
+                 "--score-thresh", "0.0", "--min-size", "96", "--max-size", "120", "--no-draw"]) == 0  # fmt: skip
+    at_96 = json.loads((bigger / "detections.json").read_text())
+    assert at_96 != result  # another size, other detections: the option reaches the model
+    from retinanet import load
+
+    predictor = load(run / "last.pt", min_size=96, max_size=120, score_thresh=0.0)
+    first = predictor.predict(str(images / "img0.png"))
+    assert first.boxes[0].tolist() == pytest.approx(at_96[0]["detections"][0]["box"], abs=0.006)  # JSON: 0.01 px
     capsys.readouterr()
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out)]) == 2
@@ -272,6 +287,20 @@ def test_the_run_says_what_it_will_do_and_where_its_schedule_was_fitted(tmp_path
     assert line in log and "warmup_iters 50 is more than a fifth of max_iters 3" in log and "fast paths:" in log
 
 
+def test_the_summary_names_the_device_the_run_resolved(tmp_path, capsys):
+    assert _train(tmp_path, "train.device=auto", "train.max_iters=1") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("run: "))
+    assert "device auto" not in line
+    assert ("device cuda:0" if torch.cuda.is_available() else "device cpu,") in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_gpu_the_machine_lacks_is_one_line_before_anything_is_written(tmp_path, capsys):
+    assert _train(tmp_path, "train.device=cuda") == 2
+    assert "device 'cuda' but this machine has no CUDA GPU" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("problem", ["missing image", "bad setting", "missing checkpoint"])
 def test_problems_are_found_before_anything_is_written(tmp_path, capsys, problem):
     run = tmp_path / "run"
@@ -311,8 +340,10 @@ def test_offline_downloads_end_in_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    """`retinanet train` in its own process, interrupted by SIGINT as a terminal's Ctrl-C would."""
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, workers):
+    """`retinanet train` in its own process group, interrupted by SIGINT to the whole group as a terminal's Ctrl-C
+    is: the data-loading workers get it too, and the run still saves and ends in one line."""
     import os
     import signal
     import subprocess
@@ -320,15 +351,16 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     import time
 
     run = tmp_path / "run"
-    args = ["train", "--set", *TINY, "train.max_iters=2000", "train.checkpoint_every=1000", f"train.output_dir={run}"]
+    args = ["train", "--set", *TINY, "train.max_iters=2000", "train.checkpoint_every=1000", f"train.output_dir={run}",
+            f"train.num_workers={workers}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "retinanet.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and not (run / "log.jsonl").exists():
+    while time.time() < deadline and not (run / "log.jsonl").exists():  # the first iteration is done
         time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     lines = [x for x in err.splitlines() if x.startswith("retinanet: interrupted")]

@@ -40,6 +40,27 @@ def test_type_errors_read_as_english():
         load_run_config(None, ["model.gamma=[1, 2]"])
 
 
+@pytest.mark.parametrize("item, message", [
+    ("train.grad_clip=abc", r"train: grad_clip = 'abc' is not a number or null \(the default is None\)"),
+    ("model.backbone_weights=5", r"model: backbone_weights = 5 is not a string or null"),
+    ("model.train_min_sizes=[abc]", r"model: train_min_sizes = \['abc'\] is not a list of integers"),
+    ("model.box_coder_weights=[1, 1, 1]", r"box_coder_weights = \[1, 1, 1\] is not a list of 4 values"),
+    ("train.device=gpu", r"train: device = 'gpu' is not one of 'auto', 'cpu', 'cuda', 'cuda:N'"),
+    ("train.steps=[0.5, 2]", r"steps must be positive and increasing .* got \[0.5, 2\]"),
+])  # fmt: skip
+def test_fields_that_default_to_none_or_hold_lists_are_checked_by_their_declared_type(item, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(None, [item])
+
+
+def test_declared_types_still_take_what_they_declare():
+    cfg = load_run_config(None, ["train.grad_clip=5", "model.train_min_sizes=[640, 800]", "train.device=cuda:1",
+                                 "train.steps=[0.5, 60000]", "model.ohem_neg_pos_ratio=null"])  # fmt: skip
+    assert cfg.train.grad_clip == 5.0 and isinstance(cfg.train.grad_clip, float)
+    assert cfg.model.train_min_sizes == (640, 800) and cfg.train.steps == (0.5, 60000)
+    assert cfg.train.device == "cuda:1" and cfg.model.ohem_neg_pos_ratio is None
+
+
 def test_moved_keys_say_where_they_went(tmp_path):
     with pytest.raises(ValueError, match=r"data\.train_min_sizes has moved to model\.train_min_sizes"):
         load_run_config(_yaml(tmp_path, {"data": {"train_min_sizes": [640]}}))

@@ -167,7 +167,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         extra = ["data.skip_bad=true"] if args.skip_bad else []
         cfg = load_run_config(args.config, args.set + extra)
-        metrics = jobs.run_eval(args.checkpoint, cfg.data, args.output, args.device, **_sizes(args))
+        # the checkpoint's model, with the model keys given on the command line (--set model.min_size=..., as
+        # --min-size) applied to it; the precision the run's config trained and evaluated in
+        model_keys = {**parse_overrides(args.set).get("model", {}), **_sizes(args)}
+        metrics = jobs.run_eval(args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, **model_keys)
         print(json.dumps(metrics.to_dict(), indent=2, default=float))
         return 0
     if args.command == "detect":

@@ -590,6 +590,9 @@ def resolve_device_and_amp(cfg: TrainConfig) -> tuple[torch.device, str]:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train config: device {name!r} but this machine has no CUDA GPU that torch can use; set "
+                         "train.device=cpu (or auto)")  # fmt: skip
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # init_distributed pinned this process's GPU
     if cfg.amp == "fp16" and device.type != "cuda":

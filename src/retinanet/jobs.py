@@ -34,6 +34,7 @@ from retinanet.inspection import inspect_dataset
 from retinanet.predictor import Predictor, categories_of, detect_resized
 from retinanet.pretrained import init_from
 from retinanet.runconfig import DataConfig, RunConfig, save_run_config
+from retinanet.train_config import train_config
 from retinanet.visualize import plot_training_curves, save_detections_image
 
 if TYPE_CHECKING:  # export needs onnx at run time, only when exporting
@@ -148,12 +149,12 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     function of its config and seed."""
     init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
     out = Path(cfg.train.output_dir)
+    device, amp = resolve_device_and_amp(cfg.train)  # a device or precision this machine lacks stops us first
     train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
     cfg.model = _categories_config(cfg.model, train_set)
     val_set = _val_dataset(cfg.data, cfg.model, train_set.categories) if evaluate else None
     if resume is not None:
         load_checkpoint(resume)  # a missing or unreadable checkpoint stops the run here, not after setup
-    _, amp = resolve_device_and_amp(cfg.train)
     workers, workers_warning = cfg.train.workers()
     torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
     model = build_from_config(cfg.model)
@@ -165,7 +166,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         save_run_config(cfg, out / "config.yaml")
         boxes = anchor_tools.training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
         coverage = anchor_tools.coverage(boxes, model.config)
-        for line in [_summary(cfg, train_set, val_set, amp, workers), workers_warning, *init_lines,
+        for line in [_summary(cfg, train_set, val_set, device, amp, workers), workers_warning, *init_lines,
                      *anchor_tools.coverage_lines(coverage)]:  # fmt: skip
             if line:
                 print(line, flush=True)
@@ -196,8 +197,8 @@ def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
     return init_from(model).lines()
 
 
-def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, amp: str,
-             workers: int) -> str:  # fmt: skip
+def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, device: torch.device,
+             amp: str, workers: int) -> str:  # fmt: skip
     """One line saying what the run will do."""
     t, m = cfg.train, cfg.model
     epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
@@ -206,7 +207,7 @@ def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionData
     return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
             f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs; images resized to shorter "
             f"side {m.min_size}, longer at most {m.max_size}{sizes}; {cfg.preset} {m.backbone}; lr {t.lr:g} "
-            f"({t.optimizer}), {t.schedule().describe()}; device {t.device}, amp {amp}, {workers} data workers; "
+            f"({t.optimizer}), {t.schedule().describe()}; device {device}, amp {amp}, {workers} data workers; "
             f"output {t.output_dir}")  # fmt: skip
 
 
@@ -225,11 +226,14 @@ def _rank() -> int:
 
 
 def run_eval(
-    checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "cpu", **model_overrides: Any
-) -> CocoMetrics:
+    checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "cpu", amp: str = "none",
+    **model_overrides: Any,
+) -> CocoMetrics:  # fmt: skip
     """COCO metrics of a checkpoint on the validation data of `data`, resized as the checkpoint's model config says
-    (or with model_overrides such as min_size, max_size): the same numbers as the training run's own evaluation."""
-    model = load_model(checkpoint, map_location=device, **model_overrides).to(device)
+    (or with model_overrides such as min_size, max_size), in precision `amp` (the run's train.amp): the same numbers
+    as the training run's own evaluation."""
+    resolved, amp = resolve_device_and_amp(train_config(device=device, amp=amp))
+    model = load_model(checkpoint, map_location=resolved, **model_overrides).to(resolved)
     known = categories_of(model) if model.config.class_names else None
     dataset = build_dataset(data, model.config, "val", train_mode=False, categories=known)
     ids = tuple(c["id"] for c in dataset.categories)
@@ -240,7 +244,7 @@ def run_eval(
     if model.config.class_names and names != tuple(model.config.class_names):
         raise ValueError(f"{checkpoint}: the model was trained on categories {list(model.config.class_names)} "
                          f"but the evaluation data has {list(names)}")  # fmt: skip
-    return evaluate_model(model, dataset, Path(output))
+    return evaluate_model(model, dataset, Path(output), amp=amp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +329,6 @@ def run_export(
 def demo_config(output: str | Path = "runs/demo", **train_overrides: Any) -> RunConfig:
     """The demo: the small preset on the built-in synthetic shapes, sized to train in minutes on a 2-core CPU."""
     from retinanet.config import model_config
-    from retinanet.train_config import train_config
 
     size = 128  # the synthetic images' own size: no resizing
     data = DataConfig(format="synthetic", synthetic_image_size=size, synthetic_train_images=3000,

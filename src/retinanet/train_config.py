@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,10 @@ class TrainConfig(Checked):
         for name in ("max_iters", "log_every", "checkpoint_every", "batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(not s > 0 for s in self.steps) or list(self.steps) != sorted(self.steps):
-            out.append(f"steps must be positive and increasing, got {list(self.steps)}")
+        in_iters = [s * self.max_iters if s < 1 else s for s in self.steps]  # fractions and iterations alike
+        if any(not s > 0 for s in self.steps) or in_iters != sorted(in_iters):
+            out.append(f"steps must be positive and increasing (fractions of max_iters or iterations), got "
+                       f"{list(self.steps)}")  # fmt: skip
         if self.warmup_iters < 0 or not 0 < self.warmup_factor <= 1:
             out.append(f"warmup_iters must be >= 0 and warmup_factor in (0, 1], got {self.warmup_iters}, "
                        f"{self.warmup_factor}")  # fmt: skip
@@ -77,6 +80,8 @@ class TrainConfig(Checked):
             out.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             out.append(f"num_workers must be a whole number >= 0 or None, got {self.num_workers!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            out.append(f"device = {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             out.append(f"lr must be > 0, got {self.lr}")
         return out
