@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: test test-avx2 test-fast demo bench clean
 
@@ -32,7 +33,12 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/retinanet demo --output runs/demo
 
-bench: $(STAMP)
+# the benchmarks' extras: OpenVINO rows and SAHI, the sliced-inference library the tiled path is compared with
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:

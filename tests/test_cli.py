@@ -301,6 +301,18 @@ def test_a_gpu_the_machine_lacks_is_one_line_before_anything_is_written(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys,
+                                                                                              monkeypatch):
+    from retinanet import fastpath
+
+    avx2 = fastpath.CpuInfo("AMD EPYC (test)", "AVX2", None, frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(fastpath, "cpu_info", lambda: avx2)
+    assert _train(tmp_path, "train.amp=bf16") == 2
+    err = _error(capsys)
+    assert len(err.strip().splitlines()) == 1 and "no native bfloat16" in err and "amp 'none'" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("problem", ["missing image", "bad setting", "missing checkpoint"])
 def test_problems_are_found_before_anything_is_written(tmp_path, capsys, problem):
     run = tmp_path / "run"
