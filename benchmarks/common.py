@@ -86,8 +86,26 @@ def machine_line() -> str:
     )
 
 
+def cpu_kind() -> str:
+    """The CPU kind a CPU figure holds on, as a section-name suffix: vendor and the capability of the kernels that
+    ran ("intel-avx512", "amd-avx512", "amd-avx2" when forced to AVX2), so that each kind keeps its own figures."""
+    from retinanet.fastpath import cpu_info
+
+    info = cpu_info()
+    vendor = "intel" if "Intel" in info.name else "amd" if "AMD" in info.name else "cpu"
+    capped = info.onednn_cap and info.onednn_cap.upper().startswith("AVX2") and info.capability != "AVX2"
+    return f"{vendor}-{info.capability.lower()}" + ("-onednn-avx2" if capped else "")
+
+
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section `name` of BENCHMARKS.md, stamped with command, machine and date."""
+    """Replace (or append) the section `name` of BENCHMARKS.md, stamped with command, machine and date. A CPU
+    figure's section (any name not ending in "cuda") is kept per CPU kind: `name-cpu_kind()`, its heading saying
+    which."""
+    if not name.endswith("cuda"):
+        kind = cpu_kind()
+        name = f"{name}-{kind}"
+        heading, _, rest = body.partition("\n")
+        body = f"{heading} ({kind.replace('-', ' ').upper()})\n{rest}" if heading.startswith("#") else body
     command = " ".join([Path(sys.executable).name, *sys.argv])
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

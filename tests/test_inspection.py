@@ -39,10 +39,18 @@ def test_inspect_writes_one_image_per_input_and_the_statistics(tmp_path, capsys)
     assert sum(report["boxes_by_status"].values()) == stats["boxes"]
     assert (out / "stats.png").is_file()
     assert f"{stats['images']} images" in capsys.readouterr().out
-    # again, on the validation split with the training augmentation: the earlier drawings are replaced
-    assert main(["inspect", "--config", _config(tmp_path), "--output", str(out), "--split", "val",
-                 "--augment"]) == 0  # fmt: skip
+    # again, on the validation split with the training augmentation: the earlier drawings are replaced, and the
+    # images are those the training transforms make (multi-scale sizes drawn per image), not the evaluation resize
+    plain = tmp_path / "plain"
+    config = _config(tmp_path)
+    multi = ["--set", "model.train_min_sizes=[40, 96]"]
+    assert main(["inspect", "--config", config, "--output", str(plain), "--split", "val", *multi]) == 0
+    assert main(["inspect", "--config", config, "--output", str(out), "--split", "val", "--augment", *multi]) == 0
     assert len(list((out / "images").iterdir())) == 3
+    sizes = [tuple(row["size"]) for row in json.loads((out / "inspect.json").read_text())["images"]]
+    assert [tuple(row["size"]) for row in json.loads((plain / "inspect.json").read_text())["images"]] == [(64, 64)] * 3
+    # the shorter side drawn from train_min_sizes as training does (96 capped at max_size 64)
+    assert set(sizes) <= {(40, 40), (64, 64)} and (40, 40) in sizes
 
 
 def test_only_missed_draws_the_images_with_a_box_without_a_positive_anchor(tmp_path):

@@ -171,8 +171,8 @@ def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anc
     """Write the drawn images of `dataset` (with its transforms) and its statistics under `output`.
 
     limit: at most this many images drawn (None: all); only_missed: draw only images that have a box without a
-    positive anchor. Returns {"statistics", "images": [{"file", "index", "boxes", "positive", "low_quality_only",
-    "no_anchor"}], "boxes_by_status"} (also written as output/inspect.json)."""
+    positive anchor. Returns {"statistics", "images": [{"file", "index", "size" (H, W as transformed), "boxes",
+    "positive", "low_quality_only", "no_anchor"}], "boxes_by_status"} (also written as output/inspect.json)."""
     out = Path(output)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for old in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9]_*.png"):  # an earlier inspection's drawings
@@ -213,4 +213,4 @@ def _inspect_one(dataset: Any, index: int, cfg: ModelConfig, generator: Any, nam
     stem = record.path.stem if record.path is not None else f"image{record.image_id}"
     path = folder / f"{index:05d}_{stem}.png"
     Image.fromarray(drawn.permute(1, 2, 0).contiguous().numpy()).save(path)
-    return {"file": str(path), "index": index, "boxes": len(boxes), **counts}
+    return {"file": str(path), "index": index, "size": list(image.shape[-2:]), "boxes": len(boxes), **counts}
