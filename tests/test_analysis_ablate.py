@@ -249,3 +249,25 @@ def test_a_setting_added_by_newer_code_does_not_void_finished_cells():
     new = {"model": {"alpha": 0.5, "new_setting": "default"}, "train": {"lr": 0.01}}
     assert ablate._differences(old, new) == []
     assert ablate._differences(old, {**new, "train": {"lr": 0.02}}) == ["train.lr"]
+
+
+def test_a_cell_that_is_the_same_run_as_a_finished_one_of_another_grid_takes_its_result(setup, monkeypatch):
+    base, grid, out = setup
+    other = load_grid(_write(out.parent / "other.yaml", {
+        **GRID, "table": "u", "title": "Table U",
+        "cells": [{"name": f"a{a}", "values": {"alpha": a}, "set": {"model.alpha": a}} for a in (0.75, 0.9)],
+    }))  # fmt: skip
+    trained = []
+
+    def fake_train(cfg, resume=None, evaluate=True):
+        trained.append(cfg.model.alpha)
+        raise NonFiniteLossError(f"non-finite loss at iteration {int(100 * cfg.model.alpha)}: loss_cls = nan")
+
+    monkeypatch.setattr(ablate, "run_train", fake_train)
+    outcome = run_grids([grid, other], base, out)
+    assert trained == [0.5, 0.75, 0.9]  # u/a0.75 is t/alpha_0.75's run: not trained twice
+    assert outcome["ran"] == ["t/alpha_0.5", "t/alpha_0.75", "u/a0.9"] and outcome["done"] == ["u/a0.75"]
+    reused = json.loads((out / "u" / "a0.75" / "result.json").read_text())
+    assert reused["same_run_as"] == "t/alpha_0.75" and reused["nonfinite_iteration"] == 75
+    assert "| .75 | non-finite loss at iter 75 |" in (out / "u.md").read_text()
+    assert run_grids([grid, other], base, out)["done"] == ["t/alpha_0.5", "t/alpha_0.75", "u/a0.75", "u/a0.9"]

@@ -10,6 +10,8 @@ What a grid leaves in its output folder DIR:
 
 A cell is done when its training finished and was evaluated (AP, AP50, AP75 on the validation set, training
 seconds) or when its loss went non-finite (NonFiniteLossError: recorded as the cell's result, the grid goes on).
+A cell whose run is that of a finished cell of another grid in DIR (FL with gamma 2, alpha .25 is in Tables 1b,
+1d and 3) takes that cell's result instead of training again (its result.json says `same_run_as`).
 A cell interrupted (Ctrl-C, a killed process) resumes from its own last.pt when the grid is run again.
 
 Several processes share a grid by claiming cells with lock files: start the command several times (on one GPU or
@@ -201,8 +203,34 @@ def _differences(a: dict, b: dict) -> list[str]:
     return sorted(f"{s}.{k}" for s in set(a) & set(b) for k in set(a[s]) & set(b[s]) if a[s][k] != b[s][k])
 
 
+def _finished_twin(planned: PlannedCell) -> Path | None:
+    """The result.json of a finished cell of any grid in the same output folder whose run is this cell's (the
+    same config in every setting; runs are functions of their config and seed), else None."""
+    mine = planned.plan()
+    for path in sorted(planned.folder.parent.parent.glob("*/*/result.json")):
+        if path.parent == planned.folder:
+            continue
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
+        same_keys = all(set(recorded.get(s, {})) == set(mine[s]) for s in mine)
+        if same_keys and not _differences(recorded, mine) and set(recorded) == set(mine):
+            return path
+    return None
+
+
+def _reuse(planned: PlannedCell, twin: Path) -> None:
+    """Record the twin's result as this cell's, saying where it came from (its run folder holds the checkpoint)."""
+    result = json.loads(twin.read_text(encoding="utf-8"))
+    result["same_run_as"] = f"{twin.parent.parent.name}/{twin.parent.name}"
+    planned.folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(planned.folder / "plan.json", json.dumps(planned.plan(), indent=1))
+    write_text_atomic(planned.folder / "result.json", json.dumps(result, indent=1, default=str))
+    print(f"ablate: {planned.label}: the same run as {result['same_run_as']}, which is done: its result reused",
+          flush=True)  # fmt: skip
+
+
 def _run_if_free(planned: PlannedCell) -> str:
-    """Run the cell unless it is done or held by another live process: "done", "held" or "ran"."""
+    """Run the cell unless it is done, the same run as a finished cell of another grid (whose result it takes),
+    or held by another live process: "done", "held" or "ran"."""
     if _done(planned):
         return "done"
     lock = claim(planned.folder.parent / f"{planned.cell.name}.lock")
@@ -210,6 +238,10 @@ def _run_if_free(planned: PlannedCell) -> str:
         return "held"
     with lock:
         if _done(planned):  # finished by another process between the check and the claim
+            return "done"
+        twin = _finished_twin(planned)
+        if twin is not None:
+            _reuse(planned, twin)
             return "done"
         print(f"ablate: running {planned.label}", flush=True)
         result = run_cell(planned)
