@@ -249,8 +249,9 @@ def _run_analysis(args: argparse.Namespace) -> int:
     if args.command == "ablate":
         config = args.config or grids.shipped_file("base.yaml")
         base = load_run_config(config, args.set)
+        source = args.config or "retinanet/analysis/grids/base.yaml (shipped)"
         try:
-            outcome = ablate.run_grids([grids.load_grid(g) for g in args.grid], base, args.output, str(config),
+            outcome = ablate.run_grids([grids.load_grid(g) for g in args.grid], base, args.output, source,
                                        ["retinanet", *args.argv], args.cells)  # fmt: skip
         except TrainingInterrupted as exc:  # the cell resumes from its checkpoint when the grid runs again
             print(f"retinanet: {exc}; continue with the same command", file=sys.stderr)
