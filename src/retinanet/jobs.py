@@ -334,12 +334,12 @@ def demo_config(output: str | Path = "runs/demo", **train_overrides: Any) -> Run
     data = DataConfig(format="synthetic", synthetic_image_size=size, synthetic_train_images=3000,
                       synthetic_val_images=200, synthetic_cache=True)  # fmt: skip
     train_cfg = train_config(**{
-        "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "warmup_iters": 100, "warmup_factor": 0.01,
-        "max_iters": 1600, "steps": (1300, 1500), "batch_size": 8, "grad_clip": 10.0, "amp": "none",
-        "log_every": 20, "checkpoint_every": 400, "num_workers": 0, "device": "cpu", "output_dir": str(output),
+        "optimizer": "adamw", "lr": 5e-3, "weight_decay": 1e-4, "warmup_iters": 50, "warmup_factor": 0.01,
+        "max_iters": 1800, "lr_schedule": "cosine", "batch_size": 8, "grad_clip": 10.0, "amp": "none",
+        "log_every": 20, "checkpoint_every": 600, "num_workers": 0, "device": "cpu", "output_dir": str(output),
         **train_overrides,
     })  # fmt: skip
-    model = model_config("retinanet_tiny", min_size=size, max_size=size)
+    model = model_config("retinanet_tiny", min_size=size, max_size=size, backbone_width=32)
     return RunConfig(preset="retinanet_tiny", model=model, data=data, train=train_cfg)
 
 
