@@ -26,8 +26,9 @@ def main() -> None:
     summary = run_demo(args.output)
     cfg = demo_config(args.output)
     lines = [
-        f"`retinanet demo`: {cfg.preset} on {cfg.data.synthetic_train_images} synthetic training images of "
-        f"{cfg.data.synthetic_image_size}x{cfg.data.synthetic_image_size}, {cfg.train.max_iters} iterations of "
+        f"`retinanet demo`: {cfg.preset} ({cfg.model.backbone} at width {cfg.model.backbone_width or 64}) on "
+        f"{cfg.data.synthetic_train_images} synthetic training images of "
+        f"{cfg.data.synthetic_image_size}x{cfg.data.synthetic_image_size}, {cfg.train.max_iters} iterations ({cfg.train.lr_schedule} lr) of "
         f"batch {cfg.train.batch_size}, evaluated on {cfg.data.synthetic_val_images} validation images.",
         "",
         "| AP | AP50 | AP75 | APs | APm | APl | training time (s) |",

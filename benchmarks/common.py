@@ -80,8 +80,10 @@ def machine_line() -> str:
     from retinanet.fastpath import cpu_info
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    family = next((line.split(":")[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("cpu family")), "?") if Path("/proc/cpuinfo").exists() else "?"  # fmt: skip
     return (
-        f"{cpu_info().describe()}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
+        f"{cpu_info().describe()}, CPU family {family}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
 
@@ -106,7 +108,8 @@ def write_section(name: str, body: str) -> None:
         name = f"{name}-{kind}"
         heading, _, rest = body.partition("\n")
         body = f"{heading} ({kind.replace('-', ' ').upper()})\n{rest}" if heading.startswith("#") else body
-    command = " ".join([Path(sys.executable).name, *sys.argv])
+    forced = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
+    command = " ".join([*forced, Path(sys.executable).name, *sys.argv])
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
