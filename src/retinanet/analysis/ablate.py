@@ -210,9 +210,7 @@ def _finished_twin(planned: PlannedCell) -> Path | None:
     for path in sorted(planned.folder.parent.parent.glob("*/*/result.json")):
         if path.parent == planned.folder:
             continue
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
-        same_keys = all(set(recorded.get(s, {})) == set(mine[s]) for s in mine)
-        if same_keys and not _differences(recorded, mine) and set(recorded) == set(mine):
+        if json.loads(path.read_text(encoding="utf-8")).get("config") == mine:  # every section, every key
             return path
     return None
 
