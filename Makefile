@@ -7,10 +7,11 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: test test-avx2 test-fast demo bench clean
 
-# the numerics-heavy modules, run a second time with PyTorch's and oneDNN's kernels forced to AVX2: an AVX-512 Xeon
-# then catches what an AVX2-only EPYC would (CI runs on either kind)
+# the numerics-heavy modules, run a second time with PyTorch's and oneDNN's kernels forced to AVX2 and one thread
+# per process: an AVX-512 Xeon then catches what an AVX2-only EPYC would (CI runs on either kind), and CI covers
+# both thread settings users and CI machines run with
 NUMERICS := tests/test_losses.py tests/test_backbone.py tests/test_winograd.py tests/test_detector.py \
-	tests/test_interop.py tests/test_fastpath.py
+	tests/test_interop.py tests/test_fastpath.py tests/test_inference.py tests/test_predictor.py
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +26,7 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-avx2
 
 test-avx2: $(STAMP)
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m "not slow" $(NUMERICS)
+	OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m "not slow" $(NUMERICS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -1,8 +1,10 @@
 import os
 import tempfile
 
-# the fast paths' measurements (retinanet.fastpath) go to a folder of this test session, not the user's cache
-os.environ.setdefault("RETINANET_CACHE_DIR", tempfile.mkdtemp(prefix="retinanet-test-cache-"))
+# the fast paths' measurements (retinanet.fastpath) go to an empty folder of this test session, never the user's
+# cache (nor one RETINANET_CACHE_DIR points at): no test depends on what a machine has measured before. Subprocesses
+# (the CLI, torchrun) inherit it.
+os.environ["RETINANET_CACHE_DIR"] = tempfile.mkdtemp(prefix="retinanet-test-cache-")
 # torch's OpenMP threads spin while they wait; on a 2-core machine shared with DataLoader workers or DDP processes
 # that turns into 10x slowdowns. Passive waiting must be chosen before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

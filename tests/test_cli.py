@@ -284,7 +284,7 @@ def test_the_run_says_what_it_will_do_and_where_its_schedule_was_fitted(tmp_path
                  "0.8 epochs", "shorter side 64", "lr 0.001", "device cpu", "amp none", "0 data workers"):
         assert part in line, part
     log = (tmp_path / "run" / "train.log").read_text()
-    assert line in log and "warmup_iters 50 is more than a fifth of max_iters 3" in log and "fast paths:" in log
+    assert line in log and "warmup_iters 50 is more than a fifth of max_iters 3" in log and "fast paths (" in log
 
 
 def test_the_summary_names_the_device_the_run_resolved(tmp_path, capsys):

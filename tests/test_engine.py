@@ -32,7 +32,7 @@ from retinanet.train_config import TrainConfig, train_config
 
 CHECKPOINT_KEYS = {
     "format_version", "iteration", "model", "model_config", "train_config", "optimizer", "scheduler", "scaler",
-    "rng", "data_position", "extra",
+    "rng", "data_position", "extra", "fast_paths",
 }  # fmt: skip
 
 
@@ -230,6 +230,9 @@ def test_train_logs_evaluates_and_checkpoints_with_config(tmp_path):
     assert checkpoint["model_config"] == dataclasses.asdict(model.config)
     assert checkpoint["train_config"] == dataclasses.asdict(cfg)
     assert len(checkpoint["rng"]) == 1 and set(checkpoint["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert checkpoint["fast_paths"] == result["fast_paths"].to_dict()  # the run's choices travel with it
+    assert checkpoint["fast_paths"]["memory_format"] == model.memory_format
+    assert result["fast_paths"].describe() in (tmp_path / "train.log").read_text()
     rebuilt = load_model(result["checkpoint"])
     assert rebuilt.config == model.config
     for (name, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
@@ -281,6 +284,37 @@ def test_resume_continues_exactly(tmp_path):
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected_state[name]), name
     assert "interrupted after iteration 4" in (folder / "train.log").read_text()
+
+
+def test_a_resumed_run_computes_what_the_original_would_have_whatever_the_cache_holds(tmp_path, monkeypatch):
+    """The original run measures contiguous and torch's convolutions; before the resume the cache is emptied and
+    every probe would now choose otherwise (channels-last, Winograd): the resumed run takes its checkpoint's
+    choices and logs the original's losses bit for bit. A layout forced in the config still wins."""
+    monkeypatch.setenv("RETINANET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
+    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: {"choice": "contiguous"})
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "direct"})
+    train(tiny_model(), tiny_loader(), tiny_config(), tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted):
+        train(interrupt_at(tiny_model(), {3}), tiny_loader(), tiny_config(), tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["fast_paths"]["memory_format"] == "contiguous"
+
+    monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
+    monkeypatch.setenv("RETINANET_CACHE_DIR", str(tmp_path / "other-cache"))
+    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: {"choice": "channels_last"})
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "winograd"})
+    model = tiny_model()
+    result = train(model, tiny_loader(), tiny_config(), tmp_path / "resumed", resume=tmp_path / "resumed" / "last.pt")
+    assert result["fast_paths"].origin == "the checkpoint's" and model.memory_format == "contiguous"
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "whole")
+    assert "fast paths (the checkpoint's" in (tmp_path / "resumed" / "train.log").read_text()
+
+    torch.manual_seed(0)
+    forced = build_model("retinanet_tiny", num_classes=2, size_divisible=32, memory_format="channels_last")
+    cfg = tiny_config(max_iters=7)
+    with pytest.warns(UserWarning, match=r"model config differs in \['memory_format'\]"):
+        result = train(forced, tiny_loader(), cfg, tmp_path / "resumed", resume=tmp_path / "resumed" / "last.pt")
+    assert forced.memory_format == "channels_last" == result["fast_paths"].memory_format
 
 
 def test_two_runs_with_the_same_seed_are_the_same_from_the_first_iteration(tmp_path):

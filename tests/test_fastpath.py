@@ -1,12 +1,18 @@
-"""Fast paths chosen by measurement: probes, their cache per machine, the layout tuner and the bf16 rules."""
+"""Fast paths chosen by measurement: probes (each from an empty cache), their cache per machine shared by processes,
+the margin over repeated rounds, the layout tuner, the bf16 rules, and a run's choices as facts of the run."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from retinanet import build_model, fastpath
-from retinanet.fastpath import CpuInfo
+from retinanet.fastpath import CpuInfo, RunFastPaths
+from retinanet.winograd import winograd_conv3x3
 
 
 @pytest.fixture
@@ -15,6 +21,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RETINANET_CACHE_DIR", str(tmp_path))
     fresh = fastpath._Cache()
     monkeypatch.setattr(fastpath, "_CACHE", fresh)
+    monkeypatch.setattr(fastpath, "_RUN", None)
     return tmp_path / "fastpaths.json"
 
 
@@ -23,41 +30,63 @@ def _conv_input(c=32, side=16, grad=False):
     return x, torch.randn(c, c, 3, 3) * 0.05
 
 
+def _algorithm(x, w):
+    return fastpath.conv3x3_algorithm(x, w, winograd_conv3x3)
+
+
+def _records(cache_file, kind):
+    (machine,) = json.loads(cache_file.read_text())["machines"].values()
+    return machine[kind]
+
+
 def test_small_convolutions_are_direct_without_a_probe(cache, monkeypatch):
     monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: pytest.fail("probed"))
     x, w = _conv_input(c=16)
-    assert fastpath.conv3x3_algorithm(x, w) == "direct"
+    assert _algorithm(x, w) == "direct"
     x, w = _conv_input(c=64, side=4)
-    assert fastpath.conv3x3_algorithm(x, w) == "direct"
+    assert _algorithm(x, w) == "direct"
     assert not cache.exists()
 
 
-def test_probe_once_per_shape_class_and_machine(cache, monkeypatch):
+def test_conv_probe_from_an_empty_cache_once_per_shape_class_and_machine(cache, monkeypatch):
     x, w = _conv_input(grad=True)
-    choice = fastpath.conv3x3_algorithm(x, w)
+    choice = _algorithm(x, w)
     assert choice in ("winograd", "direct")
-    saved = json.loads(cache.read_text())
-    (machine,) = saved["machines"].values()
-    ((key, record),) = machine["conv3x3"].items()
+    ((key, record),) = _records(cache, "conv3x3").items()
     assert "32->32 n2" in key and key.endswith("train nchw")
     assert record["choice"] == choice and record["direct_ms"] > 0 and record["winograd_ms"] > 0
     # the same class again, in this process and in a new one (a new cache reading the file): no second probe
     monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: pytest.fail("probed again"))
-    assert fastpath.conv3x3_algorithm(x, w) == choice
+    assert _algorithm(x, w) == choice
     monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
-    assert fastpath.conv3x3_algorithm(x, w) == choice
+    assert _algorithm(x, w) == choice
     # inference is another class: measured on its own
     calls = []
-    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: calls.append(a) or {"direct": 1.0, "winograd": 0.5})
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: calls.append(a) or {"choice": "winograd"})
     with torch.no_grad():
-        assert fastpath.conv3x3_algorithm(x, w) == "winograd"
+        assert _algorithm(x, w) == "winograd"
     assert len(calls) == 1 and calls[0][3] is False
 
 
-def test_winograd_is_chosen_only_when_clearly_faster(cache, monkeypatch):
-    x, w = _conv_input()
-    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"direct": 1.0, "winograd": 0.99})
-    assert fastpath.conv3x3_algorithm(x, w) == "direct"  # within the margin: the more exact algorithm
+def test_the_other_option_needs_the_margin_in_every_round(monkeypatch):
+    """`_compare` keeps the default unless the other option wins every round by MARGIN: a noisy round decides
+    nothing. Timed by a fake clock: each call of the option advances it by that option's scripted time."""
+    clock = [0.0]
+    monkeypatch.setattr(fastpath.time, "perf_counter", lambda: clock[0])
+
+    def decide(default_times, other_times):
+        script = {"a": iter([1.0, *default_times]), "b": iter([1.0, *other_times])}  # warm-ups first
+
+        def run(name):
+            clock[0] += next(script[name])
+
+        return fastpath._compare("a", "b", run, rounds=3)
+
+    assert decide([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])["choice"] == "b"
+    assert decide([1.0, 1.0, 1.0], [0.5, 0.5, 1.2])["choice"] == "a"  # one round lost: the default stays
+    assert decide([1.0, 1.0, 1.0], [0.97, 0.97, 0.97])["choice"] == "a"  # faster, but within the margin
+    record = decide([1.0, 2.0, 3.0], [0.5, 0.5, 0.5])
+    assert record == {"choice": "b", "a_ms": 2000.0, "b_ms": 500.0}  # the medians, for the logs
 
 
 def test_probing_leaves_the_random_generators_alone(cache):
@@ -65,19 +94,58 @@ def test_probing_leaves_the_random_generators_alone(cache):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    fastpath.conv3x3_algorithm(x, w)
+    _algorithm(x, w)
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_cache_off_keeps_choices_in_memory_only(tmp_path, monkeypatch):
     monkeypatch.setenv("RETINANET_CACHE_DIR", "off")
     monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
-    fastpath.conv3x3_algorithm(*_conv_input())
+    _algorithm(*_conv_input())
     assert fastpath._CACHE.memory["conv3x3"] and "cache off" in fastpath.summary()
 
 
-def _tiny():
-    return build_model("retinanet_tiny", num_classes=2, min_size=64, max_size=64)
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from retinanet import fastpath
+    name, count = sys.argv[1], int(sys.argv[2])
+    for i in range(count):
+        fastpath._CACHE.put("test", f"{name}-{i}", {"choice": "direct", "writer": name})
+    """
+)
+READER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    path, done = Path(sys.argv[1]), Path(sys.argv[2])
+    end, reads = time.time() + 120, 0
+    while not done.exists() and time.time() < end:  # until the writers have finished
+        if path.exists():
+            json.loads(path.read_text())  # a half-written file would not parse
+            reads += 1
+    print(reads)
+    """
+)
+
+
+def test_processes_sharing_the_cache_file_lose_no_entries_and_never_read_half_a_file(tmp_path):
+    env = {**os.environ, "RETINANET_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = tmp_path / "done"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "fastpaths.json"), str(done)], env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, f"w{k}", "40"], env=env) for k in range(4)]
+    assert all(w.wait(timeout=120) == 0 for w in writers)
+    done.touch()
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and int(out) > 0
+    entries = _records(tmp_path / "fastpaths.json", "test")
+    assert sorted(entries) == sorted(f"w{k}-{i}" for k in range(4) for i in range(40))
+    assert not list(tmp_path.glob(".fastpaths.*.tmp"))
+
+
+def _tiny(**overrides):
+    return build_model("retinanet_tiny", num_classes=2, min_size=64, max_size=64, **overrides)
 
 
 def _batch():
@@ -86,11 +154,24 @@ def _batch():
     return images, targets
 
 
+def test_layout_probe_from_an_empty_cache_times_a_copy(cache):
+    model = _tiny().train()
+    images, targets = _batch()
+    running = model.backbone.bn1.running_mean.clone()
+    choice = fastpath.tune(model, images, targets)
+    assert model.memory_format == choice
+    ((key, record),) = _records(cache, "memory_format").items()
+    assert key.endswith("train") and record["choice"] == choice
+    assert record["channels_last_ms"] > 0 and record["contiguous_ms"] > 0
+    assert torch.equal(model.backbone.bn1.running_mean, running)  # the copy's BatchNorm statistics moved, not ours
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_tune_sets_the_measured_layout_and_keeps_the_model_as_it_was(cache, monkeypatch):
     model = _tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, targets = _batch()
-    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: {"channels_last": 2.0, "contiguous": 1.0})
+    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: {"choice": "contiguous"})
     assert fastpath.tune(model, images, targets) == "contiguous"
     assert model.memory_format == "contiguous" and model.backbone.conv1.weight.is_contiguous()
     monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: pytest.fail("probed again"))
@@ -100,19 +181,9 @@ def test_tune_sets_the_measured_layout_and_keeps_the_model_as_it_was(cache, monk
         assert torch.equal(v, before[k]), k
 
 
-def test_real_layout_probe_times_a_copy(cache):
-    model = _tiny().train()
-    images, targets = _batch()
-    running = model.backbone.bn1.running_mean.clone()
-    times = fastpath._probe_layouts(model, images, targets)
-    assert set(times) == {"channels_last", "contiguous"} and all(t > 0 for t in times.values())
-    assert torch.equal(model.backbone.bn1.running_mean, running)  # the copy's BatchNorm statistics moved, not ours
-    assert all(p.grad is None for p in model.parameters())
-
-
 def test_a_forced_layout_is_kept(cache, monkeypatch):
     monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: pytest.fail("probed"))
-    model = build_model("retinanet_tiny", num_classes=2, min_size=64, max_size=64, memory_format="contiguous")
+    model = _tiny(memory_format="contiguous")
     assert fastpath.tune(model, _batch()[0]) == "contiguous" and model.memory_format == "contiguous"
 
 
@@ -135,15 +206,85 @@ def test_bf16_rules(monkeypatch, cache):
     assert fastpath.choose_amp("auto", "cpu") == "none" and fastpath.choose_amp("none", "cpu") == "none"
     monkeypatch.setattr(fastpath, "cpu_info", lambda: _cpu({"avx512f", "avx512_bf16"}))
     fastpath.check_amp("bf16", "cpu")
-    monkeypatch.setattr(fastpath, "_probe_bf16", lambda: {"float32": 1.0, "bf16": 2.0})
+    monkeypatch.setattr(fastpath, "_probe_bf16", lambda: {"choice": "none"})
     assert fastpath.choose_amp("auto", "cpu") == "none"  # native but measured slower: float32
     cache.unlink()  # another machine of the same kind, measured otherwise
     monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
-    monkeypatch.setattr(fastpath, "_probe_bf16", lambda: {"float32": 2.0, "bf16": 1.0})
+    monkeypatch.setattr(fastpath, "_probe_bf16", lambda: {"choice": "bf16"})
     assert fastpath.choose_amp("auto", "cpu") == "bf16"
+
+
+def test_bf16_probe_from_an_empty_cache(cache):
+    """This machine's own first use of amp auto: a real probe where bf16 is native, none where it is not."""
+    choice = fastpath.choose_amp("auto", "cpu")
+    if fastpath.cpu_info().native_bf16:
+        ((key, record),) = _records(cache, "amp").items()
+        assert record["choice"] == choice and record["none_ms"] > 0 and record["bf16_ms"] > 0
+    else:
+        assert choice == "none" and not cache.exists()
 
 
 def test_cpu_info_of_this_machine():
     info = fastpath.cpu_info()
     assert info.capability == torch.backends.cpu.get_cpu_capability()
-    assert info.name in fastpath.summary()
+    assert info.name in fastpath.summary() and info.name in fastpath.machine_id()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run's choices
+
+
+def test_a_run_measures_once_and_its_choices_travel_as_a_dict(cache, monkeypatch):
+    model = _tiny()
+    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: {"choice": "contiguous", "channels_last_ms": 2.0,
+                                                                "contiguous_ms": 1.0})  # fmt: skip
+    run, lines = fastpath.begin_run(model, _batch(), "none", "cpu")
+    assert lines == [] and run.memory_format == "contiguous" and model.memory_format == "contiguous"
+    assert run.amp == "none" and run.machine == fastpath.machine_id() and fastpath.current_run() is run
+    assert "memory format contiguous (channels_last 2 ms, contiguous 1 ms" in run.describe()
+    assert RunFastPaths.from_dict(run.to_dict()) == run
+    fastpath.end_run()
+    assert fastpath.current_run() is None
+
+
+def test_a_resumed_run_takes_its_checkpoints_choices_whatever_the_cache_holds(cache, monkeypatch):
+    saved = RunFastPaths(fastpath.machine_id(), amp="none", memory_format="contiguous",
+                         records={"conv3x3": {"64->64 n2 ~64px train cl": {"choice": "winograd"}}}).to_dict()
+    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: pytest.fail("probed"))
+    monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
+    fastpath._CACHE.memory["conv3x3"] = {"64->64 n2 ~64px train cl": {"choice": "direct"}}  # the cache says otherwise
+    model = _tiny()
+    run, lines = fastpath.begin_run(model, _batch(), "none", "cpu", saved=saved)
+    assert model.memory_format == "contiguous" and run.origin == "the checkpoint's" and lines == []
+    x = torch.randn(2, 64, 8, 8, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    assert _algorithm(x, torch.randn(64, 64, 3, 3)) == "winograd"
+    fastpath.end_run()
+    # a layout forced in the config still wins
+    forced = _tiny(memory_format="channels_last")
+    run, _ = fastpath.begin_run(forced, _batch(), "none", "cpu", saved=saved)
+    assert forced.memory_format == "channels_last" == run.memory_format
+    fastpath.end_run()
+
+
+def test_a_run_resumed_on_another_machine_measures_again_and_says_so(cache, monkeypatch):
+    saved = RunFastPaths("Another CPU | AVX2 | oneDNN all | torch 0", memory_format="contiguous").to_dict()
+    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: {"choice": "channels_last"})
+    model = _tiny()
+    run, lines = fastpath.begin_run(model, _batch(), "none", "cpu", saved=saved)
+    assert len(lines) == 1 and "Another CPU" in lines[0] and "measured again" in lines[0]
+    assert run.memory_format == "channels_last" == model.memory_format and run.origin == "measured"
+    fastpath.end_run()
+
+
+def test_a_shared_run_gives_classes_met_later_the_default_without_measuring(cache, monkeypatch):
+    monkeypatch.setattr(fastpath, "_RUN", RunFastPaths(fastpath.machine_id(), shared=True))
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: pytest.fail("a process measured alone"))
+    fastpath._CACHE.memory["conv3x3"] = {}
+    x, w = _conv_input(grad=True)
+    assert _algorithm(x, w) == "direct"
+    (record,) = fastpath.current_run().records["conv3x3"].values()
+    assert record == {"choice": "direct", "measured": False}
+    assert "1 met after the start" in fastpath.current_run().describe()
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "winograd"})
+    with torch.no_grad():  # inference (rank 0's evaluation) is measured by the one process that runs it
+        assert _algorithm(x.detach(), w) == "winograd"

@@ -96,13 +96,28 @@ def test_every_image_is_listed_and_bad_files_are_skipped_by_name(tmp_path, worke
     assert len(back) == 4
 
 
+def _assert_same_records(a: list[dict], b: list[dict]) -> None:
+    """The same images and detections, up to float32 rounding: a batch of 1 and one of 3 may run other
+    convolution kernels (oneDNN chooses by shape and thread count), whose last bits differ, and a last bit can
+    move a rounded figure of detections.json."""
+    assert [{k: v for k, v in r.items() if k != "detections"} for r in a] == \
+        [{k: v for k, v in r.items() if k != "detections"} for r in b]  # fmt: skip
+    for ra, rb in zip(a, b):
+        assert len(ra["detections"]) == len(rb["detections"]), ra["file"]
+        for da, db in zip(ra["detections"], rb["detections"]):
+            assert (da["label"], da["name"], da["category_id"]) == (db["label"], db["name"], db["category_id"])
+            assert da["box"] == pytest.approx(db["box"], abs=0.011) and da["score"] == pytest.approx(db["score"],
+                                                                                                    abs=2e-4)
+
+
 def test_batched_is_one_by_one_and_tiles_work_from_files(tmp_path):
     model = _tiny()
     files = [_save(tmp_path / "in", f"im{i}.png", seed=i) for i in range(3)]  # one size: no padding differences
     predictor = Predictor(model, score_thresh=0.3)
     one = run_inference(predictor, files, tmp_path / "one", batch_size=1, draw=False, progress=False).records
     three = run_inference(predictor, files, tmp_path / "three", batch_size=3, draw=False, progress=False).records
-    assert one == three and sum(len(r["detections"]) for r in one) > 0
+    _assert_same_records(one, three)
+    assert sum(len(r["detections"]) for r in one) > 0
     assert not list((tmp_path / "one").glob("*.png"))
     big = _save(tmp_path / "in", "big.png", size=(200, 300), seed=7)
     tiled = Predictor(model, score_thresh=0.3, tile=96, overlap=0.25)

@@ -115,14 +115,14 @@ def test_auto_takes_the_machines_measured_choice_for_what_winograd_computes(monk
     import retinanet.fastpath as fastpath
 
     asked = []
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w: asked.append(tuple(x.shape)) or "winograd")
+    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel: asked.append(tuple(x.shape)) or "winograd")
     x, w = _big()
     assert winograd_applies(x, w, 1, 1, 1, 1) and _uses_winograd(conv2d(x, w, None, 1, 1))
     assert asked == [(1, 128, 32, 32)] * 2
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w: "direct")
+    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel: "direct")
     assert not _uses_winograd(conv2d(x, w, None, 1, 1))
     # what Winograd does not compute is never measured
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w: pytest.fail(f"asked about {tuple(x.shape)}"))
+    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel: pytest.fail(f"asked about {tuple(x.shape)}"))
     assert not _uses_winograd(conv2d(x, w, None, 1, 1, algorithm="direct"))
     assert not _uses_winograd(conv2d(x, w, None, 2, 1))  # stride 2
     assert not _uses_winograd(conv2d(x, w[:, :, :1, :1], None, 1, 0))  # 1x1

@@ -73,6 +73,8 @@ class RetinaNet(nn.Module):
         # gt boxes of the last loss's batch that no anchor at IoU >= fg_iou was given to: a tensor, read (a host
         # sync) only when the training loop logs it
         self.boxes_without_positive: Tensor | None = None
+        # average the loss normaliser over DDP processes (the fast-path probe's copy, run on one process, does not)
+        self.sync_normalizer = True
 
     @property
     def num_classes(self) -> int:
@@ -211,7 +213,7 @@ class RetinaNet(nn.Module):
         """The number of positive anchors in the batch (at least 1): the paper's normaliser; averaged over DDP
         processes; or its exponential moving average (detectron2) with normalizer="ema"."""
         num_pos = num_pos.float()
-        if dist.is_available() and dist.is_initialized():
+        if self.sync_normalizer and dist.is_available() and dist.is_initialized():
             dist.all_reduce(num_pos)
             num_pos = num_pos / dist.get_world_size()
         if self.config.normalizer == "ema":

@@ -58,6 +58,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "lr_factor",
+    "resolve_device",
     "resolve_device_and_amp",
     "rng_state",
     "save_checkpoint",
@@ -102,14 +103,14 @@ def train(
     Writes to output_dir (default cfg.output_dir), from rank 0 only: log.jsonl (one line per cfg.log_every
     iterations: iter, each loss and "loss" (their sum) of that iteration on rank 0, lr, time and data_time in
     seconds), tb/ (TensorBoard), last.pt (atomic checkpoints every cfg.checkpoint_every iterations and at the end).
-    Returns {"iteration", "losses" (last logged), "metrics" (last evaluation), "checkpoint" (path of last.pt)}.
+    Returns {"iteration", "losses" (last logged), "metrics" (last evaluation), "checkpoint" (path of last.pt),
+    "fast_paths" (the run's fastpath.RunFastPaths: precision, layout, convolution algorithms)}.
     Seeds python, numpy and torch with cfg.seed + rank first, so that a run is a function of its seed.
     Raises NonFiniteLossError, before the optimiser step, when a loss is NaN or infinite.
     """
     rank, world = _rank_and_world()
     cfg.check()
-    device, amp = resolve_device_and_amp(cfg)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    device = resolve_device(cfg)
     out = Path(output_dir if output_dir is not None else cfg.output_dir)
     _seed_everything(cfg.seed + rank)
     _check_batch_size(train_loader, cfg, world)
@@ -123,17 +124,19 @@ def train(
         _restore_rng(checkpoint["rng"], rank, world)
     log = RunLog(out, enabled=rank == 0, start=start)
     first = _to_device(stream.next(), device) if start < cfg.max_iters else None
-    if first is not None:  # the memory layout that is faster here for batches like this one (fastpath.tune)
-        fastpath.tune(model, *first)
+    # layout, precision and convolution algorithms, once for the run (rank 0's in a distributed run), before DDP
+    # compares the replicas; a resumed run takes its checkpoint's
+    saved = checkpoint.get("fast_paths") if checkpoint is not None else None
+    fast, notes = fastpath.begin_run(model, first, cfg.amp, device, saved)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[fast.amp]
     loss_fn = _loss_module(model, device, world)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=fast.amp == "fp16")
     if checkpoint is not None:
         _restore(checkpoint, resume, model, optimizer, scheduler, scaler)
-    for warning in cfg.schedule().warnings:
-        log.note(f"warning: {warning}")
-    log.note(f"fast paths: {fastpath.summary()}; amp {amp}")
+    for line in [f"warning: {w}" for w in cfg.schedule().warnings] + notes + [fast.describe()]:
+        log.note(line)
     bar = tqdm(total=cfg.max_iters, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     t_start, t_eval = time.perf_counter(), 0.0
     values: dict[str, float] = {}
@@ -170,7 +173,7 @@ def train(
                     t_eval += time.perf_counter()
                     log.write(it, {f"eval/{k}": v for k, v in metrics.items()})
                 if it % cfg.checkpoint_every == 0 or it == cfg.max_iters or stopping:
-                    _checkpoint(out, model, optimizer, scheduler, scaler, it, cfg, stream, rank, world)
+                    _checkpoint(out, model, optimizer, scheduler, scaler, it, cfg, stream, rank, world, fast)
                 if stopping and it < cfg.max_iters:
                     log.note(f"interrupted after iteration {it}; checkpoint {out / 'last.pt'}")
                     raise TrainingInterrupted(it, out / "last.pt")
@@ -179,9 +182,11 @@ def train(
         seconds = time.perf_counter() - t_start - t_eval
         log.note(f"trained iterations {start + 1}..{int(bar.n)} in {seconds:.1f} s "
                  f"(evaluation not counted: {t_eval:.1f} s)", echo=False)  # fmt: skip
-        log.note(f"fast paths used: {fastpath.summary()}", echo=False)  # classes met after the first batch too
+        log.note(f"at the end: {fast.describe()}", echo=False)  # with the classes met after the first batch
         log.close()
-    return {"iteration": max(start, cfg.max_iters), "losses": values, "metrics": metrics, "checkpoint": out / "last.pt"}
+        fastpath.end_run()
+    return {"iteration": max(start, cfg.max_iters), "losses": values, "metrics": metrics, "checkpoint": out / "last.pt",
+            "fast_paths": fast}
 
 
 class _StopOnInterrupt:
@@ -374,13 +379,15 @@ def save_checkpoint(
     data_position: Mapping[str, int] | None = None,
     rng_states: list[dict[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
+    fast_paths: fastpath.RunFastPaths | None = None,
 ) -> Path:
     """Write a checkpoint atomically: to a temporary file in the same folder, flushed and fsynced, then renamed
     over `path`, so that a crash during the save leaves the previous checkpoint at `path` intact.
 
     Keys: format_version, iteration, model (state dict), model_config (dataclasses.asdict(model.config)),
     train_config, optimizer, scheduler, scaler (state dicts or None), rng (one rng_state() per process, by rank),
-    data_position ({"epoch", "batch"}), extra. Every value loads with torch.load(weights_only=True).
+    data_position ({"epoch", "batch"}), extra, fast_paths (the run's machine-dependent choices,
+    fastpath.RunFastPaths as a dict, or None). Every value loads with torch.load(weights_only=True).
     """
     model = getattr(model, "module", model)  # DistributedDataParallel -> the model
     config = getattr(model, "config", None)
@@ -398,6 +405,7 @@ def save_checkpoint(
         "rng": rng_states if rng_states is not None else [rng_state()],
         "data_position": dict(data_position) if data_position is not None else None,
         "extra": dict(extra or {}),
+        "fast_paths": fast_paths.to_dict() if fast_paths is not None else None,
     }
     path = Path(path)
     _atomic_save(checkpoint, path)
@@ -464,14 +472,14 @@ def load_model(path: str | Path, map_location: str | torch.device | None = "cpu"
 
 
 def _checkpoint(out: Path, model: nn.Module, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig,
-                stream: BatchStream, rank: int, world: int) -> None:
+                stream: BatchStream, rank: int, world: int, fast: fastpath.RunFastPaths) -> None:
     rngs = _gather(rng_state(), world)  # collective: every process must call it
     if rank != 0:
         return
     args = (model, optimizer, scheduler, scaler, iteration, cfg, stream.position, rngs)
-    save_checkpoint(out / "last.pt", *args)
+    save_checkpoint(out / "last.pt", *args, fast_paths=fast)
     if cfg.keep_all_checkpoints:
-        save_checkpoint(out / f"iter_{iteration:07d}.pt", *args)
+        save_checkpoint(out / f"iter_{iteration:07d}.pt", *args, fast_paths=fast)
 
 
 def _restore(checkpoint: dict[str, Any], path: str | Path, model: nn.Module, optimizer, scheduler, scaler) -> None:
@@ -585,7 +593,16 @@ def _gather(obj: Any, world: int) -> list[Any]:
 
 
 def resolve_device_and_amp(cfg: TrainConfig) -> tuple[torch.device, str]:
-    """The device and the precision to train in ("none", "bf16", "fp16"; amp "auto" resolved by measurement)."""
+    """The device and the precision to run in ("none", "bf16", "fp16"; amp "auto" resolved by measurement, or the
+    cache's choice). A training run makes this choice in `train` instead (fastpath.begin_run), once for all its
+    processes."""
+    device = resolve_device(cfg)
+    return device, fastpath.choose_amp(cfg.amp, device)
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device to run on; a ValueError for one this machine lacks, or for a precision it cannot run (measures
+    nothing)."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -598,9 +615,10 @@ def resolve_device_and_amp(cfg: TrainConfig) -> tuple[torch.device, str]:
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError(f"train config: amp='fp16' needs a CUDA device, got {device}; use amp='none' on a CPU")
     try:
-        return device, fastpath.choose_amp(cfg.amp, device)
+        fastpath.check_amp(cfg.amp, device)
     except ValueError as exc:
         raise ValueError(f"train config: {exc}") from None
+    return device
 
 
 def _check_batch_size(loader: DataLoader, cfg: TrainConfig, world: int) -> None:

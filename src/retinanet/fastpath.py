@@ -7,16 +7,26 @@ emulated, a bf16 convolution is tens of times slower than float32. So none of it
 measured at first use and kept, like cuDNN's benchmark mode:
 
 - the 3x3 convolution algorithm, per shape class (channels in and out, batch, map size to a half octave, training
-  or inference, layout): `conv3x3_algorithm`, which `retinanet.winograd.conv2d` asks for its "auto" setting;
-- the model's memory layout, channels-last or contiguous, per model and input size class: `tune`, which the
-  training loop and the predictor call with their first batch;
+  or inference, layout): `conv3x3_algorithm`, which the model's convolutions ask for their "auto" setting;
+- the model's memory layout, channels-last or contiguous, per model and input size class: `tune`;
 - bfloat16 autocast, for amp "auto": only with native bf16 and where measured faster (`choose_amp`); asked for
   explicitly on a CPU without native bf16 it is refused (`check_amp`).
 
+A probe keeps the default (torch's convolution, channels-last, float32) unless the other option is faster by
+MARGIN in every one of ROUNDS interleaved rounds, so that timing noise on a busy machine cannot flip a choice; its
+figures (the median of each option) are kept with the choice, for the logs.
+
 Choices are cached in memory and in a JSON file per machine (RETINANET_CACHE_DIR, default ~/.cache/retinanet;
-"off" keeps them in memory only), so that a machine measures a shape class once. The config forces any choice
-(ModelConfig.conv_algorithm and memory_format, TrainConfig.amp); `summary` says what was chosen, for logs. On a GPU
-nothing is probed: channels-last and torch's (cuDNN's) convolutions.
+"off" keeps them in memory only), so that a machine measures a shape class once. Processes that share the file
+(parallel ablation workers, DDP ranks, two runs) write it under a file lock, read-merge-replace, so none loses
+another's entries or reads a half-written file.
+
+A training run makes its choices once, at its first batch (`begin_run`): in a distributed run rank 0 measures and
+every process takes rank 0's choices before DDP wraps the model, and a training shape class first met later takes
+the default on every process without a probe (no process measures alone while the others compute). The choices are
+a `RunFastPaths`, written into the run's checkpoints and train.log; a resumed run on the same machine takes them
+from its checkpoint, whatever the cache holds. The config forces any choice (ModelConfig.conv_algorithm and
+memory_format, TrainConfig.amp). On a GPU nothing is probed: channels-last and torch's (cuDNN's) convolutions.
 """
 
 from __future__ import annotations
@@ -26,37 +36,54 @@ import copy
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+try:  # POSIX file locks; without them (Windows) concurrent writers may lose entries, never corrupt the file
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 __all__ = [
     "CpuInfo",
+    "MARGIN",
     "MEMORY_FORMATS",
+    "ROUNDS",
+    "RunFastPaths",
+    "begin_run",
     "check_amp",
     "choose_amp",
     "conv3x3_algorithm",
     "cpu_info",
+    "current_run",
+    "end_run",
+    "machine_id",
     "summary",
     "tune",
 ]
 
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: choices by repeated rounds against a margin (version 1's single timings are measured again)
 # Below these sizes a 3x3 convolution is computed directly without a probe: Winograd's transforms cost more than
 # the multiplications they save (measured on both CPU kinds), and probing tiny convolutions would cost more than
 # it could win.
 PROBE_MIN_CHANNELS = 32
 PROBE_MIN_POSITIONS = 8 * 8
-# Winograd is chosen only when measured at least this much faster: its float32 rounding is a little coarser
-WINOGRAD_MARGIN = 0.97
+# The other option replaces the default only when it is at least 5% faster in every round. Winograd's float32
+# rounding is a little coarser, bf16's much coarser, and a layout change costs a copy: none is worth a tie.
+MARGIN = 0.95
+ROUNDS = 3
+DEFAULTS = {"conv3x3": "direct", "memory_format": "channels_last", "amp": "none"}
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 instructions
 _NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
@@ -107,10 +134,15 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(name, capability, onednn, flags)
 
 
-def _machine_key() -> str:
+def machine_id() -> str:
+    """What the choices depend on, thread count aside: the CPU, the kernels' instruction sets and torch's version.
+    A run resumed where this is the same takes its checkpoint's choices."""
     info = cpu_info()
-    return f"{info.name} | {info.capability} | oneDNN {info.onednn_cap or 'all'} | torch {torch.__version__} | " \
-           f"{torch.get_num_threads()} threads"  # fmt: skip
+    return f"{info.name} | {info.capability} | oneDNN {info.onednn_cap or 'all'} | torch {torch.__version__}"
+
+
+def _cache_key() -> str:
+    return f"{machine_id()} | {torch.get_num_threads()} threads"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,7 +162,8 @@ class _Cache:
         base = Path(folder) if folder else Path.home() / ".cache" / "retinanet"
         return base / "fastpaths.json"
 
-    def _read_file(self, path: Path) -> dict[str, Any]:
+    @staticmethod
+    def _read_file(path: Path) -> dict[str, Any]:
         with contextlib.suppress(OSError, ValueError):
             data = json.loads(path.read_text())
             if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
@@ -140,44 +173,196 @@ class _Cache:
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         path = self.path()
         if path is not None and self.loaded_from != path:
-            mine = self._read_file(path)["machines"].get(_machine_key(), {})
+            mine = self._read_file(path)["machines"].get(_cache_key(), {})
             for k, records in mine.items():
                 self.memory.setdefault(k, {}).update(records)
             self.loaded_from = path
-        record = self.memory.get(kind, {}).get(key)
-        if record is not None:
-            self.used.setdefault(kind, {})[key] = record
-        return record
+        return self.memory.get(kind, {}).get(key)
 
     def put(self, kind: str, key: str, record: dict[str, Any]) -> None:
         self.memory.setdefault(kind, {})[key] = record
-        self.used.setdefault(kind, {})[key] = record
         path = self.path()
         if path is None:
             return
         with contextlib.suppress(OSError):  # a read-only home must not stop training: the choice stays in memory
             path.parent.mkdir(parents=True, exist_ok=True)
-            data = self._read_file(path)  # merge with what other processes wrote meanwhile
-            data["machines"].setdefault(_machine_key(), {}).setdefault(kind, {})[key] = record
-            fd, tmp = tempfile.mkstemp(prefix=".fastpaths.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            with _locked(path):  # read, merge and replace as one step: no writer loses another's entries
+                data = self._read_file(path)
+                data["machines"].setdefault(_cache_key(), {}).setdefault(kind, {})[key] = record
+                fd, tmp = tempfile.mkstemp(prefix=".fastpaths.", suffix=".tmp", dir=path.parent)
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(data, f, indent=1, sort_keys=True)
+                    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on path's companion .lock file, held by one process at a time."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 _CACHE = _Cache()
 
 
-def _best_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Fastest of `repeats` runs after a warm-up, in seconds: the minimum, which other processes' load inflates
-    least."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunFastPaths:
+    """The fast paths of one training run, made once at its first batch and then facts of the run.
+
+    machine: `machine_id()` of where they were measured. amp: the precision trained in ("none", "bf16", "fp16").
+    memory_format: the model's layout in training. records: every choice the run consulted, {kind: {shape class:
+    record}} with kind "conv3x3", "memory_format" or "amp" and record {"choice", the probe's figures}. origin: how
+    the choices were made ("measured", "the checkpoint's", "rank 0's, shared with N processes"). shared: a
+    distributed run, where a training shape class met after the start takes the default on every process.
+    """
+
+    machine: str
+    amp: str = "none"
+    memory_format: str = "channels_last"
+    records: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    origin: str = "measured"
+    shared: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunFastPaths":
+        known = {k: copy.deepcopy(v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def describe(self) -> str:
+        """One line for train.log: the choices, how they were made, and the figures behind them."""
+        parts = [f"fast paths ({self.origin}, {cpu_info().describe()}): amp {self.amp}"
+                 + _figures(self.records.get("amp", {}).values())]  # fmt: skip
+        layouts = self.records.get("memory_format", {})
+        parts.append(f"memory format {self.memory_format}" + _figures(layouts.values()))
+        convs = self.records.get("conv3x3", {}).values()
+        if convs:
+            wino = sum(r["choice"] == "winograd" for r in convs)
+            unmeasured = sum("measured" in r and not r["measured"] for r in convs)
+            later = f" ({unmeasured} met after the start: torch's, not measured)" if unmeasured else ""
+            parts.append(f"3x3 convolutions: Winograd for {wino} of {len(convs)} shape classes{later}")
+        return "; ".join(parts)
+
+
+def _figures(records: Any) -> str:
+    figures = [", ".join(f"{k[:-3]} {v:.3g} ms" for k, v in r.items() if k.endswith("_ms")) for r in records]
+    figures = [f for f in figures if f]
+    return f" ({'; '.join(figures)}, medians of {ROUNDS} rounds)" if figures else ""
+
+
+_RUN: RunFastPaths | None = None
+
+
+def current_run() -> RunFastPaths | None:
+    """The fast paths of the training run in progress in this process (between begin_run and end_run), or None."""
+    return _RUN
+
+
+def end_run() -> None:
+    global _RUN
+    _RUN = None
+
+
+def begin_run(
+    model: Any,
+    batch: tuple[list[Tensor], list[dict[str, Tensor]]] | None,
+    amp: str,
+    device: torch.device | str,
+    saved: dict[str, Any] | None = None,
+) -> tuple[RunFastPaths, list[str]]:
+    """Make a training run's choices at its first batch and set the model's layout; returns them and log lines.
+
+    model: the RetinaNet to train (not yet wrapped by DDP); batch: this process's first (images, targets), as the
+    model's loss takes them with resize=False (None: nothing left to train, the layout is not measured); amp: the
+    config's train.amp; saved: the choices of the checkpoint the run resumes from. Choices forced in the config
+    win; else a checkpoint's from this machine (`machine_id`) are taken as they are, else they are measured (the
+    cache's, or a probe's). In a distributed run only rank 0 does this, and every process takes rank 0's choices:
+    call it on every process, before DDP wraps the model.
+    """
+    global _RUN
+    device = torch.device(device)
+    check_amp(amp, device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    lines: list[str] = []
+    reuse = saved if saved and saved.get("machine") == machine_id() else None
+    if saved and reuse is None:
+        lines.append(f"fast paths: the checkpoint's were measured on another machine ({saved.get('machine')}); this "
+                     f"is {machine_id()}: measured again")  # fmt: skip
+    run = None
+    if rank == 0:
+        run = RunFastPaths(machine_id(), records=copy.deepcopy(reuse["records"]) if reuse else {})
+        run.origin = "the checkpoint's" if reuse else "measured"
+        _RUN = run
+        run.amp = amp if amp != "auto" else (reuse["amp"] if reuse else choose_amp(amp, device))
+        forced = model.config.memory_format
+        if forced != "auto":
+            run.memory_format = forced
+        elif device.type != "cpu" or (batch is None and reuse is None):
+            run.memory_format = DEFAULTS["memory_format"]
+        else:
+            run.memory_format = reuse["memory_format"] if reuse else tune(model, *batch)
+    if world > 1:  # rank 0's choices become every process's, before DDP compares the replicas' layouts
+        shared = [run.to_dict() if run is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+        run = RunFastPaths.from_dict(shared[0])
+        run.shared = True
+        run.origin = f"rank 0's, shared with {world} processes" + (" (from the checkpoint)" if reuse else "")
+        _RUN = run
+    model.use_memory_format(run.memory_format)
+    return run, lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _choose(kind: str, key: str, measure: Callable[[], dict[str, Any]], lockstep: bool) -> dict[str, Any]:
+    """The record of a choice: the run's (if one is in progress and holds it), else the cache's, else measured.
+    lockstep: a training choice every process of a distributed run makes alike; met after a shared run's start,
+    it takes the default without a probe."""
+    run = _RUN
+    record = run.records.get(kind, {}).get(key) if run is not None else None
+    if record is None:
+        if run is not None and run.shared and lockstep:  # not even the cache: processes may hold different ones
+            record = {"choice": DEFAULTS[kind], "measured": False}
+        else:
+            record = _CACHE.get(kind, key)
+            if record is None:
+                record = measure()
+                _CACHE.put(kind, key, record)
+        if run is not None:
+            run.records.setdefault(kind, {})[key] = record
+    _CACHE.used.setdefault(kind, {})[key] = record
+    return record
+
+
+def _compare(default: str, other: str, run: Callable[[str], object], rounds: int = ROUNDS) -> dict[str, Any]:
+    """Time run(default) and run(other) in `rounds` interleaved rounds after a warm-up of each (the order flips
+    every round, so that a drift of the machine's speed hits both alike): `other` is chosen only if it is faster
+    than MARGIN x default in every round. The record holds the choice and each option's median in ms."""
+    times: dict[str, list[float]] = {default: [], other: []}
+    run(default)
+    run(other)
+    for r in range(rounds):
+        for name in (default, other) if r % 2 == 0 else (other, default):
+            t0 = time.perf_counter()
+            run(name)
+            times[name].append(time.perf_counter() - t0)
+    wins = all(o < MARGIN * d for o, d in zip(times[other], times[default]))
+    return {"choice": other if wins else default,
+            **{f"{name}_ms": round(statistics.median(t) * 1e3, 3) for name, t in times.items()}}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,52 +380,42 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def conv3x3_algorithm(x: Tensor, weight: Tensor) -> str:
+def conv3x3_algorithm(x: Tensor, weight: Tensor, winograd: Callable[..., Tensor]) -> str:
     """"winograd" or "direct" for a float32 CPU 3x3 convolution with stride 1 and padding 1 of input x [N, C, H, W]
     and weight [K, C, 3, 3]: the faster on this machine, measured once per shape class (forward only, or forward
-    and backward when autograd will need the gradients)."""
+    and backward when autograd will need the gradients). winograd(x, weight, bias): the Winograd kernel timed
+    against F.conv2d."""
     n, c, h, w = x.shape
     if min(c, weight.shape[0]) < PROBE_MIN_CHANNELS or h * w < PROBE_MIN_POSITIONS:
         return "direct"
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    key = _conv_class(x, weight, training)
-    record = _CACHE.get("conv3x3", key)
-    if record is None:
-        times = _probe_conv(tuple(x.shape), weight.shape[0], _is_channels_last(x), training)
-        choice = "winograd" if times["winograd"] < WINOGRAD_MARGIN * times["direct"] else "direct"
-        record = {"choice": choice, **{f"{k}_ms": round(v * 1e3, 3) for k, v in times.items()}}
-        _CACHE.put("conv3x3", key, record)
-    return record["choice"]
+    measure = lambda: _probe_conv(tuple(x.shape), weight.shape[0], _is_channels_last(x), training, winograd)  # noqa: E731
+    return _choose("conv3x3", _conv_class(x, weight, training), measure, lockstep=training)["choice"]
 
 
-def _probe_conv(shape: tuple[int, ...], out_channels: int, channels_last: bool, training: bool) -> dict[str, float]:
-    """Best time of torch's convolution and of Winograd's on random data of this shape. Draws from its own
+def _probe_conv(shape: tuple[int, ...], out_channels: int, channels_last: bool, training: bool,
+                winograd: Callable[..., Tensor]) -> dict[str, Any]:  # fmt: skip
+    """torch's convolution against Winograd's on random data of this shape (`_compare`). Draws from its own
     generator, so that probing does not change the run's random numbers."""
-    from retinanet.winograd import winograd_conv3x3
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     weight = torch.randn(out_channels, shape[1], 3, 3, generator=g) * (2.0 / (9 * shape[1])) ** 0.5
     bias = torch.zeros(out_channels)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    algorithms = {"direct": lambda a, b, c: F.conv2d(a, b, c, padding=1), "winograd": winograd_conv3x3}
-    times = {}
-    for name, conv in algorithms.items():
-        if training:
-            xs, ws, bs = (t.detach().requires_grad_() for t in (x, weight, bias))
+    algorithms = {"direct": lambda a, b, c: F.conv2d(a, b, c, padding=1), "winograd": winograd}
+    if training:
+        xs, ws, bs = (t.detach().requires_grad_() for t in (x, weight, bias))
 
-            def run(conv=conv, xs=xs, ws=ws, bs=bs):
-                y = conv(xs, ws, bs)
-                xs.grad = ws.grad = bs.grad = None
-                y.backward(torch.ones_like(y))
+        def run(name: str) -> None:
+            y = algorithms[name](xs, ws, bs)
+            xs.grad = ws.grad = bs.grad = None
+            y.backward(torch.ones_like(y))
 
-            with torch.enable_grad():
-                times[name] = _best_time(run)
-        else:
-            with torch.no_grad():
-                times[name] = _best_time(lambda conv=conv: conv(x, weight, bias))
-    return times
+        with torch.enable_grad():
+            return _compare("direct", "winograd", run)
+    with torch.no_grad():
+        return _compare("direct", "winograd", lambda name: algorithms[name](x, weight, bias))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,15 +439,11 @@ def tune(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | No
     if device.type != "cpu":
         model.use_memory_format("channels_last")
         return "channels_last"
-    key = _model_class(model, images, training=targets is not None)
-    record = _CACHE.get("memory_format", key)
-    if record is None:
-        times = _probe_layouts(model, images, targets)
-        best = min(times, key=times.get)
-        record = {"choice": best, **{f"{k}_ms": round(v * 1e3, 1) for k, v in times.items()}}
-        _CACHE.put("memory_format", key, record)
-    model.use_memory_format(record["choice"])
-    return record["choice"]
+    training = targets is not None
+    measure = lambda: _probe_layouts(model, images, targets)  # noqa: E731
+    choice = _choose("memory_format", _model_class(model, images, training), measure, lockstep=training)["choice"]
+    model.use_memory_format(choice)
+    return choice
 
 
 def _model_class(model: Any, images: list[Tensor], training: bool) -> str:
@@ -285,30 +456,30 @@ def _model_class(model: Any, images: list[Tensor], training: bool) -> str:
             f"~{positions:.0f}px conv {cfg.conv_algorithm} {'train' if training else 'infer'}")  # fmt: skip
 
 
-def _probe_layouts(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> dict[str, float]:
-    """Best time of the model's inference or training step (loss and backward) in each layout, on a copy (the
-    class's own methods: what an instance may have patched is not timed) with the random state put back."""
+def _probe_layouts(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> dict[str, Any]:
+    """The model's inference or training step (loss and backward) in each layout (`_compare`), on a copy (the
+    class's own methods: what an instance may have patched is not timed) that computes its loss on this process
+    alone, with the random state put back."""
     probe = copy.deepcopy(model)
+    probe.sync_normalizer = False  # one process probes: the others are not in the all-reduce
     cls = type(probe)
     rng = torch.get_rng_state()
-    times = {}
-    for layout in ("channels_last", "contiguous"):
+
+    def run(layout: str) -> None:
         probe.use_memory_format(layout)
         if targets is None:
-            probe.eval()
             with torch.no_grad():
-                times[layout] = _best_time(lambda: cls.predict(probe, images, resize=False), repeats=1)
+                cls.predict(probe, images, resize=False)
         else:
-            probe.train()
+            losses = cls.loss(probe, images, targets, resize=False)
+            probe.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
 
-            def step():
-                losses = cls.loss(probe, images, targets, resize=False)
-                probe.zero_grad(set_to_none=True)
-                sum(losses.values()).backward()
-
-            times[layout] = _best_time(step, repeats=1)
-    torch.set_rng_state(rng)
-    return times
+    probe.train(targets is not None)
+    try:
+        return _compare("channels_last", "contiguous", run)
+    finally:
+        torch.set_rng_state(rng)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,30 +509,22 @@ def choose_amp(amp: str, device: torch.device | str) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type != "cpu" or not cpu_info().native_bf16:
         return "none"
-    record = _CACHE.get("amp", "conv 256->256 n2 64x64 train")
-    if record is None:
-        times = _probe_bf16()
-        record = {"choice": "bf16" if times["bf16"] < times["float32"] else "none",
-                  **{f"{k}_ms": round(v * 1e3, 2) for k, v in times.items()}}  # fmt: skip
-        _CACHE.put("amp", "conv 256->256 n2 64x64 train", record)
-    return record["choice"]
+    return _choose("amp", "conv 256->256 n2 64x64 train", _probe_bf16, lockstep=False)["choice"]
 
 
-def _probe_bf16() -> dict[str, float]:
-    """A head convolution's forward and backward in float32 (the faster algorithm) and under bf16 autocast."""
-    from retinanet.winograd import conv2d
-
+def _probe_bf16() -> dict[str, Any]:
+    """A head convolution's forward and backward in float32 and under bf16 autocast (`_compare`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 256, 64, 64, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
     weight = (torch.randn(256, 256, 3, 3, generator=g) * 0.02).requires_grad_()
 
-    def step(dtype: torch.dtype | None) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            y = conv2d(x, weight, None, 1, 1)
+    def step(precision: str) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = F.conv2d(x, weight, None, 1, 1)
         y.float().sum().backward()
 
     with torch.enable_grad():
-        return {"float32": _best_time(lambda: step(None), 2), "bf16": _best_time(lambda: step(torch.bfloat16), 2)}
+        return _compare("none", "bf16", step)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,8 +532,7 @@ def summary() -> str:
     """What this process runs and why, in one line: the CPU, the layouts and convolution algorithms chosen so far."""
     parts = [cpu_info().describe()]
     for record in _CACHE.used.get("memory_format", {}).values():
-        timing = ", ".join(f"{k[:-3]} {v:.0f} ms" for k, v in record.items() if k.endswith("_ms"))
-        parts.append(f"memory format {record['choice']} ({timing})")
+        parts.append(f"memory format {record['choice']}" + _figures([record]))
     convs = _CACHE.used.get("conv3x3", {}).values()
     if convs:
         wino = sum(r["choice"] == "winograd" for r in convs)

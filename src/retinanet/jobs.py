@@ -27,7 +27,15 @@ from retinanet.data import (
     train_transforms,
 )
 from retinanet.detector import RetinaNet, build_from_config
-from retinanet.engine import init_distributed, load_checkpoint, load_model, resolve_device_and_amp, train, write_note
+from retinanet.engine import (
+    init_distributed,
+    load_checkpoint,
+    load_model,
+    resolve_device,
+    resolve_device_and_amp,
+    train,
+    write_note,
+)
 from retinanet.evaluate import CocoMetrics, evaluate_coco, evaluate_voc, plot_pr_curves, save_coco_results
 from retinanet.inference import image_files, run_inference
 from retinanet.inspection import inspect_dataset
@@ -149,7 +157,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     function of its config and seed."""
     init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
     out = Path(cfg.train.output_dir)
-    device, amp = resolve_device_and_amp(cfg.train)  # a device or precision this machine lacks stops us first
+    device = resolve_device(cfg.train)  # a device or precision this machine lacks stops us first
     train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
     cfg.model = _categories_config(cfg.model, train_set)
     val_set = _val_dataset(cfg.data, cfg.model, train_set.categories) if evaluate else None
@@ -166,7 +174,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         save_run_config(cfg, out / "config.yaml")
         boxes = anchor_tools.training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
         coverage = anchor_tools.coverage(boxes, model.config)
-        for line in [_summary(cfg, train_set, val_set, device, amp, workers), workers_warning, *init_lines,
+        for line in [_summary(cfg, train_set, val_set, device, workers), workers_warning, *init_lines,
                      *anchor_tools.coverage_lines(coverage)]:  # fmt: skip
             if line:
                 print(line, flush=True)
@@ -176,7 +184,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         if _rank() != 0:
             return {}
         base = m.module if hasattr(m, "module") else m
-        return evaluate_model(base, val_set, out / "eval", amp=amp).to_dict()
+        return evaluate_model(base, val_set, out / "eval", amp=fastpath.current_run().amp).to_dict()
 
     t0 = time.perf_counter()
     result = train(model, loader, cfg.train, out, eval_fn=evaluate if val_set is not None else None, resume=resume)
@@ -198,7 +206,7 @@ def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
 
 
 def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, device: torch.device,
-             amp: str, workers: int) -> str:  # fmt: skip
+             workers: int) -> str:  # fmt: skip
     """One line saying what the run will do."""
     t, m = cfg.train, cfg.model
     epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
@@ -207,7 +215,7 @@ def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionData
     return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
             f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs; images resized to shorter "
             f"side {m.min_size}, longer at most {m.max_size}{sizes}; {cfg.preset} {m.backbone}; lr {t.lr:g} "
-            f"({t.optimizer}), {t.schedule().describe()}; device {device}, amp {amp}, {workers} data workers; "
+            f"({t.optimizer}), {t.schedule().describe()}; device {device}, amp {t.amp}, {workers} data workers; "
             f"output {t.output_dir}")  # fmt: skip
 
 

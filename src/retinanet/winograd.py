@@ -75,7 +75,7 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
         return False
     from retinanet.fastpath import conv3x3_algorithm
 
-    return conv3x3_algorithm(x, weight) == "winograd"
+    return conv3x3_algorithm(x, weight, winograd_conv3x3) == "winograd"
 
 
 def conv2d(

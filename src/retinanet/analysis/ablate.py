@@ -41,7 +41,7 @@ from retinanet.analysis.locks import claim, mutex, read_lock
 from retinanet.analysis.plots import write_text_atomic
 from retinanet.analysis.tables import collect_results, render_table
 from retinanet.config import apply_overrides
-from retinanet.engine import NonFiniteLossError, resolve_device_and_amp
+from retinanet.engine import NonFiniteLossError
 from retinanet.evaluate import evaluate_coco
 from retinanet.jobs import build_dataset, predict_dataset, run_train
 from retinanet.predictor import categories_of
@@ -140,7 +140,7 @@ def run_cell(planned: PlannedCell) -> dict[str, Any]:
                    "nonfinite_iteration": int(found.group(1)) if found else None}  # fmt: skip
     else:
         result |= {"status": "finished", "train_seconds": trained["train_seconds"], "iterations": trained["iteration"]}
-        result |= _evaluate(trained["model"], cfg)
+        result |= _evaluate(trained["model"], cfg, trained["fast_paths"].amp)
         del trained
     result["losses"] = loss_history(folder / "log.jsonl")
     result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -149,9 +149,9 @@ def run_cell(planned: PlannedCell) -> dict[str, Any]:
     return result
 
 
-def _evaluate(model, cfg: RunConfig) -> dict[str, Any]:
-    """COCO metrics on the validation set, and the inference time (detections only, not the COCO evaluation)."""
-    _, amp = resolve_device_and_amp(cfg.train)
+def _evaluate(model, cfg: RunConfig, amp: str) -> dict[str, Any]:
+    """COCO metrics on the validation set in the run's precision, and the inference time (detections only, not the
+    COCO evaluation)."""
     val = build_dataset(cfg.data, model.config, "val", train_mode=False, categories=categories_of(model))
     start = time.perf_counter()
     gts, dets = predict_dataset(model, val, amp=amp)
