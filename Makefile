@@ -11,7 +11,8 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # per process: an AVX-512 Xeon then catches what an AVX2-only EPYC would (CI runs on either kind), and CI covers
 # both thread settings users and CI machines run with
 NUMERICS := tests/test_losses.py tests/test_backbone.py tests/test_winograd.py tests/test_detector.py \
-	tests/test_interop.py tests/test_fastpath.py tests/test_inference.py tests/test_predictor.py
+	tests/test_weights_torchvision.py tests/test_fastpath.py tests/test_inference_files.py \
+	tests/test_inference_predictor.py
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

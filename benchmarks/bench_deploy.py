@@ -5,7 +5,7 @@ Engines. One set of weights for every row: torchvision's retinanet_resnet50_fpn 
 P5, 80 classes) with random weights and the class bias zeroed so that inference does its full work (top-k,
 decoding, NMS; an untrained head scores everything under the threshold), and ours built from it by
 `retinanet.from_torchvision` with our fast paths (frozen BatchNorm folded, Winograd 3x3 convolutions and the
-memory layout chosen by measurement), exported by `retinanet.export` (dynamic batch and size; decoding and NMS in
+memory layout chosen by measurement), exported by `retinanet.deploy` (dynamic batch and size; decoding and NMS in
 the graph) and run by ONNX Runtime and OpenVINO (CPU, float32). Images: `--batch` synthetic images of 800 x 1067
 (4:3 at the model's size: no resizing in any row). Rows: images per second, median over --repeats rounds after a
 warm-up, each round timing every row once in turn (rotating order); each row's detections compared with ours in
@@ -43,10 +43,12 @@ from common import interleaved_median_times, machine_line, write_section  # noqa
 
 from retinanet import from_torchvision  # noqa: E402
 from retinanet.data import SyntheticShapes  # noqa: E402
+from retinanet.deploy.engines import OnnxPredictor
+from retinanet.deploy.graph import export_onnx
+from retinanet.deploy.parity import compare_detections  # noqa: E402
 from retinanet.evaluate import evaluate_coco  # noqa: E402
-from retinanet.export import OnnxPredictor, compare_detections, export_onnx  # noqa: E402
-from retinanet.postprocess import Detections  # noqa: E402
-from retinanet.predictor import Predictor, categories_of  # noqa: E402
+from retinanet.inference.predictor import Predictor, categories_of  # noqa: E402
+from retinanet.ops.postprocess import Detections  # noqa: E402
 
 NUM_CLASSES = 80
 
@@ -142,11 +144,12 @@ def engine_rows(args, workdir: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 def tile_model(args):
-    from retinanet.engine import load_model
+    from retinanet.model.checkpoint import load_model
 
     path = Path(args.tile_checkpoint)
     if not path.is_file():
-        from retinanet.jobs import run_train, demo_config
+        from retinanet.jobs import demo_config
+        from retinanet.train.run import run_train
 
         overrides = {"max_iters": 300, "checkpoint_every": 300} if args.quick else {}
         print(f"{path} not found: training the demo model there first{' (short: --quick)' if args.quick else ''}",

@@ -11,21 +11,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_run_config
 
 from retinanet.analysis import ablate, locks
 from retinanet.analysis.ablate import loss_history, plan_grid, run_grids
 from retinanet.analysis.grids import cell_config, load_grid, shipped_file, shipped_grids
 from retinanet.analysis.tables import format_value, render_table
-from retinanet.engine import NonFiniteLossError
-from retinanet.runconfig import load_run_config
+from retinanet.config import load_run_config
+from retinanet.train.loop import NonFiniteLossError
 
-TINY = {
-    "model": {"preset": "retinanet_tiny", "min_size": 64, "max_size": 64},
-    "data": {"format": "synthetic", "synthetic_train_images": 4, "synthetic_val_images": 2,
-             "synthetic_image_size": 64},
-    "train": {"max_iters": 2, "batch_size": 2, "num_workers": 0, "warmup_iters": 0, "lr": 0.001, "log_every": 1,
-              "checkpoint_every": 2, "device": "cpu"},
-}  # fmt: skip
+TINY = {"data": {"synthetic_train_images": 4, "synthetic_val_images": 2},
+        "train": {"max_iters": 2, "warmup_iters": 0}}  # two iterations a cell
 
 GRID = {
     "table": "t",
@@ -43,7 +39,7 @@ def _write(path: Path, data: dict) -> Path:
 
 @pytest.fixture()
 def setup(tmp_path):
-    base = _write(tmp_path / "base.yaml", TINY)
+    base = write_run_config(tmp_path / "base.yaml", **TINY)
     grid = _write(tmp_path / "grid.yaml", GRID)
     return load_run_config(base), load_grid(grid), tmp_path / "out"
 
@@ -177,7 +173,7 @@ def test_claim_is_exclusive_and_release_keeps_anothers_lock(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_share_a_grid_without_running_a_cell_twice(tmp_path):
-    base = _write(tmp_path / "base.yaml", TINY)
+    base = write_run_config(tmp_path / "base.yaml", **TINY)
     cells = [{"name": f"alpha_{a}", "values": {"alpha": a}, "set": {"model.alpha": a}} for a in (0.25, 0.5, 0.75)]
     grid = _write(tmp_path / "grid.yaml", {**GRID, "cells": cells})
     command = [sys.executable, "-m", "retinanet.cli", "ablate", "--grid", str(grid), "--config", str(base),

@@ -12,9 +12,9 @@ import yaml
 from retinanet.analysis.loss_cdf import LossHistogram, anchor_losses, loss_cdf
 from retinanet.cli import main
 from retinanet.data import SyntheticShapes, eval_transforms
-from retinanet.detector import build_model
-from retinanet.engine import save_checkpoint
-from retinanet.matching import BACKGROUND, IGNORE, match_anchors
+from retinanet.model.checkpoint import save_checkpoint
+from retinanet.model.detector import build_model
+from retinanet.ops.matching import BACKGROUND, IGNORE, match_anchors
 
 SIZE = 64
 

@@ -5,7 +5,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from retinanet.anchors import TORCHVISION_SIZES_PER_LEVEL, AnchorGenerator
+from retinanet.ops.anchors import TORCHVISION_SIZES_PER_LEVEL, AnchorGenerator
 
 GRIDS_512 = [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
 

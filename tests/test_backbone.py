@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torchvision
+from numerics import assert_as_accurate, float64_copy
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retinanet.backbone import BACKBONES, ResNetBody, build_backbone
-from numerics import assert_as_accurate, float64_copy
+from retinanet.model.backbone import BACKBONES, ResNetBody, build_backbone
 
 
 def _norms(body: nn.Module) -> list[nn.Module]:
@@ -155,7 +155,7 @@ def _plain_forward(body: ResNetBody, x: torch.Tensor) -> list[torch.Tensor]:
 def test_frozen_bn_folding_equals_the_plain_forward():
     # the folded forward (frozen BN inside the convolutions) must be the same function as torchvision's modules:
     # as close to the float64 result as torchvision's own float32 forward is, on any CPU's kernels
-    from retinanet.backbone import build_backbone as _build
+    from retinanet.model.backbone import build_backbone as _build
 
     torch.manual_seed(0)
     for name in ("resnet18", "resnet50"):
@@ -182,7 +182,7 @@ def test_frozen_bn_folding_equals_the_plain_forward():
 def test_folded_forward_follows_changes_of_the_frozen_statistics():
     # the folded BN affine is cached per module: changing the statistics in place (as loading weights does) must
     # show in the next forward
-    from retinanet.backbone import build_backbone as _build
+    from retinanet.model.backbone import build_backbone as _build
 
     torch.manual_seed(0)
     body = _build("resnet18", norm="frozen_bn", freeze_at=5)
@@ -216,7 +216,7 @@ def test_frozen_stages_keep_their_batchnorm_statistics_in_training():
 
 
 def test_group_norm_head_needs_a_multiple_of_32_channels():
-    from retinanet.head import RetinaNetHead
+    from retinanet.model.head import RetinaNetHead
 
     with pytest.raises(ValueError, match="head_channels must be a multiple of 32, got 48"):
         RetinaNetHead(64, 9, 3, channels=48, norm="gn")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from retinanet.boxes import (
+from retinanet.ops.boxes import (
     box_area,
     box_ioa,
     box_iou,

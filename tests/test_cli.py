@@ -6,21 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run, tiny_settings
 from PIL import Image
 
 from retinanet.cli import main
 from retinanet.data import SyntheticShapes
 
-TINY = [
-    "model.preset=retinanet_tiny", "model.min_size=64", "model.max_size=64",
-    "data.synthetic_train_images=8", "data.synthetic_val_images=4", "data.synthetic_image_size=64",
-    "train.max_iters=3", "train.batch_size=2", "train.num_workers=0", "train.warmup_iters=1", "train.lr=0.001",
-    "train.log_every=1", "train.checkpoint_every=2", "train.device=cpu",
-]  # fmt: skip
-
 
 def _train(tmp_path: Path, *extra: str) -> int:
-    return main(["train", "--set", *TINY, f"train.output_dir={tmp_path / 'run'}", *extra])
+    return main(["train", *tiny_run(tmp_path / "run", *extra)])
 
 
 def test_train_eval_detect_end_to_end(tmp_path, capsys):
@@ -93,7 +87,7 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
 def test_resume_from_cli_continues(tmp_path):
     assert _train(tmp_path) == 0
     run = tmp_path / "run"
-    assert main(["train", "--set", *TINY, f"train.output_dir={run}", "train.max_iters=4",
+    assert main(["train", "--set", *tiny_settings(), f"train.output_dir={run}", "train.max_iters=4",
                  "--resume", str(run / "last.pt")]) == 0  # fmt: skip
     iters = [json.loads(x)["iter"] for x in (run / "log.jsonl").read_text().splitlines()]
     assert [i for i in iters][-1] == 4
@@ -141,7 +135,7 @@ def _box(i, image_id, bbox, cat=3):
 
 
 def _train_coco(tmp_path, data, *extra):
-    return main(["train", "--set", *TINY, *data, f"train.output_dir={tmp_path / 'run'}", *extra])
+    return main(["train", "--set", *tiny_settings(), *data, f"train.output_dir={tmp_path / 'run'}", *extra])
 
 
 @pytest.mark.parametrize(
@@ -195,7 +189,7 @@ def test_detect_missing_checkpoint(tmp_path, capsys):
 
 
 def test_non_finite_loss_exit_code(tmp_path, capsys, monkeypatch):
-    from retinanet.detector import RetinaNet
+    from retinanet.model.detector import RetinaNet
 
     original = RetinaNet.loss
 
@@ -229,7 +223,7 @@ def test_torchrun_two_processes_from_the_command_line(tmp_path):
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retinanet.cli", "train", "--set", *TINY, "train.batch_size=4", f"train.output_dir={run}"]  # fmt: skip
+           "-m", "retinanet.cli", "train", "--set", *tiny_settings(), "train.batch_size=4", f"train.output_dir={run}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -269,10 +263,10 @@ def _losses(folder: Path) -> list[dict]:
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_fresh_runs_with_the_same_seed_give_the_same_losses_from_the_first_iteration(tmp_path, workers):
     for name in ("a", "b"):
-        assert main(["train", "--set", *TINY, f"train.num_workers={workers}", f"train.output_dir={tmp_path / name}"]) == 0
+        assert main(["train", "--set", *tiny_settings(), f"train.num_workers={workers}", f"train.output_dir={tmp_path / name}"]) == 0
     first, second = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(first) == 3 and first == second
-    assert main(["train", "--set", *TINY, "train.seed=1", f"train.output_dir={tmp_path / 'c'}"]) == 0
+    assert main(["train", "--set", *tiny_settings(), "train.seed=1", f"train.output_dir={tmp_path / 'c'}"]) == 0
     assert _losses(tmp_path / "c")[0] != first[0]  # the seed matters from the first iteration
 
 
@@ -363,7 +357,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, workers):
     import time
 
     run = tmp_path / "run"
-    args = ["train", "--set", *TINY, "train.max_iters=2000", "train.checkpoint_every=1000", f"train.output_dir={run}",
+    args = ["train", "--set", *tiny_settings(), "train.max_iters=2000", "train.checkpoint_every=1000", f"train.output_dir={run}",
             f"train.num_workers={workers}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "retinanet.cli", *args], stdout=subprocess.PIPE,
@@ -380,3 +374,54 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, workers):
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert 0 < ckpt["iteration"] < 2000 and f"after iteration {ckpt['iteration']}" in lines[0]
     assert f"--resume {run / 'last.pt'}" in lines[0]
+
+
+def _subcommands(parser):
+    """(name, parser) of every command and subcommand, walked from the top parser."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from _subcommands(sub)
+
+
+def test_every_command_has_a_handler_is_documented_and_shows_its_defaults():
+    from retinanet import cli
+
+    parser = cli._parser()
+    commands = dict(_subcommands(parser))
+    assert set(commands) >= {"train", "eval", "detect", "export", "demo", "anchors", "inspect", "analyze",
+                             "loss-curves", "examples", "loss-cdf", "ablate"}  # fmt: skip
+    for name, sub in commands.items():
+        if name == "analyze":  # a group of analyses, each with its own handler
+            continue
+        assert sub.get_default("handler") is not None, name
+        assert f"retinanet {name}" in cli.__doc__ or f"analyze {name}" in cli.__doc__, f"{name} not in the docstring"
+        options = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+        assert all(a.help for a in options), (name, [a.dest for a in options if not a.help])
+        text = " ".join(sub.format_help().split())
+        assert text.count("(default: ") >= len(options), f"{name}: an option's help does not show its default"
+
+
+def test_cli_defaults_equal_the_configs_or_say_why():
+    from retinanet import cli
+    from retinanet.config import ModelConfig, TrainConfig
+
+    commands = dict(_subcommands(cli._parser()))
+    for name in ("eval", "detect", "loss-cdf"):
+        assert commands[name].get_default("device") == TrainConfig().device
+    detect = commands["detect"]
+    (score,) = [a for a in detect._actions if a.dest == "score_thresh"]
+    assert score.default != ModelConfig().score_thresh and str(ModelConfig().score_thresh) in score.help
+
+
+def test_help_answers_at_once_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from retinanet.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "print('torch' in sys.modules)"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().endswith("False"), done.stdout + done.stderr

@@ -122,9 +122,8 @@ def test_given_categories_fix_the_label_map(csv_dir: Path) -> None:
 
 
 def test_validation_set_without_classes_file_takes_the_training_label_map(tmp_path: Path) -> None:
-    from retinanet.config import model_config
-    from retinanet.jobs import _val_dataset, build_dataset
-    from retinanet.runconfig import DataConfig
+    from retinanet.config import DataConfig, model_config
+    from retinanet.data import build_dataset, val_dataset
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (20, 16)).save(tmp_path / "img" / "a.png")
@@ -134,5 +133,5 @@ def test_validation_set_without_classes_file_takes_the_training_label_map(tmp_pa
                       val_annotations=str(tmp_path / "val.csv"))  # fmt: skip
     model = model_config("retinanet_tiny", min_size=64, max_size=64)
     train = build_dataset(data, model, "train", train_mode=True)
-    val = _val_dataset(data, model, train.categories)
+    val = val_dataset(data, model, train.categories)
     assert val.categories == train.categories and val.records[0].labels.tolist() == [2]

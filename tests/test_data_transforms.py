@@ -8,7 +8,6 @@ from retinanet.data import (
     collate_detection,
     eval_transforms,
     make_loader,
-    pad_batch,
     train_transforms,
 )
 from retinanet.data.transforms import resized_size
@@ -81,17 +80,6 @@ def test_empty_targets_pass_through() -> None:
 def test_resize_short_long_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="ResizeShortLong"):
         ResizeShortLong((), 10)
-
-
-def test_pad_batch_pads_bottom_right_to_a_multiple() -> None:
-    images = [torch.rand(3, 100, 150), torch.rand(3, 130, 90)]
-    batch, sizes = pad_batch(images, size_divisible=128)
-    assert batch.shape == (2, 3, 256, 256) and sizes == [(100, 150), (130, 90)]
-    assert torch.equal(batch[0, :, :100, :150], images[0]) and batch[0, :, 100:].abs().sum() == 0
-    assert batch[1, :, :, 90:].abs().sum() == 0
-    assert pad_batch([torch.rand(3, 128, 32)], 32)[0].shape == (1, 3, 128, 32)
-    with pytest.raises(ValueError):
-        pad_batch([])
 
 
 def test_make_loader_batches_and_is_reproducible() -> None:

@@ -6,8 +6,8 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from retinanet import losses as L
-from retinanet.detector import RetinaNet, build_model
-from retinanet.postprocess import Detections
+from retinanet.model.detector import RetinaNet, build_model
+from retinanet.ops.postprocess import Detections
 
 CLS_LOSSES = ["focal", "focal_star", "ce", "balanced_ce", "ohem"]
 BOX_LOSSES = ["smooth_l1", "l1", "giou"]
@@ -47,7 +47,7 @@ def _anchors(model: RetinaNet, size_hw: tuple[int, int] = (SIZE, SIZE)) -> torch
 
 def _num_pos(model: RetinaNet, targets) -> int:
     """Positive anchors of a batch of SIZE x SIZE images under the model's own matching."""
-    labels, _ = model._assign(_anchors(model), targets)
+    labels, _ = model.assign(_anchors(model), targets)
     return int((labels >= 0).sum())
 
 
@@ -163,7 +163,7 @@ def test_crowd_boxes_make_no_positives():
     assert model.loss(images[:1], [crowd])["loss_box"].item() == 0
     # a crowd box beside a normal box: every positive is matched to the normal one
     both = _target([[10, 12, 60, 50], [70, 64, 118, 120]], [1, 2], iscrowd=torch.tensor([True, False]))
-    labels, matched = model._assign(_anchors(model), [both])
+    labels, matched = model.assign(_anchors(model), [both])
     assert (labels >= 0).sum() > 0
     assert set(labels[labels >= 0].tolist()) == {2}
     positives = matched[labels >= 0]

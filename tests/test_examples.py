@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
 from retinanet.cli import main
+from retinanet.config import load_run_config
 from retinanet.data import SyntheticShapes
-from retinanet.runconfig import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

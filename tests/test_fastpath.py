@@ -12,14 +12,15 @@ import torch
 
 from retinanet import build_model, fastpath
 from retinanet.fastpath import CpuInfo, RunFastPaths
-from retinanet.winograd import winograd_conv3x3
+from retinanet.machine import Cache
+from retinanet.model.conv import winograd_conv3x3
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A fresh cache in a folder of the test: as a new machine would start."""
     monkeypatch.setenv("RETINANET_CACHE_DIR", str(tmp_path))
-    fresh = fastpath._Cache()
+    fresh = Cache()
     monkeypatch.setattr(fastpath, "_CACHE", fresh)
     monkeypatch.setattr(fastpath, "_RUN", None)
     return tmp_path / "fastpaths.json"
@@ -58,7 +59,7 @@ def test_conv_probe_from_an_empty_cache_once_per_shape_class_and_machine(cache, 
     # the same class again, in this process and in a new one (a new cache reading the file): no second probe
     monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: pytest.fail("probed again"))
     assert _algorithm(x, w) == choice
-    monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
+    monkeypatch.setattr(fastpath, "_CACHE", Cache())
     assert _algorithm(x, w) == choice
     # inference is another class: measured on its own
     calls = []
@@ -100,7 +101,7 @@ def test_probing_leaves_the_random_generators_alone(cache):
 
 def test_cache_off_keeps_choices_in_memory_only(tmp_path, monkeypatch):
     monkeypatch.setenv("RETINANET_CACHE_DIR", "off")
-    monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
+    monkeypatch.setattr(fastpath, "_CACHE", Cache())
     _algorithm(*_conv_input())
     assert fastpath._CACHE.memory["conv3x3"] and "cache off" in fastpath.summary()
 
@@ -209,7 +210,7 @@ def test_bf16_rules(monkeypatch, cache):
     monkeypatch.setattr(fastpath, "_probe_bf16", lambda: {"choice": "none"})
     assert fastpath.choose_amp("auto", "cpu") == "none"  # native but measured slower: float32
     cache.unlink()  # another machine of the same kind, measured otherwise
-    monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
+    monkeypatch.setattr(fastpath, "_CACHE", Cache())
     monkeypatch.setattr(fastpath, "_probe_bf16", lambda: {"choice": "bf16"})
     assert fastpath.choose_amp("auto", "cpu") == "bf16"
 
@@ -251,7 +252,7 @@ def test_a_resumed_run_takes_its_checkpoints_choices_whatever_the_cache_holds(ca
     saved = RunFastPaths(fastpath.machine_id(), amp="none", memory_format="contiguous",
                          records={"conv3x3": {"64->64 n2 ~64px train cl": {"choice": "winograd"}}}).to_dict()
     monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: pytest.fail("probed"))
-    monkeypatch.setattr(fastpath, "_CACHE", fastpath._Cache())
+    monkeypatch.setattr(fastpath, "_CACHE", Cache())
     fastpath._CACHE.memory["conv3x3"] = {"64->64 n2 ~64px train cl": {"choice": "direct"}}  # the cache says otherwise
     model = _tiny()
     run, lines = fastpath.begin_run(model, _batch(), "none", "cpu", saved=saved)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retinanet.fpn import FPN
+from retinanet.model.fpn import FPN
 
 IN_CHANNELS = (16, 24, 40)
 

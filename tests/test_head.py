@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from retinanet.anchors import AnchorGenerator
-from retinanet.head import RetinaNetHead, _flatten
+from retinanet.model.head import RetinaNetHead, _flatten
+from retinanet.ops.anchors import AnchorGenerator
 
 GRIDS = [(8, 6), (4, 3), (2, 2)]
 

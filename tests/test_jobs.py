@@ -4,9 +4,9 @@ import pytest
 from PIL import Image
 
 from retinanet import build_model
-from retinanet.engine import save_checkpoint
+from retinanet.config import DataConfig
 from retinanet.jobs import run_eval
-from retinanet.runconfig import DataConfig
+from retinanet.model.checkpoint import save_checkpoint
 
 
 @pytest.fixture

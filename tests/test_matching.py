@@ -6,8 +6,8 @@ from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.models.detection._utils import Matcher as TVMatcher
 from torchvision.ops import box_iou
 
-from retinanet.anchors import AnchorGenerator
-from retinanet.matching import BACKGROUND, IGNORE, BoxCoder, match_anchors
+from retinanet.ops.anchors import AnchorGenerator
+from retinanet.ops.matching import BACKGROUND, IGNORE, BoxCoder, match_anchors
 
 SQUARE = [0.0, 0.0, 10.0, 10.0]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from retinanet.matching import BoxCoder
-from retinanet.postprocess import Detections, postprocess
+from retinanet.ops.matching import BoxCoder
+from retinanet.ops.postprocess import Detections, postprocess
 
 CODER = BoxCoder()
 LOW = -20.0  # a logit whose score is far below any threshold
@@ -144,7 +144,7 @@ def test_batched_equals_each_image_alone():
 
 @pytest.mark.parametrize("anchors,classes,k", [(500, 7, 40), (30, 5, 40), (3, 4, 100), (200, 1, 10)])
 def test_two_step_top_k_equals_a_top_k_over_all_pairs(anchors, classes, k):
-    from retinanet.postprocess import _topk_pairs
+    from retinanet.ops.postprocess import _topk_pairs
 
     torch.manual_seed(0)
     logits = torch.randn(3, anchors, classes)

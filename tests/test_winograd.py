@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from numerics import assert_as_accurate, float64_copy
+
 from retinanet import build_model
-from retinanet.winograd import Conv2d, conv2d, winograd_applies, winograd_conv3x3
+from retinanet.model.conv import Conv2d, conv2d, winograd_applies, winograd_conv3x3
 
 
 def _uses_winograd(y: torch.Tensor) -> bool:
@@ -37,7 +37,7 @@ def test_float32_error_is_that_of_float32_rounding():
 @pytest.mark.parametrize("band_bytes", [1, 5000])
 def test_bands_of_tile_rows_give_the_whole_map_result(monkeypatch, band_bytes):
     # a map split into bands of 1 or 2 tile rows, the last one partial: the same output and gradients
-    import retinanet.winograd as W
+    import retinanet.ops.winograd as W
 
     monkeypatch.setattr(W, "BAND_BYTES", band_bytes)
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def test_float32_gradients_match_direct(hw):
 
 
 def test_only_the_needed_gradients_are_computed(monkeypatch):
-    import retinanet.winograd as W
+    import retinanet.ops.winograd as W
 
     calls = []
     real = W._forward

@@ -1,40 +1,58 @@
-"""RetinaNet and the focal-loss family of "Focal Loss for Dense Object Detection" (Lin et al., 2017)."""
+"""RetinaNet and the focal-loss family of "Focal Loss for Dense Object Detection" (Lin et al., 2017).
 
-from retinanet.config import ModelConfig, model_config
-from retinanet.detector import RetinaNet, build_model
-from retinanet.interop import from_torchvision, load_torchvision_coco
-from retinanet.losses import (
-    binary_cross_entropy,
-    giou_loss,
-    hard_negative_mining,
-    l1_loss,
-    sigmoid_focal_loss,
-    sigmoid_focal_loss_from_labels,
-    sigmoid_focal_loss_star,
-    smooth_l1_loss,
-)
+    import retinanet
+    model = retinanet.build_model("retinanet_r50_fpn", num_classes=80)   # the detector (retinanet.model)
+    det = retinanet.load("runs/x/last.pt")                               # a trained one, as a Predictor
+    from retinanet import losses                                         # the focal-loss family
+
+The package is built in layers, each importing only from those below it (docs/architecture.md). Its public names
+are loaded when first used, so that `import retinanet` (and `retinanet --help`) does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from retinanet import moved
 
 __version__ = "0.1.0"
 
-from retinanet.postprocess import Detections  # noqa: E402
-from retinanet.predictor import Predictor, load  # noqa: E402  (retinanet.load("runs/x/last.pt").predict(...))
+# public name -> the module it lives in
+_PUBLIC = {
+    "Detections": "retinanet.ops.postprocess",
+    "ModelConfig": "retinanet.config",
+    "Predictor": "retinanet.inference",
+    "RetinaNet": "retinanet.model",
+    "binary_cross_entropy": "retinanet.losses",
+    "build_model": "retinanet.model",
+    "from_torchvision": "retinanet.weights",
+    "giou_loss": "retinanet.losses",
+    "hard_negative_mining": "retinanet.losses",
+    "l1_loss": "retinanet.losses",
+    "load": "retinanet.inference",
+    "load_torchvision_coco": "retinanet.weights",
+    "model_config": "retinanet.config",
+    "sigmoid_focal_loss": "retinanet.losses",
+    "sigmoid_focal_loss_from_labels": "retinanet.losses",
+    "sigmoid_focal_loss_star": "retinanet.losses",
+    "smooth_l1_loss": "retinanet.losses",
+}
+__all__ = sorted([*_PUBLIC, "losses"])
 
-__all__ = [
-    "Detections",
-    "ModelConfig",
-    "Predictor",
-    "RetinaNet",
-    "build_model",
-    "from_torchvision",
-    "load",
-    "load_torchvision_coco",
-    "model_config",
-    "binary_cross_entropy",
-    "giou_loss",
-    "hard_negative_mining",
-    "l1_loss",
-    "sigmoid_focal_loss",
-    "sigmoid_focal_loss_from_labels",
-    "sigmoid_focal_loss_star",
-    "smooth_l1_loss",
-]
+moved.install()  # the module paths of 0.1 (retinanet.detector, retinanet.engine, ...), with a DeprecationWarning
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif name == "losses":  # `retinanet.losses` after a bare `import retinanet`
+        value = importlib.import_module(f"retinanet.{name}")
+    else:
+        raise AttributeError(f"module 'retinanet' has no attribute {name!r}")
+    globals()[name] = value  # loaded once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

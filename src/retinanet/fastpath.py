@@ -16,10 +16,8 @@ A probe keeps the default (torch's convolution, channels-last, float32) unless t
 MARGIN in every one of ROUNDS interleaved rounds, so that timing noise on a busy machine cannot flip a choice; its
 figures (the median of each option) are kept with the choice, for the logs.
 
-Choices are cached in memory and in a JSON file per machine (RETINANET_CACHE_DIR, default ~/.cache/retinanet;
-"off" keeps them in memory only), so that a machine measures a shape class once. Processes that share the file
-(parallel ablation workers, DDP ranks, two runs) write it under a file lock, read-merge-replace, so none loses
-another's entries or reads a half-written file.
+Choices are cached per machine (retinanet.machine: in memory and in a JSON file that processes share safely), so
+that a machine measures a shape class once.
 
 A training run makes its choices once, at its first batch (`begin_run`): in a distributed run rank 0 measures and
 every process takes rank 0's choices before DDP wraps the model, and a training shape class first met later takes
@@ -31,28 +29,19 @@ memory_format, TrainConfig.amp). On a GPU nothing is probed: channels-last and t
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # POSIX file locks; without them (Windows) concurrent writers may lose entries, never corrupt the file
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from retinanet.machine import Cache, CpuInfo, cpu_info, machine_id
 
 __all__ = [
     "CpuInfo",
@@ -73,7 +62,6 @@ __all__ = [
 ]
 
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
-CACHE_VERSION = 2  # 2: choices by repeated rounds against a margin (version 1's single timings are measured again)
 # Below these sizes a 3x3 convolution is computed directly without a probe: Winograd's transforms cost more than
 # the multiplications they save (measured on both CPU kinds), and probing tiny convolutions would cost more than
 # it could win.
@@ -84,137 +72,8 @@ PROBE_MIN_POSITIONS = 8 * 8
 MARGIN = 0.95
 ROUNDS = 3
 DEFAULTS = {"conv3x3": "direct", "memory_format": "channels_last", "amp": "none"}
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 instructions
-_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_CACHE = Cache()
 
-
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuInfo:
-    """The CPU as the fast paths see it.
-
-    name: the model name from /proc/cpuinfo. capability: the instruction set of torch's own kernels ("AVX512",
-    "AVX2", "DEFAULT"; ATEN_CPU_CAPABILITY caps it). onednn_cap: ONEDNN_MAX_CPU_ISA if set (caps oneDNN's
-    convolutions and matrix products). flags: the CPU's feature flags.
-    """
-
-    name: str
-    capability: str
-    onednn_cap: str | None
-    flags: frozenset[str]
-
-    @property
-    def native_bf16(self) -> bool:
-        """Whether bfloat16 arithmetic runs natively (avx512_bf16 or AMX), not emulated."""
-        has = bool({"avx512_bf16", "amx_bf16"} & self.flags)
-        return has and (self.onednn_cap or "").upper() not in _NO_BF16_ISAS
-
-    @property
-    def amx(self) -> bool:
-        return "amx_bf16" in self.flags and (self.onednn_cap or "").upper() not in _NO_BF16_ISAS | {"AVX512_CORE_BF16"}
-
-    def describe(self) -> str:
-        bf16 = "native bf16" + (" with AMX" if self.amx else "") if self.native_bf16 else "no native bf16"
-        cap = self.capability + (f", oneDNN capped at {self.onednn_cap}" if self.onednn_cap else "")
-        return f"{self.name} ({cap}, {bf16}, {torch.get_num_threads()} threads)"
-
-
-@lru_cache(maxsize=1)
-def cpu_info() -> CpuInfo:
-    name, flags = "unknown CPU", frozenset()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = frozenset(value.split())
-    capability = torch.backends.cpu.get_cpu_capability()
-    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
-    return CpuInfo(name, capability, onednn, flags)
-
-
-def machine_id() -> str:
-    """What the choices depend on, thread count aside: the CPU, the kernels' instruction sets and torch's version.
-    A run resumed where this is the same takes its checkpoint's choices."""
-    info = cpu_info()
-    return f"{info.name} | {info.capability} | oneDNN {info.onednn_cap or 'all'} | torch {torch.__version__}"
-
-
-def _cache_key() -> str:
-    return f"{machine_id()} | {torch.get_num_threads()} threads"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-class _Cache:
-    """Measured choices: {kind: {shape class: record}} for this machine, in memory and in a JSON file."""
-
-    def __init__(self) -> None:
-        self.memory: dict[str, dict[str, dict[str, Any]]] = {}
-        self.loaded_from: Path | None = None
-        self.used: dict[str, dict[str, dict[str, Any]]] = {}  # what this process used, for summary()
-
-    @staticmethod
-    def path() -> Path | None:
-        folder = os.environ.get("RETINANET_CACHE_DIR", "")
-        if folder.lower() == "off":
-            return None
-        base = Path(folder) if folder else Path.home() / ".cache" / "retinanet"
-        return base / "fastpaths.json"
-
-    @staticmethod
-    def _read_file(path: Path) -> dict[str, Any]:
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(path.read_text())
-            if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
-                return data
-        return {"version": CACHE_VERSION, "machines": {}}
-
-    def get(self, kind: str, key: str) -> dict[str, Any] | None:
-        path = self.path()
-        if path is not None and self.loaded_from != path:
-            mine = self._read_file(path)["machines"].get(_cache_key(), {})
-            for k, records in mine.items():
-                self.memory.setdefault(k, {}).update(records)
-            self.loaded_from = path
-        return self.memory.get(kind, {}).get(key)
-
-    def put(self, kind: str, key: str, record: dict[str, Any]) -> None:
-        self.memory.setdefault(kind, {})[key] = record
-        path = self.path()
-        if path is None:
-            return
-        with contextlib.suppress(OSError):  # a read-only home must not stop training: the choice stays in memory
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(path):  # read, merge and replace as one step: no writer loses another's entries
-                data = self._read_file(path)
-                data["machines"].setdefault(_cache_key(), {}).setdefault(kind, {})[key] = record
-                fd, tmp = tempfile.mkstemp(prefix=".fastpaths.", suffix=".tmp", dir=path.parent)
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(data, f, indent=1, sort_keys=True)
-                    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on path's companion .lock file, held by one process at a time."""
-    if fcntl is None:
-        yield
-        return
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-_CACHE = _Cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,6 +143,8 @@ def begin_run(
     amp: str,
     device: torch.device | str,
     saved: dict[str, Any] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[RunFastPaths, list[str]]:
     """Make a training run's choices at its first batch and set the model's layout; returns them and log lines.
 
@@ -291,13 +152,12 @@ def begin_run(
     model's loss takes them with resize=False (None: nothing left to train, the layout is not measured); amp: the
     config's train.amp; saved: the choices of the checkpoint the run resumes from. Choices forced in the config
     win; else a checkpoint's from this machine (`machine_id`) are taken as they are, else they are measured (the
-    cache's, or a probe's). In a distributed run only rank 0 does this, and every process takes rank 0's choices:
-    call it on every process, before DDP wraps the model.
+    cache's, or a probe's). In a distributed run (this process's `rank` of `world`) only rank 0 does this, and every
+    process takes rank 0's choices: call it on every process, before DDP wraps the model.
     """
     global _RUN
     device = torch.device(device)
     check_amp(amp, device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     lines: list[str] = []
     reuse = saved if saved and saved.get("machine") == machine_id() else None
     if saved and reuse is None:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
-__all__ = ["draw_detections", "save_detections_image", "plot_training_curves"]
+__all__ = ["draw_detections", "label_font", "plot_training_curves", "save_detections_image", "upscale_small"]
 
 _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
             "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]  # fmt: skip
@@ -19,7 +19,7 @@ _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#
 
 def draw_detections(image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, class_names: Sequence[str]) -> Tensor:
     """image: float [3, H, W] in [0, 1]; boxes [N, 4] XYXY pixels; scores [N]; labels [N] -> uint8 [3, H, W]."""
-    image, boxes = _upscale_small(image.detach().cpu(), boxes.detach().cpu().float())
+    image, boxes = upscale_small(image.detach().cpu(), boxes.detach().cpu().float())
     img = (image.clamp(0, 1) * 255).to(torch.uint8)
     if len(boxes) == 0:
         return img
@@ -27,12 +27,12 @@ def draw_detections(image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor
     text = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
     colors = [_PALETTE[int(lab) % len(_PALETTE)] for lab in labels]
     width = max(1, round(min(img.shape[-2:]) / 200))
-    font, size = _font(), max(10, round(min(img.shape[-2:]) / 32))
+    font, size = label_font(), max(10, round(min(img.shape[-2:]) / 32))
     return draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=width, font=font, font_size=size,
                                label_colors="white", fill_labels=True)
 
 
-def _font() -> str | None:
+def label_font() -> str | None:
     """matplotlib's DejaVu Sans (always installed with it), for legible labels; None = PIL's small bitmap font."""
     import matplotlib
 
@@ -40,7 +40,7 @@ def _font() -> str | None:
     return str(path) if path.is_file() else None
 
 
-def _upscale_small(image: Tensor, boxes: Tensor, min_side: int = 384) -> tuple[Tensor, Tensor]:
+def upscale_small(image: Tensor, boxes: Tensor, min_side: int = 384) -> tuple[Tensor, Tensor]:
     """Small images are drawn enlarged (nearest, by an integer factor) so that the label text stays legible."""
     factor = -(-min_side // min(image.shape[-2:]))
     if factor <= 1:

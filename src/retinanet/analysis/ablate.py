@@ -40,12 +40,14 @@ from retinanet.analysis.grids import Cell, Grid, cell_config
 from retinanet.analysis.locks import claim, mutex, read_lock
 from retinanet.analysis.plots import write_text_atomic
 from retinanet.analysis.tables import collect_results, render_table
-from retinanet.config import apply_overrides
-from retinanet.engine import NonFiniteLossError
+from retinanet.config import RunConfig, apply_overrides
+from retinanet.data.build import build_dataset
 from retinanet.evaluate import evaluate_coco
-from retinanet.jobs import build_dataset, predict_dataset, run_train
-from retinanet.predictor import categories_of
-from retinanet.runconfig import RunConfig
+from retinanet.inference.evaluation import predict_dataset
+from retinanet.inference.predictor import categories_of
+from retinanet.train.distributed import launched_slot
+from retinanet.train.loop import NonFiniteLossError
+from retinanet.train.run import run_train
 
 __all__ = ["PlannedCell", "plan_grid", "run_grids", "run_cell", "loss_history", "BLOW_UP_FACTOR"]
 
@@ -168,10 +170,7 @@ def _evaluate(model, cfg: RunConfig, amp: str) -> dict[str, Any]:
 def _process_slot() -> tuple[int, int, int]:
     """(rank, world size, local rank) under torchrun, else (0, 1, 0). Under torchrun the variables that would
     make run_train join a process group are removed: each rank trains its cells alone."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0
-    rank, world = int(os.environ.pop("RANK")), int(os.environ.pop("WORLD_SIZE"))
-    return rank, world, int(os.environ.pop("LOCAL_RANK", 0))
+    return launched_slot(forget=True) or (0, 1, 0)
 
 
 def _on_own_gpu(planned: PlannedCell, local_rank: int) -> PlannedCell:

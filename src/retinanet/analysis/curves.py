@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from retinanet.analysis.plots import Panel, save_line_plot, write_csv
-from retinanet.losses import binary_cross_entropy, sigmoid_focal_loss, sigmoid_focal_loss_star
+from retinanet.ops.losses import binary_cross_entropy, sigmoid_focal_loss, sigmoid_focal_loss_star
 
 __all__ = [
     "FIGURE1_GAMMAS",

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from retinanet.runconfig import RunConfig, run_config_from_dict
+from retinanet.config import RunConfig, run_config_from_dict
 
 __all__ = ["Cell", "Grid", "load_grid", "shipped_grids", "shipped_file", "cell_config"]
 

@@ -1,7 +1,7 @@
 """Figure 4 of the paper: how the loss of a trained model is spread over its positive and its negative anchors.
 
 The model runs over a validation set (evaluation resize); each anchor is matched by the model's own rule
-(RetinaNet._assign: IoU >= fg_iou positive, < bg_iou negative, in between ignored). For each gamma the focal loss
+(RetinaNet.assign: IoU >= fg_iou positive, < bg_iou negative, in between ignored). For each gamma the focal loss
 is applied to the same logits, and per kind (positive, negative) the losses are normalised to sum to 1, sorted
 from low to high, and accumulated: the curve's point (x, y) says that the x easiest anchors carry y of the loss.
 
@@ -36,14 +36,15 @@ from torch.utils.data import Dataset, Subset
 
 from retinanet import fastpath
 from retinanet.analysis.plots import Panel, save_line_plot, write_csv
+from retinanet.config import DataConfig, train_config
 from retinanet.data import make_loader
-from retinanet.detector import RetinaNet
-from retinanet.engine import load_model
-from retinanet.jobs import build_dataset
-from retinanet.losses import sigmoid_focal_loss
-from retinanet.matching import BACKGROUND
-from retinanet.predictor import categories_of
-from retinanet.runconfig import DataConfig
+from retinanet.data.build import build_dataset
+from retinanet.inference.predictor import categories_of
+from retinanet.model.checkpoint import load_model
+from retinanet.model.detector import RetinaNet
+from retinanet.ops.losses import sigmoid_focal_loss
+from retinanet.ops.matching import BACKGROUND
+from retinanet.train import resolve_device
 
 __all__ = ["FIGURE4_GAMMAS", "HARDEST_FRACTIONS", "LossHistogram", "LossCdf", "anchor_losses", "loss_cdf",
            "write_loss_cdf", "describe", "run_loss_cdf"]  # fmt: skip
@@ -150,7 +151,7 @@ class LossCdf:
 
 def _image_labels(model: RetinaNet, anchors: Tensor, target: dict, size_hw: tuple[int, int]) -> Tensor:
     """[A] int64 match labels of one image's anchors; anchors centred outside the image's (h, w) marked _OUTSIDE."""
-    labels = model._assign(anchors, [target])[0][0]
+    labels = model.assign(anchors, [target])[0][0]
     cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
     in_image = (cx < size_hw[1]) & (cy < size_hw[0])
     return torch.where(in_image, labels, torch.full_like(labels, _OUTSIDE))
@@ -249,12 +250,13 @@ def run_loss_cdf(
     data: DataConfig,
     output: str | Path,
     gammas: Sequence[float] = FIGURE4_GAMMAS,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 8,
     max_images: int | None = None,
 ) -> LossCdf:
     """The `retinanet analyze loss-cdf` job: a checkpoint's model over the validation set of DataConfig `data`
     (resized as the checkpoint's model config says), written by `write_loss_cdf` to `output`."""
+    device = resolve_device(train_config(device=device))
     model = load_model(checkpoint, map_location=device).to(device)
     known = categories_of(model) if model.config.class_names else None
     dataset = build_dataset(data, model.config, "val", train_mode=False, categories=known)

@@ -1,12 +1,14 @@
-"""The data layer: datasets (COCO, VOC, CSV, synthetic), transforms, collation and loaders.
+"""The data layer: datasets (COCO, VOC, CSV, synthetic), transforms, collation and loaders, and the datasets of a
+run's DataConfig (build_dataset).
 
 file -> dataset (checked ImageRecords; dataset[i] = (image, target)) -> transforms -> collate_detection ->
 the model. Boxes are float [N, 4] XYXY absolute pixels throughout; images are float32 [0, 1], not normalised.
 """
 
 from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord
+from retinanet.data.build import build_dataset, categories_config, val_dataset
 from retinanet.data.coco import CocoDetection, to_coco_dict, write_coco
-from retinanet.data.collate import collate_detection, make_loader, pad_batch
+from retinanet.data.collate import collate_detection, make_loader
 from retinanet.data.csv import CsvDetection
 from retinanet.data.synthetic import SHAPES, SyntheticShapes
 from retinanet.data.transforms import ResizeShortLong, eval_transforms, train_transforms
@@ -23,11 +25,13 @@ __all__ = [
     "ResizeShortLong",
     "SyntheticShapes",
     "VocDetection",
+    "build_dataset",
+    "categories_config",
     "collate_detection",
     "eval_transforms",
     "make_loader",
-    "pad_batch",
     "to_coco_dict",
     "train_transforms",
+    "val_dataset",
     "write_coco",
 ]

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from retinanet.boxes import OUTSIDE_TOLERANCE_PX, clip_boxes
+from retinanet.ops.boxes import OUTSIDE_TOLERANCE_PX, clip_boxes
 
 __all__ = [
     "BOX_TOLERANCE_PX",

@@ -22,7 +22,7 @@ from retinanet.data.base import (
     check_boxes,
     report_bad,
 )
-from retinanet.boxes import clip_boxes
+from retinanet.ops.boxes import clip_boxes
 
 __all__ = ["CocoDetection", "parse_coco", "read_json", "to_coco_dict", "write_coco"]
 

@@ -1,8 +1,8 @@
-"""Batching: collate (image, target) pairs into lists, pad images into one tensor, build the DataLoader.
+"""Batching: collate (image, target) pairs into lists and build the DataLoader.
 
 Images keep their own sizes through collation (multi-scale training gives every image its own size). The model
 normalises each image and pads them into one batch itself (RetinaNet.preprocess), so that the padding is zero after
-normalisation; `pad_batch` does the same zero-padding for code outside the model.
+normalisation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["collate_detection", "make_loader", "pad_batch", "seed_worker"]
+__all__ = ["collate_detection", "make_loader", "seed_worker"]
 
 
 def _plain_target(image: Tensor, target: dict[str, Any]) -> dict[str, Any]:
@@ -49,27 +49,6 @@ def collate_detection(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[l
     images = [image.as_subclass(Tensor) for image, _ in batch]
     targets = [_plain_target(image, target) for image, target in zip(images, (t for _, t in batch))]
     return images, targets
-
-
-def pad_batch(images: Sequence[Tensor], size_divisible: int = 128) -> tuple[Tensor, list[tuple[int, int]]]:
-    """Zero-pad images at the bottom and right to one size, a multiple of size_divisible, and stack them.
-
-    images: list of [C, H_i, W_i] tensors of one dtype and device.
-    Returns (batch [B, C, Hp, Wp], image_sizes [(H_i, W_i)]), Hp and Wp the smallest multiples of
-    size_divisible that hold every image. Coordinates are unchanged: padding is only added after the image.
-    """
-    if not images:
-        raise ValueError("pad_batch: expected at least one image, got an empty list")
-    if any(im.dim() != 3 or im.shape[0] != images[0].shape[0] for im in images):
-        raise ValueError(f"pad_batch: expected [C, H, W] images, got shapes {[tuple(im.shape) for im in images]}")
-    sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-    d = size_divisible
-    hp = -(-max(h for h, _ in sizes) // d) * d
-    wp = -(-max(w for _, w in sizes) // d) * d
-    batch = images[0].new_zeros((len(images), images[0].shape[0], hp, wp))
-    for b, im in enumerate(images):
-        batch[b, :, : im.shape[1], : im.shape[2]].copy_(im)
-    return batch, sizes
 
 
 def seed_worker(worker_id: int) -> None:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from retinanet.data.base import DetectionDataset, ImageRecord, Transforms
+from retinanet.data.coco import write_coco
 
 __all__ = ["SHAPES", "DEFAULT_SHAPES", "SyntheticShapes"]
 
@@ -289,6 +290,4 @@ class SyntheticShapes(DetectionDataset):
 
     def write(self, folder: str | Path) -> tuple[Path, Path]:
         """Save the images (PNG) and a COCO JSON in folder -> (images_dir, annotation_file) for CocoDetection."""
-        from retinanet.data.coco import write_coco
-
         return write_coco(self, folder)

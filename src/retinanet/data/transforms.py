@@ -7,7 +7,7 @@ model, so that the data pipeline holds no backbone-specific constants and drawn 
 
 Only resizing and horizontal flips are used (the paper's augmentation), so boxes map back to the original image
 by the per-axis scale that `collate_detection` records. The sizes are the model's (ModelConfig.min_size,
-max_size, train_min_sizes) and the rule is `retinanet.resize`'s, the model's own.
+max_size, train_min_sizes) and the rule is `retinanet.ops.resize`'s, the model's own.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
-from retinanet.resize import resized_size
+from retinanet.ops.resize import resized_size
 
 __all__ = ["ResizeShortLong", "eval_transforms", "resized_size", "train_transforms"]
 

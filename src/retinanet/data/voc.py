@@ -25,7 +25,7 @@ from retinanet.data.base import (
     check_boxes,
     report_bad,
 )
-from retinanet.boxes import clip_boxes
+from retinanet.ops.boxes import clip_boxes
 
 __all__ = ["VOC_CLASSES", "VocDetection", "parse_voc_xml"]
 

@@ -1,0 +1,73 @@
+"""Datasets from a run's DataConfig, resized as its ModelConfig says: training transforms (a shorter side drawn from
+model.training_sizes, flips) or evaluation transforms (model.min_size). Every image file is checked to exist."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from retinanet.config import DataConfig, ModelConfig, apply_overrides
+from retinanet.data.base import DetectionDataset
+from retinanet.data.coco import CocoDetection
+from retinanet.data.csv import CsvDetection
+from retinanet.data.synthetic import SyntheticShapes
+from retinanet.data.transforms import eval_transforms, train_transforms
+from retinanet.data.voc import VocDetection
+
+__all__ = ["build_dataset", "categories_config", "val_dataset"]
+
+
+def build_dataset(
+    data: DataConfig, model: ModelConfig, split: str, train_mode: bool, categories: list[dict[str, Any]] | None = None
+) -> DetectionDataset:
+    """The train or val dataset of `data`, resized as `model` says: training transforms (a shorter side drawn from
+    model.training_sizes, flips) or evaluation transforms (model.min_size). Every image file is checked to exist.
+
+    categories: the label map to use where the data does not fix one (CSV without a classes file): the training
+    set's for the validation set, the model's for evaluation, so that a name gets the label the model learnt."""
+    if train_mode:
+        tf = train_transforms(model.training_sizes, model.max_size, data.flip_prob)
+    else:
+        tf = eval_transforms(model.min_size, model.max_size)
+    fmt, is_train = data.format, split == "train"
+    if fmt == "synthetic":
+        n = data.synthetic_train_images if is_train else data.synthetic_val_images
+        size = (data.synthetic_image_size, data.synthetic_image_size)
+        return SyntheticShapes(split, num_images=n, image_size=size, seed=data.synthetic_seed, transforms=tf,
+                               cache=data.synthetic_cache and is_train, max_objects=data.synthetic_max_objects,
+                               min_size=data.synthetic_min_object_size,
+                               max_size_frac=data.synthetic_max_object_frac)  # fmt: skip
+    images = data.train_images if is_train else data.val_images
+    annotations = data.train_annotations if is_train else data.val_annotations
+    if fmt == "coco":
+        _require(data, images=images, annotations=annotations, split=split)
+        dataset = CocoDetection(images, annotations, transforms=tf, skip_bad=data.skip_bad)
+    elif fmt == "csv":
+        _require(data, annotations=annotations, split=split)
+        dataset = CsvDetection(annotations, data.classes, root=images, transforms=tf, skip_bad=data.skip_bad,
+                               categories=None if data.classes else categories)  # fmt: skip
+    else:
+        _require(data, root=data.root, split=split)
+        voc_split = data.train_split if is_train else data.val_split
+        dataset = VocDetection(data.root, voc_split, transforms=tf, skip_bad=data.skip_bad)
+    return dataset.check_files()
+
+
+def _require(data: DataConfig, split: str, **paths: str | None) -> None:
+    missing = [k for k, v in paths.items() if v is None]
+    if missing:
+        raise ValueError(f"data config: format {data.format!r} needs {split} {', '.join(missing)} (set data.* keys)")
+
+
+def categories_config(model_cfg: ModelConfig, dataset: DetectionDataset) -> ModelConfig:
+    """The model config with num_classes and category names/ids taken from the training dataset."""
+    return apply_overrides(model_cfg, {
+        "num_classes": dataset.num_classes,
+        "class_names": tuple(dataset.category_names),
+        "category_ids": tuple(c["id"] for c in dataset.categories),
+    })  # fmt: skip
+
+
+def val_dataset(data: DataConfig, model: ModelConfig, categories: list[dict[str, Any]]) -> DetectionDataset | None:
+    if data.format == "synthetic" or (data.format == "voc" and data.root) or data.val_annotations:
+        return build_dataset(data, model, "val", train_mode=False, categories=categories)
+    return None

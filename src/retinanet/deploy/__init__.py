@@ -1,0 +1,21 @@
+"""Deployment through existing engines: the ONNX graph (decoding and class-wise NMS inside), ONNX Runtime and
+OpenVINO behind the predictor's interface, and the parity check against PyTorch."""
+
+from retinanet.deploy.engines import ENGINES, OnnxPredictor, load_onnx, pad_batch
+from retinanet.deploy.graph import InferenceGraph, export_onnx, read_metadata
+from retinanet.deploy.parity import Agreement, ExportReport, compare_detections, sample_images, verify_export
+
+__all__ = [
+    "ENGINES",
+    "Agreement",
+    "ExportReport",
+    "InferenceGraph",
+    "OnnxPredictor",
+    "compare_detections",
+    "export_onnx",
+    "load_onnx",
+    "pad_batch",
+    "read_metadata",
+    "sample_images",
+    "verify_export",
+]

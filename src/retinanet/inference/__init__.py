@@ -1,0 +1,35 @@
+"""A trained model at work: the predictor (images of any size in, detections in their pixels out), tiled
+inference for large images, batch inference over files, folders, globs and list files, and a model's detections
+on a whole dataset with their COCO evaluation."""
+
+from retinanet.inference.evaluation import evaluate_model, predict_dataset
+from retinanet.inference.files import InferenceResult, image_files, run_inference, write_csv
+from retinanet.inference.predictor import (
+    Prediction,
+    Predictor,
+    categories_of,
+    detect_resized,
+    load,
+    prepare_image,
+    read_image,
+)
+from retinanet.inference.tiling import detect_tiled, merge_tiles, tile_windows
+
+__all__ = [
+    "InferenceResult",
+    "Prediction",
+    "Predictor",
+    "categories_of",
+    "detect_resized",
+    "detect_tiled",
+    "evaluate_model",
+    "image_files",
+    "load",
+    "merge_tiles",
+    "predict_dataset",
+    "prepare_image",
+    "read_image",
+    "run_inference",
+    "tile_windows",
+    "write_csv",
+]

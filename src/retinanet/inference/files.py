@@ -1,0 +1,226 @@
+"""Batch inference over many image files: a folder, a glob, a list file; several images per forward pass, decoded
+and resized in DataLoader workers; results as JSON (COCO results, and every image with its detections), an
+optional keras-retinanet CSV, and annotated images.
+
+    retinanet detect --checkpoint last.pt photos/ "scans/*.tif" todo.txt --output out/ --batch-size 4 --workers 2
+    retinanet detect --onnx model.onnx photos/ --output out/ --csv              # ONNX Runtime (--engine openvino)
+    retinanet detect --checkpoint last.pt big.tif --tile 800 --overlap 0.2      # large images in tiles
+
+Writes in the output folder:
+    detections.json  per image, in input order, including images with no detections: {"file", "image_id",
+                     "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", "label", "category_id",
+                     "name"}]}
+    results.json     the COCO results format, [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], with the
+                     image_ids of detections.json and the model's category ids
+    detections.csv   (csv=True) keras-retinanet's layout, one box per line `path,x1,y1,x2,y2,class_name` in whole
+                     pixels and `path,,,,,` for an image with no detections: readable back as training data
+    NAME.png         (draw=True) each image with its detections drawn
+A file that cannot be read stops the run with its name, or with skip_bad is reported by name (a warning) and left
+out of every output.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from retinanet.evaluate import coco_results
+from retinanet.inference.predictor import Prediction, Predictor, read_image
+from retinanet.visualize import save_detections_image
+
+__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "image_files", "run_inference", "write_csv"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+LIST_SUFFIXES = {".txt", ".lst"}
+_GLOB_CHARS = set("*?[")
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The image files named by `inputs`, in order: files as given; folders' images (non-recursive, sorted by name);
+    glob patterns' matches (sorted; ** recurses); list files (.txt, .lst), one image path per line, relative ones
+    against the list file's folder, blank lines and lines starting with # skipped."""
+    files: list[Path] = []
+    for item in map(str, inputs):
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            files += _listed(path)
+        elif path.is_file():
+            files.append(path)
+        elif _GLOB_CHARS & set(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            if not matches:
+                raise ValueError(f"no files match {item!r}")
+            files += [p for p in matches if p.is_file()]
+        else:
+            raise ValueError(f"input not found: {path}")
+    if not files:
+        raise ValueError(f"no images found in {[str(i) for i in inputs]}")
+    return files
+
+
+def _listed(list_file: Path) -> list[Path]:
+    out = []
+    for line in list_file.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            path = Path(line)
+            out.append(path if path.is_absolute() else list_file.parent / path)
+    if not out:
+        raise ValueError(f"{list_file}: empty list file; expected one image path per line")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class _Sample(NamedTuple):
+    """One file as a worker delivers it: the network input and its scale (None when tiling), the decoded uint8
+    image (when it is needed: drawing, tiling), the original (H, W); or the error that reading it raised."""
+
+    index: int
+    path: Path
+    prepared: Tensor | None
+    scale: tuple[float, float] | None
+    image: Tensor | None
+    size_hw: tuple[int, int] | None
+    error: str | None
+
+
+class _ImageFiles(Dataset):
+    """Decodes (and, given `prepare`, resizes) image files in DataLoader workers; an unreadable file becomes a
+    sample carrying its error, so that the main process decides whether it stops the run."""
+
+    def __init__(self, files: list[Path], prepare: Callable | None, keep_image: bool):
+        self.files, self.prepare, self.keep_image = files, prepare, keep_image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> _Sample:
+        path = self.files[index]
+        try:
+            image = read_image(path)
+        except ValueError as exc:
+            return _Sample(index, path, None, None, None, None, str(exc))
+        prepared, scale = self.prepare(image) if self.prepare is not None else (None, None)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        return _Sample(index, path, prepared, scale, image if self.keep_image else None, size, None)
+
+
+@dataclass
+class InferenceResult:
+    """records: per image read, as in detections.json; skipped: the files left out, with why."""
+
+    records: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+
+
+def run_inference(
+    predictor: Predictor,
+    files: Sequence[str | Path],
+    output: str | Path,
+    batch_size: int = 4,
+    workers: int = 0,
+    skip_bad: bool = False,
+    csv_file: bool = False,
+    draw: bool = True,
+    progress: bool = True,
+) -> InferenceResult:
+    """Detect objects in every file with `predictor` (eager, or an engine's), batch_size images per forward pass
+    (tiles per pass, with a tiling predictor), `workers` processes decoding and resizing; write the outputs of the
+    module docstring to `output`. An unreadable file raises a ValueError naming it, or with skip_bad is warned
+    about and skipped."""
+    files = [Path(f) for f in files]
+    out = Path(output)
+    tiled = predictor.tile is not None
+    dataset = _ImageFiles(files, None if tiled else predictor.prepare_fn, keep_image=draw or tiled)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list,
+                        persistent_workers=False)  # fmt: skip
+    names = _drawing_names(files)
+    records: list[dict[str, Any]] = []
+    predictions: list[Prediction] = []
+    skipped: list[tuple[str, str]] = []
+    with tqdm(total=len(files), unit="image", desc="detect", disable=not progress) as bar:
+        for batch in loader:
+            good = [s for s in batch if s.error is None]
+            for s in batch:
+                if s.error is not None:
+                    if not skip_bad:
+                        raise ValueError(s.error)
+                    warnings.warn(f"skipped: {s.error}", stacklevel=2)
+                    skipped.append((str(s.path), s.error))
+            for sample, found in zip(good, _predict(predictor, good, tiled)):
+                records.append(_record(sample, found, len(records) + 1))
+                predictions.append(found)
+                if draw:
+                    save_detections_image(out / names[sample.index], sample.image.float() / 255, found.boxes,
+                                          found.scores, found.labels, predictor.class_names)  # fmt: skip
+            bar.update(len(batch))
+    _write_outputs(out, records, predictions, predictor.categories, csv_file)
+    return InferenceResult(records, skipped)
+
+
+def _predict(predictor: Predictor, samples: list[_Sample], tiled: bool) -> list[Prediction]:
+    if not samples:
+        return []
+    sources = [str(s.path) for s in samples]
+    if tiled:  # one image at a time, its tiles batched
+        return predictor.predict_tensors([s.image for s in samples], sources)
+    found = predictor.detect_prepared([s.prepared for s in samples], [s.scale for s in samples])
+    return [predictor.to_prediction(d, s.size_hw, src) for d, s, src in zip(found, samples, sources)]
+
+
+def _record(sample: _Sample, found: Prediction, image_id: int) -> dict[str, Any]:
+    height, width = sample.size_hw
+    return {"file": str(sample.path), "image_id": image_id, "width": width, "height": height,
+            "detections": found.to_dicts()}  # fmt: skip
+
+
+def _drawing_names(files: list[Path]) -> list[str]:
+    """NAME.png per file; a name met again gets its position appended, so that no drawing overwrites another."""
+    seen: set[str] = set()
+    names = []
+    for i, path in enumerate(files):
+        name = f"{path.stem}.png" if path.stem not in seen else f"{path.stem}_{i}.png"
+        seen.add(path.stem)
+        names.append(name)
+    return names
+
+
+def _write_outputs(out: Path, records: list[dict[str, Any]], predictions: list[Prediction],
+                   categories: list[dict[str, Any]], csv_file: bool) -> None:  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    per_image = [{"image_id": r["image_id"], "boxes": p.boxes, "scores": p.scores, "labels": p.labels}
+                 for r, p in zip(records, predictions)]  # fmt: skip
+    (out / "results.json").write_text(json.dumps(coco_results(per_image, categories)))
+    if csv_file:
+        write_csv(out / "detections.csv", records)
+
+
+def write_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """keras-retinanet's annotation layout of `records` (as in detections.json): `path,x1,y1,x2,y2,class_name` per
+    box, in the whole pixels that contain it (keras-retinanet reads integers); `path,,,,,` for an image with no
+    detections (or only boxes of no width or height, which the layout cannot hold)."""
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        for record in records:
+            rows = []
+            for d in record["detections"]:
+                x1, y1 = (math.floor(v) for v in d["box"][:2])
+                x2, y2 = (math.ceil(v) for v in d["box"][2:])
+                if x2 > x1 and y2 > y1:
+                    rows.append([record["file"], x1, y1, x2, y2, d["name"]])
+            writer.writerows(rows or [[record["file"], "", "", "", "", ""]])
+    return path

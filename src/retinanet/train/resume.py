@@ -1,0 +1,68 @@
+"""What a run saves to be resumed exactly, and puts back: the weights, optimiser, lr schedule, grad scaler, every
+process's random-number generators, the data position and the run's fast paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retinanet import fastpath
+from retinanet.config import TrainConfig
+from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
+from retinanet.train.distributed import gather
+from retinanet.train.stream import BatchStream
+
+__all__ = ["checkpoint_run", "restore_rng", "restore_run", "seed_everything"]
+
+
+def checkpoint_run(out: Path, model: nn.Module, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig,
+                   stream: BatchStream, rank: int, world: int, fast: fastpath.RunFastPaths) -> None:
+    """last.pt (and with keep_all_checkpoints iter_N.pt) of the run at `iteration`, written by rank 0 with every
+    process's random generators (a collective: every process calls it)."""
+    rngs = gather(rng_state(), world)  # collective: every process must call it
+    if rank != 0:
+        return
+    args = (model, optimizer, scheduler, scaler, iteration, cfg, stream.position, rngs)
+    save_checkpoint(out / "last.pt", *args, fast_paths=fast)
+    if cfg.keep_all_checkpoints:
+        save_checkpoint(out / f"iter_{iteration:07d}.pt", *args, fast_paths=fast)
+
+
+def restore_run(checkpoint: dict[str, Any], path: str | Path, model: nn.Module, optimizer, scheduler, scaler) -> None:
+    """Load a checkpoint's model, optimiser, schedule and scaler states into the given objects."""
+    saved = checkpoint["model_config"]
+    config = getattr(model, "config", None)
+    if saved is not None and dataclasses.is_dataclass(config):
+        differ = sorted(k for k, v in dataclasses.asdict(config).items() if k in saved and _plain_value(saved[k]) != _plain_value(v))
+        if differ:
+            warnings.warn(f"resuming from {path}: the model config differs in {differ}", stacklevel=3)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])  # moves the state onto the parameters' device
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+
+
+def _plain_value(v: Any) -> Any:
+    return [_plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def restore_rng(states: list[dict[str, Any]], rank: int, world: int) -> None:
+    if len(states) != world:
+        warnings.warn(f"the checkpoint holds random states of {len(states)} processes, this run has {world}: "
+                      "random augmentations will differ from an uninterrupted run", stacklevel=3)
+        return
+    set_rng_state(states[rank])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,94 @@
+"""A training run from its RunConfig: datasets, model, loader, the loop, the run's own evaluation and its files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retinanet import fastpath
+from retinanet.config import RunConfig, save_run_config
+from retinanet.data import DetectionDataset, build_dataset, categories_config, make_loader, val_dataset
+from retinanet.inference import evaluate_model
+from retinanet.model import RetinaNet, build_from_config, load_checkpoint
+from retinanet.tools.anchor_coverage import coverage, coverage_lines, training_boxes
+from retinanet.train.distributed import init_distributed, rank_and_world, resolve_device
+from retinanet.train.log import write_note
+from retinanet.train.loop import train
+from retinanet.visualize import plot_training_curves
+from retinanet.weights import init_from
+
+__all__ = ["run_train"]
+
+
+def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True) -> dict[str, Any]:
+    """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and
+    evaluation results, when there is a validation set) in cfg.train.output_dir.
+
+    Everything that can be checked is checked before anything is written: the config, every image file, the
+    checkpoint to resume from, the device and precision. The model is built after seeding, so that a run is a
+    function of its config and seed."""
+    init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
+    rank, world = rank_and_world()
+    out = Path(cfg.train.output_dir)
+    device = resolve_device(cfg.train)  # a device or precision this machine lacks stops us first
+    train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
+    cfg.model = categories_config(cfg.model, train_set)
+    val_set = val_dataset(cfg.data, cfg.model, train_set.categories) if evaluate else None
+    if resume is not None:
+        load_checkpoint(resume)  # a missing or unreadable checkpoint stops the run here, not after setup
+    workers, workers_warning = cfg.train.workers()
+    torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
+    model = build_from_config(cfg.model)
+    init_lines = _init_weights(model, resume)
+    per_process = cfg.train.batch_size // world
+    loader = make_loader(train_set, per_process, shuffle=True, num_workers=workers,
+                         seed=cfg.train.seed, distributed=world > 1, drop_last=True)  # fmt: skip
+    if rank == 0:  # the run will start: now its folder is written
+        save_run_config(cfg, out / "config.yaml")
+        boxes = training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
+        for line in [_summary(cfg, train_set, val_set, device, workers), workers_warning, *init_lines,
+                     *coverage_lines(coverage(boxes, model.config))]:  # fmt: skip
+            if line:
+                print(line, flush=True)
+                write_note(out, line)
+
+    def evaluate(m, iteration):  # on the main process only
+        if rank != 0:
+            return {}
+        base = m.module if hasattr(m, "module") else m
+        return evaluate_model(base, val_set, out / "eval", amp=fastpath.current_run().amp).to_dict()
+
+    t0 = time.perf_counter()
+    result = train(model, loader, cfg.train, out, eval_fn=evaluate if val_set is not None else None, resume=resume)
+    result["train_seconds"] = time.perf_counter() - t0
+    if rank == 0 and (out / "log.jsonl").exists():
+        plot_training_curves(out / "log.jsonl", out / "training_curves.png")
+    result["model"] = model
+    return result
+
+
+def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
+    """model.init_from applied to `model` (retinanet.weights.init_from), as log lines; not when resuming, whose
+    checkpoint holds the weights."""
+    if model.config.init_from is None:
+        return []
+    if resume is not None:
+        return [f"init_from {model.config.init_from}: not applied, the weights come from {resume}"]
+    return init_from(model).lines()
+
+
+def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, device: torch.device,
+             workers: int) -> str:  # fmt: skip
+    """One line saying what the run will do."""
+    t, m = cfg.train, cfg.model
+    epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
+    val = f", {len(val_set)} validation images" if val_set is not None else ", no validation set"
+    sizes = "" if m.training_sizes == (m.min_size,) else f" (training: drawn from {list(m.training_sizes)})"
+    return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
+            f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs; images resized to shorter "
+            f"side {m.min_size}, longer at most {m.max_size}{sizes}; {cfg.preset} {m.backbone}; lr {t.lr:g} "
+            f"({t.optimizer}), {t.schedule().describe()}; device {device}, amp {t.amp}, {workers} data workers; "
+            f"output {t.output_dir}")  # fmt: skip
