@@ -425,3 +425,17 @@ def test_help_answers_at_once_without_loading_torch():
            "print('torch' in sys.modules)"  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().endswith("False"), done.stdout + done.stderr
+
+
+def test_validation_during_training_logs_the_gap_keeps_the_best_and_draws_the_curves(tmp_path):
+    assert _train(tmp_path, "train.eval_every=2", "train.max_iters=4", "train.eval_train_images=4",
+                  "train.ema_decay=0.9", "data.augment=top_down") == 0  # fmt: skip
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/AP" in r]
+    assert [r["iter"] for r in evals] == [2, 4] and all("eval/train_AP" in r for r in evals)
+    assert (run / "best.pt").exists() and (run / "training_curves.png").exists()
+    from retinanet.model import load_checkpoint
+
+    assert load_checkpoint(run / "last.pt")["ema"]["updates"] == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["augment"] == "top_down"

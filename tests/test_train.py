@@ -31,7 +31,7 @@ from retinanet.train.optim import lr_factor
 
 CHECKPOINT_KEYS = {
     "format_version", "iteration", "model", "model_config", "train_config", "optimizer", "scheduler", "scaler",
-    "rng", "data_position", "extra", "fast_paths",
+    "rng", "data_position", "extra", "fast_paths", "ema",
 }  # fmt: skip
 
 
@@ -474,3 +474,50 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
     assert len(partial) == 1 and partial[0].name.startswith(".last.pt.") and partial[0].stat().st_size > 1_000_000
     with pytest.raises(ValueError, match=partial[0].name):
         load_checkpoint(partial[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the moving average, validation during training and the best checkpoint
+
+
+def test_the_moving_average_is_evaluated_saved_resumed_and_loaded(tmp_path):
+    seen = []
+    cfg = tiny_config(max_iters=4, eval_every=2, ema_decay=0.9, checkpoint_every=2)
+    model = tiny_model()
+    result = train(model, tiny_loader(), cfg, tmp_path / "whole", eval_fn=lambda m, it: seen.append(m) or {"AP": 0.1})
+    checkpoint = load_checkpoint(tmp_path / "whole" / "last.pt")
+    assert checkpoint["ema"]["updates"] == 4 and seen and all(m is not model for m in seen)
+    averaged = checkpoint["ema"]["model"]
+    assert any(not torch.equal(averaged[k], v) for k, v in checkpoint["model"].items() if v.is_floating_point())
+    for k, v in load_model(tmp_path / "whole" / "last.pt").state_dict().items():  # inference gets the average
+        assert torch.equal(v, averaged[k]), k
+    assert result["iteration"] == 4
+
+    folder = tmp_path / "resumed"
+    with pytest.raises(TrainingInterrupted):
+        train(interrupt_at(tiny_model(), {2}), tiny_loader(), cfg, folder, eval_fn=lambda m, it: {"AP": 0.1})
+    train(tiny_model(seed=5), tiny_loader(), cfg, folder, eval_fn=lambda m, it: {"AP": 0.1}, resume=folder / "last.pt")
+    resumed = load_checkpoint(folder / "last.pt")["ema"]
+    assert resumed["updates"] == 4
+    for k, v in averaged.items():
+        assert torch.equal(resumed["model"][k], v), k  # the average continues exactly
+
+
+def test_best_pt_keeps_the_best_evaluation(tmp_path):
+    values = iter([0.2, 0.6, 0.4])
+    cfg = tiny_config(max_iters=3, eval_every=1)
+    train(tiny_model(), tiny_loader(), cfg, tmp_path, eval_fn=lambda m, it: {"AP": next(values), "AP50": 0.5})
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["iteration"] == 2 and best["extra"]["best"] == {"metric": "AP", "value": 0.6, "iteration": 2}
+    assert load_checkpoint(tmp_path / "last.pt")["extra"]["best"]["iteration"] == 2
+    assert "best.pt: AP 0.6000 at iteration 2" in (tmp_path / "train.log").read_text()
+    assert load_model(tmp_path / "best.pt").config == load_model(tmp_path / "last.pt").config
+
+
+def test_a_model_learning_its_data_by_heart_is_named():
+    from retinanet.train.run import memorising
+
+    (line,) = memorising({"AP": 0.05, "train_AP": 0.9}, 300)
+    assert "iteration 300" in line and "(0.900)" in line and "(0.050)" in line and "by heart" in line
+    assert memorising({"AP": 0.6, "train_AP": 0.8}, 300) == []  # a gap, not a memorised set
+    assert memorising({"AP": float("nan"), "train_AP": 0.9}, 300) == []

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from retinanet.config import DataConfig, RunConfig, model_config, parse_overrides, size_overrides, train_config
-from retinanet.data import DetectionDataset, build_dataset, categories_config, train_transforms, val_dataset
+from retinanet.data import DetectionDataset, build_dataset, categories_config, val_dataset, with_training_augmentation
 from retinanet.deploy import ExportReport, OnnxPredictor, export_onnx, verify_export
 from retinanet.evaluate import CocoMetrics
 from retinanet.inference import Predictor, categories_of, evaluate_model, image_files, read_image, run_inference
@@ -63,8 +63,8 @@ def run_anchors(cfg: RunConfig, output: str | Path, fit: bool = False, max_ancho
 
 def run_inspect(cfg: RunConfig, output: str | Path, split: str = "train", augment: bool = False,
                 show_anchors: bool = False, limit: int | None = 64, only_missed: bool = False) -> dict[str, Any]:
-    """`retinanet inspect`: the images of a split after the transforms (the training ones, random sizes and flips,
-    with `augment`; else the evaluation resize), boxes coloured by their anchors, and the data's statistics
+    """`retinanet inspect`: the images of a split after the transforms (the training ones, random sizes and the
+    DataConfig's augmentation, with `augment`; else the evaluation resize), boxes coloured by their anchors, and the data's statistics
     (retinanet.tools.inspection)."""
     if split not in ("train", "val"):
         raise ValueError(f"inspect: split must be 'train' or 'val', got {split!r}")
@@ -75,7 +75,7 @@ def run_inspect(cfg: RunConfig, output: str | Path, split: str = "train", augmen
     if dataset is None:
         raise ValueError("data config: no validation set to inspect (set data.val_annotations, or data.root for VOC)")
     if augment:
-        dataset.transforms = train_transforms(model_cfg.training_sizes, model_cfg.max_size, cfg.data.flip_prob)
+        with_training_augmentation(dataset, cfg.data, model_cfg)
     return inspect_dataset(dataset, model_cfg, output, show_anchors=show_anchors, limit=limit, only_missed=only_missed)
 
 

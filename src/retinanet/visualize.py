@@ -57,16 +57,19 @@ def save_detections_image(path: str | Path, image: Tensor, boxes, scores, labels
 
 
 def plot_training_curves(log_jsonl: str | Path, path: str | Path) -> Path:
-    """One PNG with every loss of log.jsonl against the iteration (log scale), and the learning rate."""
+    """One PNG with every loss of log.jsonl against the iteration (log scale), the learning rate, and with
+    evaluations during training the validation AP (and the training images' AP beside it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in Path(log_jsonl).read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "eval/AP" in r]
     rows = [r for r in rows if "lr" in r]
-    fig = Figure(figsize=(9, 4))
-    ax, ax_lr = fig.subplots(1, 2)
+    fig = Figure(figsize=(13 if evals else 9, 4))
+    axes = fig.subplots(1, 3 if evals else 2)
+    ax, ax_lr = axes[0], axes[1]
     keys = [k for k in rows[0] if k.startswith("loss")] if rows else []
     for k in keys:
         ax.plot([r["iter"] for r in rows], [r[k] for r in rows], label=k)
@@ -77,6 +80,16 @@ def plot_training_curves(log_jsonl: str | Path, path: str | Path) -> Path:
     ax_lr.plot([r["iter"] for r in rows], [r["lr"] for r in rows])
     ax_lr.set_xlabel("iteration")
     ax_lr.set_title("learning rate")
+    if evals:
+        for key, label in (("eval/AP", "validation AP"), ("eval/AP50", "validation AP50"),
+                           ("eval/train_AP", "training images' AP")):  # fmt: skip
+            points = [(r["iter"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
+            if points:
+                axes[2].plot(*zip(*points), marker="o", label=label)
+        axes[2].set_xlabel("iteration")
+        axes[2].set_ylim(0, 1)
+        axes[2].set_title("evaluation")
+        axes[2].legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

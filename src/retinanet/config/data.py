@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from retinanet.config.checked import Checked
 
-__all__ = ["FORMATS", "DataConfig"]
+__all__ = ["AUGMENT_PRESETS", "FORMATS", "DataConfig"]
 
 FORMATS = ("synthetic", "coco", "voc", "csv")
+AUGMENT_PRESETS = ("flip", "top_down", "none")  # retinanet.data.augment.PRESETS
 
 
 @dataclass
@@ -42,13 +43,32 @@ class DataConfig(Checked):
     synthetic_max_objects: int = 6
     synthetic_min_object_size: int = 12
     synthetic_max_object_frac: float = 0.8
-    flip_prob: float = 0.5  # horizontal flips in training (the paper's only augmentation)
+    # training augmentation (retinanet.data.augment): a preset ("flip": the paper's horizontal flips; "top_down":
+    # flips, 90-degree rotations, colour and scale jitter, crops and mosaics for small objects seen from above;
+    # "none"), then any of its operations set on its own (None: the preset's value)
+    augment: str = "flip"
+    flip_prob: float | None = None  # horizontal flips
+    vflip_prob: float | None = None
+    rotate90_prob: float | None = None
+    brightness: float | None = None  # colour jitter strengths (torchvision's ColorJitter)
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    scale_jitter: tuple[float, float] | None = None  # the training size times a factor drawn from [low, high]
+    crop_prob: float | None = None  # a random crop whose sides are a share drawn from crop_scale of the image's
+    crop_scale: tuple[float, float] | None = None
+    min_visible: float | None = None  # a box cut by a crop or mosaic is kept when this share of it stays inside
+    mosaic_prob: float | None = None  # four images in one
     skip_bad: bool = False
 
     def problems(self) -> list[str]:
         out = [] if self.format in FORMATS else [f"format = {self.format!r} is not one of {list(FORMATS)}"]
-        if not 0 <= self.flip_prob <= 1:
-            out.append(f"flip_prob = {self.flip_prob} must be in [0, 1]")
+        if self.augment not in AUGMENT_PRESETS:
+            out.append(f"augment = {self.augment!r} is not one of {list(AUGMENT_PRESETS)}")
+        for name in ("flip_prob", "vflip_prob", "rotate90_prob", "crop_prob", "mosaic_prob", "min_visible"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                out.append(f"{name} = {value} must be in [0, 1]")
         if self.synthetic_image_size < 32:
             out.append(f"synthetic_image_size = {self.synthetic_image_size} must be at least 32")
         if self.synthetic_max_objects < 1 or self.synthetic_min_object_size < 2:

@@ -51,7 +51,15 @@ class TrainConfig(Checked):
     amp: str = "none"
     seed: int = 0
     log_every: int = 20
-    eval_every: int = 0  # 0: evaluate only at the end (when an eval_fn is given)
+    # validation during training: every eval_every iterations (0: at the end only) on the validation set and on a
+    # fixed subset of eval_train_images training images (0: none), whose gap to validation shows a model learning its
+    # data by heart; best.pt keeps the weights of the best validation best_metric
+    eval_every: int = 0
+    eval_train_images: int = 32
+    best_metric: str = "AP"
+    # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), evaluated, saved with the
+    # checkpoints and given to inference: the decay per iteration (ramped up over the first ones), None: off
+    ema_decay: float | None = None
     checkpoint_every: int = 5_000
     keep_all_checkpoints: bool = False  # also keep iter_0005000.pt etc. beside last.pt
     output_dir: str = "runs/retinanet"
@@ -82,6 +90,10 @@ class TrainConfig(Checked):
             out.append(f"num_workers must be a whole number >= 0 or None, got {self.num_workers!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             out.append(f"device = {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            out.append(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.eval_every < 0 or self.eval_train_images < 0:
+            out.append(f"eval_every and eval_train_images must be >= 0, got {self.eval_every}, {self.eval_train_images}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             out.append(f"lr must be > 0, got {self.lr}")
         return out

@@ -5,8 +5,10 @@ file -> dataset (checked ImageRecords; dataset[i] = (image, target)) -> transfor
 the model. Boxes are float [N, 4] XYXY absolute pixels throughout; images are float32 [0, 1], not normalised.
 """
 
+from retinanet.data.augment import PRESETS as AUGMENT_PRESETS
+from retinanet.data.augment import Augmentation, augmentation_of
 from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord
-from retinanet.data.build import build_dataset, categories_config, val_dataset
+from retinanet.data.build import build_dataset, categories_config, val_dataset, with_training_augmentation
 from retinanet.data.coco import CocoDetection, to_coco_dict, write_coco
 from retinanet.data.collate import collate_detection, make_loader
 from retinanet.data.csv import CsvDetection
@@ -15,6 +17,9 @@ from retinanet.data.transforms import ResizeShortLong, eval_transforms, train_tr
 from retinanet.data.voc import VOC_CLASSES, VocDetection
 
 __all__ = [
+    "AUGMENT_PRESETS",
+    "Augmentation",
+    "augmentation_of",
     "SHAPES",
     "VOC_CLASSES",
     "CocoDetection",
@@ -33,5 +38,6 @@ __all__ = [
     "to_coco_dict",
     "train_transforms",
     "val_dataset",
+    "with_training_augmentation",
     "write_coco",
 ]

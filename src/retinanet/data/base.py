@@ -11,6 +11,7 @@ stick out of the image by up to `BOX_TOLERANCE_PX` (annotation tools round outwa
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from retinanet.data.augment import Mosaic
 from retinanet.ops.boxes import OUTSIDE_TOLERANCE_PX, clip_boxes
 
 __all__ = [
@@ -143,6 +145,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             "orig_size": (H0, W0) ints, the size of the image as stored, before transforms
 
     categories: the original ids and names, in the order of the contiguous labels: categories[label]["id"].
+    mosaic, min_visible: training's mosaic (set by build_dataset from the DataConfig's augmentation).
     skip_bad: drop images with bad annotations (at construction, with a warning) instead of raising; an image
         file that is missing or does not decode is met only in __getitem__, which then warns and returns the next
         good image (index i + 1, i + 2, ... wrapping around) so that a long run is not lost to one bad file.
@@ -159,6 +162,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.records = records
         self.transforms = transforms
         self.skip_bad = skip_bad
+        # training's mosaic (retinanet.data.augment): the probability that an item is four images in one, and the
+        # share of a cut box's area that keeps it
+        self.mosaic, self.min_visible = 0.0, 0.5
 
     def __len__(self) -> int:
         return len(self.records)
@@ -198,6 +204,14 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise DatasetError(f"none of the {len(gone)} image files of the dataset exists")
         return self
 
+    def subset(self, count: int) -> "DetectionDataset":
+        """A copy holding `count` records spread evenly over this one's (all, when it has fewer): a fixed sample,
+        e.g. of the training images evaluated beside the validation set."""
+        out = copy.copy(self)
+        step = max(1, len(self.records) // max(count, 1))
+        out.records = self.records[::step][:count]
+        return out
+
     def load_image(self, index: int) -> Image.Image:
         """The RGB PIL image of record `index`; raises DatasetError if it is missing or does not decode."""
         record = self.records[index]
@@ -216,6 +230,18 @@ class DetectionDataset(torch.utils.data.Dataset):
         raise DatasetError(f"no image of the {len(self)} in the dataset could be loaded")
 
     def _load(self, index: int) -> tuple[tv_tensors.Image, Target]:
+        image, target = self._decoded(index)
+        if self.mosaic and len(self) > 1 and bool(torch.rand(()) < self.mosaic):
+            parts = [(image, target)] + [self._decoded(int(i)) for i in torch.randint(len(self), (3,))]
+            image, target = Mosaic(self.min_visible)([p[0] for p in parts], [p[1] for p in parts])
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        if image.dtype == torch.uint8:
+            image = tv_tensors.wrap(image.float().div_(255.0), like=image)
+        return image, target
+
+    def _decoded(self, index: int) -> tuple[tv_tensors.Image, Target]:
+        """The image (uint8) and its target as stored, checked, before any transform."""
         record = self.records[index]
         pil = self.load_image(index)
         width, height = pil.size
@@ -238,10 +264,6 @@ class DetectionDataset(torch.utils.data.Dataset):
             "image_id": record.image_id,
             "orig_size": (height, width),
         }
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        if image.dtype == torch.uint8:
-            image = tv_tensors.wrap(image.float().div_(255.0), like=image)
         return image, target
 
     def __repr__(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from retinanet.config import DataConfig, ModelConfig, apply_overrides
+from retinanet.data.augment import Augmentation, augmentation_of
 from retinanet.data.base import DetectionDataset
 from retinanet.data.coco import CocoDetection
 from retinanet.data.csv import CsvDetection
@@ -13,21 +14,34 @@ from retinanet.data.synthetic import SyntheticShapes
 from retinanet.data.transforms import eval_transforms, train_transforms
 from retinanet.data.voc import VocDetection
 
-__all__ = ["build_dataset", "categories_config", "val_dataset"]
+__all__ = ["build_dataset", "categories_config", "val_dataset", "with_training_augmentation"]
 
 
 def build_dataset(
     data: DataConfig, model: ModelConfig, split: str, train_mode: bool, categories: list[dict[str, Any]] | None = None
 ) -> DetectionDataset:
     """The train or val dataset of `data`, resized as `model` says: training transforms (a shorter side drawn from
-    model.training_sizes, flips) or evaluation transforms (model.min_size). Every image file is checked to exist.
+    model.training_sizes, and the DataConfig's augmentation) or evaluation transforms (model.min_size). Every image
+    file is checked to exist.
 
     categories: the label map to use where the data does not fix one (CSV without a classes file): the training
     set's for the validation set, the model's for evaluation, so that a name gets the label the model learnt."""
-    if train_mode:
-        tf = train_transforms(model.training_sizes, model.max_size, data.flip_prob)
-    else:
-        tf = eval_transforms(model.min_size, model.max_size)
+    augmentation = augmentation_of(data) if train_mode else None  # a bad value stops us before any file is read
+    dataset = _dataset(data, split, None if train_mode else eval_transforms(model.min_size, model.max_size), categories)
+    return with_training_augmentation(dataset, data, model, augmentation) if train_mode else dataset
+
+
+def with_training_augmentation(dataset: DetectionDataset, data: DataConfig, model: ModelConfig,
+                               augmentation: Augmentation | None = None) -> DetectionDataset:  # fmt: skip
+    """`dataset` with training's transforms and mosaic: the model's training sizes and the DataConfig's augmentation
+    (retinanet.data.augment)."""
+    aug = augmentation or augmentation_of(data)
+    dataset.transforms = train_transforms(model.training_sizes, model.max_size, aug)
+    dataset.mosaic, dataset.min_visible = aug.mosaic, aug.min_visible
+    return dataset
+
+
+def _dataset(data: DataConfig, split: str, tf: Any, categories: list[dict[str, Any]] | None) -> DetectionDataset:
     fmt, is_train = data.format, split == "train"
     if fmt == "synthetic":
         n = data.synthetic_train_images if is_train else data.synthetic_val_images

@@ -269,12 +269,13 @@ class SyntheticShapes(DetectionDataset):
             image.paste(tuple(int(v) for v in rng.integers(0, 256, 3)), (0, 0), smudge)
 
     def load_image(self, index: int) -> Image.Image:
-        """Draw image `index` (or take it from the in-memory cache, when `cache` is on)."""
+        """Draw the image of record `index` (or take it from the in-memory cache, when `cache` is on)."""
+        image_id = self.records[index].image_id  # the drawn image's own number, also in a subset of the records
         if self.cache:
-            if index not in self._cache:
-                self._cache[index] = self._draw(index)
-            return self._cache[index].copy()
-        return self._draw(index)
+            if image_id not in self._cache:
+                self._cache[image_id] = self._draw(image_id)
+            return self._cache[image_id].copy()
+        return self._draw(image_id)
 
     def _draw(self, index: int) -> Image.Image:
         """Draw image `index`: background, then each object's texture through its shape mask, then sensor noise."""

@@ -19,8 +19,8 @@ from retinanet import fastpath
 from retinanet.config import ModelConfig, TrainConfig, apply_overrides
 from retinanet.model.detector import RetinaNet, build_from_config
 
-__all__ = ["FORMAT_VERSION", "load_checkpoint", "load_model", "rng_state", "save_checkpoint", "saved_model_config",
-           "set_rng_state"]  # fmt: skip
+__all__ = ["FORMAT_VERSION", "load_checkpoint", "load_model", "model_weights", "rng_state", "save_checkpoint",
+           "saved_model_config", "set_rng_state"]  # fmt: skip
 
 
 FORMAT_VERSION = 1  # bump when the checkpoint's keys change meaning; load_checkpoint refuses versions it does not know
@@ -38,6 +38,7 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
     fast_paths: fastpath.RunFastPaths | None = None,
+    ema: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically: to a temporary file in the same folder, flushed and fsynced, then renamed
     over `path`, so that a crash during the save leaves the previous checkpoint at `path` intact.
@@ -45,7 +46,8 @@ def save_checkpoint(
     Keys: format_version, iteration, model (state dict), model_config (dataclasses.asdict(model.config)),
     train_config, optimizer, scheduler, scaler (state dicts or None), rng (one rng_state() per process, by rank),
     data_position ({"epoch", "batch"}), extra, fast_paths (the run's machine-dependent choices,
-    fastpath.RunFastPaths as a dict, or None). Every value loads with torch.load(weights_only=True).
+    fastpath.RunFastPaths as a dict, or None), ema ({"model": the moving average's state dict, "updates"}, or
+    None). Every value loads with torch.load(weights_only=True).
     """
     model = getattr(model, "module", model)  # DistributedDataParallel -> the model
     config = getattr(model, "config", None)
@@ -64,6 +66,7 @@ def save_checkpoint(
         "data_position": dict(data_position) if data_position is not None else None,
         "extra": dict(extra or {}),
         "fast_paths": fast_paths.to_dict() if fast_paths is not None else None,
+        "ema": dict(ema) if ema is not None else None,
     }
     path = Path(path)
     _atomic_save(checkpoint, path)
@@ -123,13 +126,19 @@ def saved_model_config(checkpoint: Mapping[str, Any], path: str | Path) -> Model
     return ModelConfig.from_saved(checkpoint["model_config"], where=f"{path}: model_config")
 
 
+def model_weights(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The weights to use a checkpoint's model with: the moving average's when the run kept one (what it evaluated),
+    else the model's."""
+    return checkpoint["ema"]["model"] if checkpoint.get("ema") else checkpoint["model"]
+
+
 def load_model(path: str | Path, map_location: str | torch.device | None = "cpu", **overrides: Any) -> RetinaNet:
     """The model a checkpoint was saved from, rebuilt from its own model_config (with `overrides` of any of its
-    fields, e.g. min_size), with its weights."""
+    fields, e.g. min_size), with its weights (`model_weights`: the moving average's, if the run kept one)."""
     checkpoint = load_checkpoint(path, map_location)
     config = saved_model_config(checkpoint, path)
     model = build_from_config(apply_overrides(config, overrides, "model overrides"))
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(model_weights(checkpoint))
     return model
 
 

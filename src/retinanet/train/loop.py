@@ -24,14 +24,16 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retinanet import fastpath
 from retinanet.config import TrainConfig
 from retinanet.model import RetinaNet, load_checkpoint
-from retinanet.model.checkpoint import rng_state, set_rng_state
+from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
 from retinanet.train.distributed import check_batch_size, rank_and_world, resolve_device, wrap_for_ddp
+from retinanet.train.ema import build_ema, ema_state, load_ema_state
 from retinanet.train.log import RunLog
 from retinanet.train.optim import build_optimizer, build_scheduler
 from retinanet.train.resume import checkpoint_run, restore_rng, restore_run, seed_everything
@@ -74,7 +76,9 @@ def train(
     Writes to output_dir (default cfg.output_dir), from rank 0 only: log.jsonl (one line per cfg.log_every
     iterations: iter, each loss and "loss" (their sum) of that iteration on rank 0, lr, time and data_time in
     seconds), tb/ (TensorBoard), train.log (notes, the run's fast paths), last.pt (atomic checkpoints every
-    cfg.checkpoint_every iterations and at the end).
+    cfg.checkpoint_every iterations and at the end) and best.pt (the evaluated weights at the best cfg.best_metric).
+    With cfg.ema_decay a moving average of the weights is kept (retinanet.train.ema): it is what eval_fn sees, what
+    best.pt holds, and what inference loads from last.pt.
     Returns {"iteration", "losses" (last logged), "metrics" (last evaluation), "checkpoint" (path of last.pt),
     "fast_paths" (the run's fastpath.RunFastPaths: precision, layout, convolution algorithms)}.
     Seeds python, numpy and torch with cfg.seed + rank first, so that a run is a function of its seed.
@@ -103,6 +107,8 @@ def train(
                 r.scaler.step(r.optimizer)
                 r.scaler.update()
                 r.scheduler.step()
+                if r.ema is not None:
+                    r.ema.update_parameters(model)
                 bar.update()
                 last = it == cfg.max_iters
                 if it % cfg.log_every == 0 or last or stopping:
@@ -112,12 +118,12 @@ def train(
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, lr=f"{lr:.3g}")
                 if eval_fn is not None and ((cfg.eval_every and it % cfg.eval_every == 0) or last):
                     t_eval -= time.perf_counter()
-                    metrics = _evaluate(model, eval_fn, it)
+                    metrics = _evaluate(r.evaluated(model), eval_fn, it)
                     t_eval += time.perf_counter()
                     r.log.write(it, {f"eval/{k}": v for k, v in metrics.items()})
+                    r.keep_best(model, it, metrics, cfg)
                 if it % cfg.checkpoint_every == 0 or last or stopping:
-                    checkpoint_run(r.out, model, r.optimizer, r.scheduler, r.scaler, it, cfg, r.stream, r.rank,
-                                   r.world, r.fast)  # fmt: skip
+                    r.checkpoint(model, it, cfg)
                 if stopping and not last:
                     r.log.note(f"interrupted after iteration {it}; checkpoint {r.out / 'last.pt'}")
                     raise TrainingInterrupted(it, r.out / "last.pt")
@@ -145,11 +151,32 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    best: dict[str, Any]  # {"metric", "value", "iteration"} of the best evaluation so far, or {}
 
     def next_batch(self) -> tuple[list[Tensor], list[dict[str, Any]]]:
         """The first batch (already taken for the fast paths), then the stream's, on the device."""
         batch, self.first = self.first, None
         return batch if batch is not None else _to_device(self.stream.next(), self.device)
+
+    def evaluated(self, model: RetinaNet) -> RetinaNet:
+        """The model that is evaluated and kept: the moving average when the run keeps one."""
+        return self.ema.module if self.ema is not None else model
+
+    def keep_best(self, model: RetinaNet, iteration: int, metrics: Mapping[str, Any], cfg: TrainConfig) -> None:
+        """best.pt (rank 0) when the evaluation's best_metric beats the best so far."""
+        value = metrics.get(cfg.best_metric)
+        if not isinstance(value, (int, float)) or value != value or value <= self.best.get("value", float("-inf")):
+            return
+        self.best = {"metric": cfg.best_metric, "value": float(value), "iteration": iteration}
+        if self.rank == 0:
+            save_checkpoint(self.out / "best.pt", self.evaluated(model), iteration=iteration, train_config=cfg,
+                            extra={"best": self.best}, fast_paths=self.fast)  # fmt: skip
+            self.log.note(f"best.pt: {cfg.best_metric} {value:.4f} at iteration {iteration}", echo=False)
+
+    def checkpoint(self, model: RetinaNet, iteration: int, cfg: TrainConfig) -> None:
+        checkpoint_run(self.out, model, self.optimizer, self.scheduler, self.scaler, iteration, cfg, self.stream,
+                       self.rank, self.world, self.fast, ema_state(self.ema), self.best)  # fmt: skip
 
     def finish(self, reached: int, seconds: float, eval_seconds: float) -> None:
         self.log.note(f"trained iterations {self.start + 1}..{reached} in {seconds:.1f} s (evaluation not counted: "
@@ -184,12 +211,17 @@ def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: s
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=fast.amp == "fp16")
+    ema = build_ema(model, cfg.ema_decay)
+    best: dict[str, Any] = {}
     if checkpoint is not None:
         restore_run(checkpoint, resume, model, optimizer, scheduler, scaler)
+        load_ema_state(ema, checkpoint.get("ema"), model)
+        best = dict(checkpoint["extra"].get("best", {}))
     for line in [f"warning: {w}" for w in cfg.schedule().warnings] + notes + [fast.describe()]:
         log.note(line)
     loss_fn = wrap_for_ddp(model, device, world)
-    return _Run(out, device, rank, world, start, stream, first, log, fast, loss_fn, optimizer, scheduler, scaler)
+    return _Run(out, device, rank, world, start, stream, first, log, fast, loss_fn, optimizer, scheduler, scaler, ema,
+                best)  # fmt: skip
 
 
 class _StopOnInterrupt:

@@ -23,16 +23,19 @@ __all__ = ["checkpoint_run", "restore_rng", "restore_run", "seed_everything"]
 
 
 def checkpoint_run(out: Path, model: nn.Module, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig,
-                   stream: BatchStream, rank: int, world: int, fast: fastpath.RunFastPaths) -> None:
+                   stream: BatchStream, rank: int, world: int, fast: fastpath.RunFastPaths,
+                   ema: dict[str, Any] | None = None, best: dict[str, Any] | None = None) -> None:  # fmt: skip
     """last.pt (and with keep_all_checkpoints iter_N.pt) of the run at `iteration`, written by rank 0 with every
-    process's random generators (a collective: every process calls it)."""
+    process's random generators (a collective: every process calls it), the moving average and the best
+    evaluation so far."""
     rngs = gather(rng_state(), world)  # collective: every process must call it
     if rank != 0:
         return
     args = (model, optimizer, scheduler, scaler, iteration, cfg, stream.position, rngs)
-    save_checkpoint(out / "last.pt", *args, fast_paths=fast)
+    extra = {"best": best} if best else None
+    save_checkpoint(out / "last.pt", *args, extra=extra, fast_paths=fast, ema=ema)
     if cfg.keep_all_checkpoints:
-        save_checkpoint(out / f"iter_{iteration:07d}.pt", *args, fast_paths=fast)
+        save_checkpoint(out / f"iter_{iteration:07d}.pt", *args, extra=extra, fast_paths=fast, ema=ema)
 
 
 def restore_run(checkpoint: dict[str, Any], path: str | Path, model: nn.Module, optimizer, scheduler, scaler) -> None:

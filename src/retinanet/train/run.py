@@ -20,12 +20,13 @@ from retinanet.train.loop import train
 from retinanet.visualize import plot_training_curves
 from retinanet.weights import init_from
 
-__all__ = ["run_train"]
+__all__ = ["memorising", "run_train", "train_set_subset"]
 
 
 def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True) -> dict[str, Any]:
-    """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and
-    evaluation results, when there is a validation set) in cfg.train.output_dir.
+    """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and with a
+    validation set: evaluation every train.eval_every iterations and at the end, on it and on a fixed sample of the
+    training images, eval/ results and best.pt) in cfg.train.output_dir.
 
     Everything that can be checked is checked before anything is written: the config, every image file, the
     checkpoint to resume from, the device and precision. The model is built after seeding, so that a run is a
@@ -55,11 +56,20 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
                 print(line, flush=True)
                 write_note(out, line)
 
-    def evaluate(m, iteration):  # on the main process only
+    seen = train_set_subset(cfg, train_set) if val_set is not None and cfg.train.eval_train_images else None
+
+    def evaluate(model, iteration):  # on the main process only
         if rank != 0:
             return {}
-        base = m.module if hasattr(m, "module") else m
-        return evaluate_model(base, val_set, out / "eval", amp=fastpath.current_run().amp).to_dict()
+        amp = fastpath.current_run().amp
+        metrics = evaluate_model(model, val_set, out / "eval", amp=amp).to_dict()
+        if seen is not None:  # the same model on training images it has learnt from
+            on_seen = evaluate_model(model, seen, amp=amp)
+            metrics |= {"train_AP": on_seen.AP, "train_AP50": on_seen.AP50}
+            for line in memorising(metrics, iteration):
+                print(line, flush=True)
+                write_note(out, line)
+        return metrics
 
     t0 = time.perf_counter()
     result = train(model, loader, cfg.train, out, eval_fn=evaluate if val_set is not None else None, resume=resume)
@@ -92,3 +102,24 @@ def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionData
             f"side {m.min_size}, longer at most {m.max_size}{sizes}; {cfg.preset} {m.backbone}; lr {t.lr:g} "
             f"({t.optimizer}), {t.schedule().describe()}; device {device}, amp {t.amp}, {workers} data workers; "
             f"output {t.output_dir}")  # fmt: skip
+
+
+def train_set_subset(cfg: RunConfig, train_set: DetectionDataset) -> DetectionDataset:
+    """A fixed sample of cfg.train.eval_train_images training images with the evaluation transforms: evaluated beside
+    the validation set, its gap to it says how far the model learns its data by heart."""
+    plain = build_dataset(cfg.data, cfg.model, "train", train_mode=False, categories=train_set.categories)
+    return plain.subset(cfg.train.eval_train_images)
+
+
+def memorising(metrics: dict[str, Any], iteration: int, gap: float = 0.25, ratio: float = 2.0) -> list[str]:
+    """A warning line when training AP is far above validation AP (more than `gap` above it and `ratio` times it):
+    the model is learning its training images by heart."""
+    val, seen = metrics.get("AP"), metrics.get("train_AP")
+    if not isinstance(val, float) or not isinstance(seen, float) or val != val or seen != seen:
+        return []
+    if seen - val <= gap or seen <= ratio * max(val, 0.0):
+        return []
+    return [f"warning: at iteration {iteration} the training images' AP ({seen:.3f}) is far above the validation "
+            f"AP ({val:.3f}): the model is learning its training images by heart. More varied data, stronger "
+            "augmentation (data.augment: top_down for top-down imagery), a moving average of the weights "
+            "(train.ema_decay), fewer iterations or pretrained weights help; best.pt keeps the best validation AP"]

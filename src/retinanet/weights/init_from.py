@@ -28,7 +28,7 @@ from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
 from retinanet.config import TORCHVISION_DETECTORS, ModelConfig
 from retinanet.downloads import fetch_state_dict
-from retinanet.model import RetinaNet, load_checkpoint, saved_model_config
+from retinanet.model import RetinaNet, load_checkpoint, model_weights, saved_model_config
 from retinanet.weights.torchvision import TORCHVISION_COCO_WEIGHTS, from_torchvision
 
 __all__ = ["InitReport", "Source", "init_from", "load_source"]
@@ -111,7 +111,7 @@ def load_source(spec: str) -> Source:
 def _our_checkpoint(path: Path) -> Source:
     checkpoint = load_checkpoint(path)
     config = saved_model_config(checkpoint, f"model.init_from: {path}")
-    return Source(checkpoint["model"], config, tuple(config.class_names),
+    return Source(model_weights(checkpoint), config, tuple(config.class_names),
                   f"{path} (iteration {checkpoint['iteration']}, {config.num_classes} classes)")  # fmt: skip
 
 
