@@ -41,11 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import spread_scores, torchvision_model  # noqa: E402
 from common import interleaved_median_times, machine_line, write_section  # noqa: E402
 
-from retinanet import from_torchvision  # noqa: E402
+from retinanet import fastpath, from_torchvision  # noqa: E402
 from retinanet.data import SyntheticShapes  # noqa: E402
 from retinanet.deploy.engines import OnnxPredictor
 from retinanet.deploy.graph import export_onnx
 from retinanet.deploy.parity import compare_detections  # noqa: E402
+from retinanet.deploy.quantize import int8_path, quantize_int8
 from retinanet.evaluate import evaluate_coco  # noqa: E402
 from retinanet.inference.predictor import Predictor, categories_of  # noqa: E402
 from retinanet.ops.postprocess import Detections  # noqa: E402
@@ -66,8 +67,8 @@ def _versions() -> str:
     return ", ".join(found) or "no engines installed"
 
 
-def _images(n: int, height: int, width: int) -> list[torch.Tensor]:
-    scenes = SyntheticShapes("val", num_images=n, image_size=(height, width), seed=3)
+def _images(n: int, height: int, width: int, seed: int = 3) -> list[torch.Tensor]:
+    scenes = SyntheticShapes("val", num_images=n, image_size=(height, width), seed=seed)
     return [torch.from_numpy(np.asarray(scenes.load_image(i).convert("RGB")).copy()).permute(2, 0, 1) for i in range(n)]
 
 
@@ -106,6 +107,9 @@ def engine_rows(args, workdir: Path) -> str:
               ("onnxruntime", "ONNX Runtime, threads not spinning", {"spinning": False}, dynamic),
               ("openvino", "OpenVINO, THROUGHPUT hint", {"hint": "THROUGHPUT"}, dynamic)]  # fmt: skip
     missing = []
+    if _installed("onnxruntime"):  # INT8: the convolutions quantized, calibrated on images like the benchmark's
+        quantized = quantize_int8(dynamic, int8_path(dynamic), cfg, _images(8, height, width, seed=7))
+        levers.append(("onnxruntime", "ONNX Runtime, INT8 (QDQ convolutions)", {}, quantized))
     for engine, name, options, path in [(e, f"ours, {n}", o, dynamic) for e, n, o in engines] + levers:
         if not _installed(engine):
             missing.append(engine)
@@ -136,6 +140,15 @@ def engine_rows(args, workdir: Path) -> str:
         met = best[1] >= 2 * per_second[0] and best[2].identical
         lines += ["", f"Target (ONNX Runtime or OpenVINO at least 2x torchvision eager, identical detections): "
                   f"{'met' if met else 'MISSED'} ({best[0].split(', ')[1]}: {best[1] / per_second[0]:.2f}x)."]
+    names = [n for n, _ in rows]
+    if "ours, ONNX Runtime, INT8 (QDQ convolutions)" in names:
+        fp32 = per_second[names.index("ours, ONNX Runtime")]
+        int8 = per_second[names.index("ours, ONNX Runtime, INT8 (QDQ convolutions)")]
+        vnni = fastpath.cpu_info().flags & {"avx512_vnni", "avx_vnni"}
+        lines += ["", f"INT8 against the float32 engine (ONNX Runtime): {int8 / fp32:.2f}x the images per second on "
+                  f"this CPU ({'with ' + ', '.join(sorted(vnni)) if vnni else 'no VNNI'}); target at least 2x where "
+                  f"the CPU has VNNI: {'met' if int8 >= 2 * fp32 else 'MISSED'}. Its detections are those of "
+                  "random weights with near-tied scores, where 8 bits reorder many: accuracy is in the next table."]
     if missing:
         lines += ["", f"Not installed, rows left out: {', '.join(sorted(set(missing)))} (pip install "
                   "'retinanet[bench]')."]  # fmt: skip
@@ -143,6 +156,44 @@ def engine_rows(args, workdir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def int8_accuracy(workdir: Path, models: dict[str, tuple[Path, Path]]) -> str:
+    """AP of the float32 export and of its INT8 version on validation sets: {name: (checkpoint, run config)}, both
+    run by ONNX Runtime and scored by our COCO evaluation; the INT8 model is calibrated on up to 200 of the
+    config's validation images."""
+    from retinanet.config import load_run_config
+    from retinanet.jobs import run_export
+
+    lines = ["| model, validation set | float32 AP | INT8 AP | float32 AP50 | INT8 AP50 |", "|---|---:|---:|---:|---:|"]
+    for name, (checkpoint, config) in models.items():
+        if not checkpoint.is_file():
+            lines.append(f"| {name} | (no {checkpoint}: run its benchmark first) | | | |")
+            continue
+        cfg = load_run_config(config)
+        path = workdir / f"{checkpoint.parent.name}.onnx"
+        run_export(checkpoint, path, int8=cfg)
+        scores = [_onnx_ap(model, cfg) for model in (path, int8_path(path))]
+        lines.append(f"| {name} | {scores[0].AP:.3f} | {scores[1].AP:.3f} | {scores[0].AP50:.3f} | {scores[1].AP50:.3f} |")
+    return "\n".join(lines)
+
+
+def _onnx_ap(path: Path, cfg):
+    """COCO metrics of an exported model, run by ONNX Runtime, on the config's validation set."""
+    from retinanet.data import val_dataset
+    from retinanet.inference import read_image
+
+    runner = OnnxPredictor(path, score_thresh=0.0)
+    dataset = val_dataset(cfg.data, runner.config, runner.categories)
+    gts, dets = [], []
+    for i, record in enumerate(dataset.records):
+        image = read_image(record.path) if record.path is not None else torch.from_numpy(
+            np.asarray(dataset.load_image(i)).copy()).permute(2, 0, 1)  # fmt: skip
+        found = runner.predict_tensors([image])[0]
+        dets.append({"image_id": record.image_id, "boxes": found.boxes, "scores": found.scores, "labels": found.labels})
+        gts.append({"image_id": record.image_id, "boxes": record.boxes, "labels": record.labels,
+                    "iscrowd": record.iscrowd, "width": image.shape[-1], "height": image.shape[-2]})  # fmt: skip
+    return evaluate_coco(gts, dets, dataset.categories)
+
+
 def tile_model(args):
     from retinanet.model.checkpoint import load_model
 
@@ -293,6 +344,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 rounds, 512 px, a 1000 px mosaic")
     parser.add_argument("--skip-engines", action="store_true")
     parser.add_argument("--skip-tiles", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true", help="skip INT8 accuracy on the demo and real data")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -301,6 +353,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_engines:
             parts.append(engine_rows(args, Path(tmp)))
+            print(parts[-1], flush=True)
+        if not args.skip_int8:
+            parts.append("INT8 accuracy (the same export's float32 and INT8 graphs, ONNX Runtime, our COCO evaluation):"
+                         "\n\n" + int8_accuracy(Path(tmp), {
+                             "the demo model, synthetic validation split": (Path("runs/demo/last.pt"),
+                                                                            Path("runs/demo/config.yaml")),
+                             "the small-data recipe, real development set (held-out strip)": (
+                                 Path("runs/small_data/recipe/best.pt"), Path("runs/small_data/recipe/config.yaml")),
+                         }))  # fmt: skip
             print(parts[-1], flush=True)
     if not args.skip_tiles:
         parts.append(tiled_rows(args))

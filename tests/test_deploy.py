@@ -160,7 +160,10 @@ def test_export_and_detect_from_the_command_line(tmp_path, capsys):
     for i, im in enumerate(_images((128, 160), (160, 128))):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(images / f"im{i}.png")
     assert main(["detect", str(images), "--onnx", str(out), "--output", str(tmp_path / "det"), "--workers", "0",
-                 "--score-thresh", "0.0"]) == 0  # fmt: skip
+                 "--score-thresh", "0.0"]) == 2  # fmt: skip
+    assert "keeps scores above its score_thresh 0.05" in capsys.readouterr().err  # below what the graph keeps
+    assert main(["detect", str(images), "--onnx", str(out), "--output", str(tmp_path / "det"), "--workers", "0",
+                 "--score-thresh", "0.05"]) == 0  # fmt: skip
     records = json.loads((tmp_path / "det" / "detections.json").read_text())
     assert [r["file"].rsplit("/", 1)[1] for r in records] == ["im0.png", "im1.png"]
     assert all(r["detections"] == [] for r in records)
@@ -174,3 +177,45 @@ def test_pad_batch_pads_to_multiples_with_zeros():
     assert batch.shape == (2, 3, 96, 96) and sizes.tolist() == [[40, 70], [65, 30]]
     assert batch[0, :, :40, :70].min() == 1 and batch[0, :, 40:].max() == 0 and batch[0, :, :, 70:].max() == 0
     assert np.asarray(batch).dtype == np.float32
+
+
+@pytest.mark.slow
+def test_int8_quantizes_the_convolutions_and_keeps_the_detections(exported, tmp_path):
+    """The INT8 model: QDQ around the convolutions only (decoding and NMS untouched), calibrated on images like the
+    model's; its detections stay close to the float32 export's (the same objects, boxes within a few pixels)."""
+    pytest.importorskip("onnxruntime.quantization")
+    from retinanet.deploy.parity import compare_engines
+    from retinanet.deploy.quantize import int8_path, quantize_int8
+
+    model, path = exported
+    images = _images(*[(128, 160)] * 6, seed=3)
+    quantized = quantize_int8(path, int8_path(tmp_path / "tiny.onnx"), model.config, images)
+    assert quantized.name == "tiny.int8.onnx"
+    proto = onnx.load(str(quantized))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= sum(op == "Conv" for op in ops) > 0
+    assert "NonMaxSuppression" in ops and read_metadata(quantized)[0] == model.config  # metadata kept
+    agreement = compare_engines(path, quantized, _images((128, 160), (96, 128), seed=5))
+    assert agreement.matched > 0.5 * (agreement.matched + agreement.missing), agreement.describe()
+
+
+@pytest.mark.slow
+def test_export_int8_from_the_command_line(exported, tmp_path, capsys):
+    model, _ = exported
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(_images((128, 160), (128, 160), seed=9)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    (folder / "val.csv").write_text("0.png,10,10,60,60,a\n1.png,20,20,90,70,a\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {{format: csv, train_annotations: {folder / 'val.csv'}, val_annotations: "
+                      f"{folder / 'val.csv'}}}\n")  # fmt: skip
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--int8"]) == 2
+    assert "--calibration" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--int8", "--calibration",
+                 str(config), "--image-size", "160", "160"]) == 0  # fmt: skip (a fixed size: half the tracing)
+    assert "INT8 model" in capsys.readouterr().out and (tmp_path / "m.int8.onnx").exists()
+    assert main(["detect", str(folder / "0.png"), "--onnx", str(tmp_path / "m.int8.onnx"), "--output",
+                 str(tmp_path / "d"), "--workers", "0"]) == 0  # fmt: skip

@@ -100,6 +100,10 @@ class OnnxPredictor(Predictor):
         self.model = None
         self.model_resizes = False  # the engine takes resized images: resize on the host, whatever the weights
         self._run = _ENGINE_CLASSES[engine](self.path, threads, **(engine_options or {}))
+        if score_thresh is not None and score_thresh < config.score_thresh:
+            raise ValueError(f"{path}: the exported model keeps scores above its score_thresh {config.score_thresh}; "
+                             f"score_thresh {score_thresh} needs a model exported with it (retinanet export "
+                             f"--score-thresh {score_thresh})")  # fmt: skip
         self._setup(config, categories, batch_size, score_thresh, tile, overlap)
 
     def detect_prepared(self, images: list[Tensor], scales: Sequence[tuple[float, float]]) -> list[Detections]:

@@ -19,7 +19,7 @@ from retinanet.inference.files import Predictor
 from retinanet.model import RetinaNet
 from retinanet.ops.postprocess import Detections
 
-__all__ = ["Agreement", "ExportReport", "compare_detections", "sample_images", "verify_export"]
+__all__ = ["Agreement", "ExportReport", "compare_detections", "compare_engines", "sample_images", "verify_export"]
 
 
 @dataclass
@@ -115,6 +115,7 @@ class ExportReport:
 
     path: Path
     checks: list[tuple[str, Agreement]]
+    int8: tuple[Path, Agreement] | None = None  # the INT8 model and its detections against the float32 export's
 
     @property
     def ok(self) -> bool:
@@ -126,6 +127,9 @@ class ExportReport:
 
     def describe(self) -> str:
         lines = [f"{what}: {a.describe()}" for what, a in self.checks]
+        if self.int8 is not None:
+            lines.append(f"INT8 model {self.int8[0]}, against the float32 export (boxes within 2 px, scores within "
+                         f"0.05): {self.int8[1].describe()}")  # fmt: skip
         if self.compared == 0:
             lines.append("the model found nothing in the sample images, so no detection was compared: give images "
                          "it finds objects in (--check-images)")  # fmt: skip
@@ -152,7 +156,7 @@ def verify_export(
     means same labels, boxes within 0.5 px and scores within 1e-3 (`compare_detections`)."""
     images = list(images) if images is not None else sample_images(model.config)
     runner = OnnxPredictor(path, engine)
-    eager = Predictor(copy.deepcopy(model).cpu(), device="cpu", score_thresh=0.0)
+    eager = Predictor(copy.deepcopy(model).cpu(), device="cpu")
     eager.model_resizes = False  # the engine's input: resized on the host, so compare with the same pixels
     cfg = model.config
     checks = []
@@ -176,3 +180,14 @@ def _padded_like(
         return eager.detect_prepared(images, scales)
     blank = torch.zeros(3, *fixed_size)
     return eager.detect_prepared(images + [blank], list(scales) + [(1.0, 1.0)])[:-1]
+
+
+def compare_engines(reference: str | Path, other: str | Path, images: Sequence[Tensor],
+                    box_tol: float = 2.0, score_tol: float = 0.05) -> Agreement:  # fmt: skip
+    """How an exported model's detections (an INT8 one's, say) agree with another export's, by ONNX Runtime, on
+    `images` ([3, H, W]) one at a time: rounding to 8 bits moves boxes and scores, so the tolerances are wider."""
+    first, second = OnnxPredictor(reference), OnnxPredictor(other)
+    found = [(first.detect_images([im])[0], second.detect_images([im])[0]) for im in images]
+    cfg = first.config
+    return compare_detections([a for a, _ in found], [b for _, b in found], box_tol, score_tol, cfg.score_thresh,
+                              cfg.detections_per_image)  # fmt: skip
