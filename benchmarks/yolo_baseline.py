@@ -1,0 +1,104 @@
+"""The tool a practitioner would pick instead: Ultralytics YOLOv8n from scratch on the same tiles, for a given
+training time, its detections scored by our COCO evaluation as ours are.
+
+    python benchmarks/yolo_baseline.py --data runs/real_trees --minutes 30 [--output runs/yolo]
+
+YOLOv8n is built from its architecture file (yolov8n.yaml: no pretrained weights, nothing downloaded) and trained
+with Ultralytics' defaults (SGD/auto optimiser, mosaic, HSV, scale and translate jitter, flips, EMA) on the
+development set's training tiles, converted to its label format; `time` bounds its training (validation during
+training is off, so that all the time goes to training, as ours counts its training time). Its images are 416 px
+(the multiple of 32 that holds our 400 px tiles). Prediction keeps every detection above 0.001 (at most 100 per
+image), as COCO evaluation expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_trees  # noqa: E402
+
+from retinanet.evaluate import evaluate_coco  # noqa: E402
+
+IMAGE_SIZE = 416
+
+
+def yolo_dataset(data: Path, folder: Path) -> Path:
+    """The development set in Ultralytics' layout (images linked, labels as normalised cx cy w h), and its YAML."""
+    for split in ("train", "val", "val_soap"):
+        coco = json.loads((data / f"{split}.json").read_text())
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        (folder / "labels" / split).mkdir(parents=True, exist_ok=True)
+        boxes: dict[int, list] = {}
+        for a in coco["annotations"]:
+            boxes.setdefault(a["image_id"], []).append(a["bbox"])
+        for image in coco["images"]:
+            link = folder / "images" / split / image["file_name"]
+            if not link.exists():
+                link.symlink_to((data / "images" / image["file_name"]).resolve())
+            w, h = image["width"], image["height"]
+            lines = [f"0 {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}"
+                     for x, y, bw, bh in boxes.get(image["id"], [])]  # fmt: skip
+            (folder / "labels" / split / f"{Path(image['file_name']).stem}.txt").write_text("\n".join(lines))
+    spec = folder / "trees.yaml"
+    spec.write_text(f"path: {folder.resolve()}\ntrain: images/train\nval: images/val\nnames:\n  0: tree\n")
+    return spec
+
+
+def train_yolo(spec: Path, output: Path, minutes: float, seed: int = 0) -> tuple[Path, float]:
+    """YOLOv8n from scratch for `minutes` of training; (its last weights, the training seconds measured)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics import YOLO
+
+    model = YOLO("yolov8n.yaml")
+    t0 = time.perf_counter()
+    model.train(data=str(spec), epochs=10_000, time=minutes / 60, imgsz=IMAGE_SIZE, batch=8, device="cpu",
+                workers=1, pretrained=False, amp=False, plots=False, val=False, seed=seed, project=str(output),
+                name="train", exist_ok=True, verbose=False)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    weights = output / "train" / "weights"
+    return (weights / "last.pt" if (weights / "last.pt").exists() else weights / "best.pt"), seconds
+
+
+def evaluate_yolo(weights: Path, data: Path, split: str) -> dict[str, float]:
+    """COCO metrics (ours: retinanet.evaluate) of a YOLO model's detections on a development split."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    coco = json.loads((data / f"{split}.json").read_text())
+    gts, dets = [], []
+    for image in coco["images"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
+        gts.append({"image_id": image["id"], "boxes": boxes, "labels": torch.zeros(len(anns), dtype=torch.int64),
+                    "width": image["width"], "height": image["height"]})  # fmt: skip
+        found = model.predict(str(data / "images" / image["file_name"]), imgsz=IMAGE_SIZE, conf=0.001, max_det=100,
+                              device="cpu", verbose=False)[0].boxes  # fmt: skip
+        dets.append({"image_id": image["id"], "boxes": found.xyxy.float(), "scores": found.conf.float(),
+                     "labels": found.cls.long()})  # fmt: skip
+    metrics = evaluate_coco(gts, dets, [{"id": 1, "name": "tree"}])
+    return {k: float(getattr(metrics, k)) for k in ("AP", "AP50", "AP75", "AR100")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("runs/real_trees"))
+    parser.add_argument("--output", type=Path, default=Path("runs/yolo"))
+    parser.add_argument("--minutes", type=float, default=30.0)
+    args = parser.parse_args()
+    real_trees.build(args.data)
+    weights, seconds = train_yolo(yolo_dataset(args.data, args.output / "data"), args.output, args.minutes)
+    result = {"train_seconds": seconds, **{split: evaluate_yolo(weights, args.data, split) for split in ("val", "val_soap")}}
+    (args.output / "results.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
