@@ -15,7 +15,7 @@ LAYERS = [
     ("config", ["retinanet.config"]),
     ("ops", ["retinanet.ops", "retinanet.losses"]),
     ("services", ["retinanet.machine", "retinanet.fastpath", "retinanet.downloads", "retinanet.evaluate",
-                  "retinanet.visualize"]),
+                  "retinanet.visualize", "retinanet.outputs"]),
     ("model", ["retinanet.model"]),
     ("weights", ["retinanet.weights"]),
     ("data", ["retinanet.data"]),

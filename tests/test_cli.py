@@ -74,12 +74,16 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out)]) == 2
+    assert "earlier detection" in _error(capsys)  # the folder holds the first detection: refused, kept
+    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
+                 "--overwrite"]) == 2  # fmt: skip
     assert "broken.png" in _error(capsys)
-    with pytest.warns(UserWarning, match="broken.png"):
-        assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
-                     "--skip-bad"]) == 0  # fmt: skip
+    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
+                 "--skip-bad", "--overwrite"]) == 0  # fmt: skip
+    assert "broken.png" in capsys.readouterr().err
     result = json.loads((out / "detections.json").read_text())
-    assert [Path(r["file"]).name for r in result] == ["img0.png", "img1.png"]
+    assert [(Path(r["file"]).name, "skipped" in r) for r in result] == [("img0.png", False), ("img1.png", False),
+                                                                        ("broken.png", True)]  # fmt: skip
     assert main(["detect", str(tmp_path / "nothing.png"), "--checkpoint", str(run / "last.pt")]) == 2
     assert "nothing.png" in _error(capsys)
 
@@ -176,9 +180,12 @@ def test_missing_and_corrupt_images(tmp_path, capsys):
 
 def test_skip_bad_warns_and_drops(tmp_path, capsys):
     data = _coco_files(tmp_path, [_box(1, 1, [10, 10, 20, 20]), _box(2, 2, [30, 30, -5, 10])])
-    with pytest.warns(UserWarning, match="b.png"):
-        assert _train_coco(tmp_path, data, "train.batch_size=1", "--skip-bad") == 0
+    capsys.readouterr()
+    assert _train_coco(tmp_path, data, "train.batch_size=1", "--skip-bad") == 0
+    assert "skipped a box" in capsys.readouterr().err  # one line naming the file, the index and the box
     assert (tmp_path / "run" / "last.pt").exists()
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert len(skipped) == 1 and skipped[0]["dropped"] == "box" and skipped[0]["file"].endswith("b.png")
 
 
 def test_detect_missing_checkpoint(tmp_path, capsys):

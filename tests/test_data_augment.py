@@ -3,9 +3,9 @@ through every operation (flips, 90-degree rotations, colour and scale jitter, cr
 
 import pytest
 import torch
+from conftest import write_run_config
 from torchvision import tv_tensors
 
-from conftest import write_run_config
 from retinanet.cli import main
 from retinanet.config import DataConfig, load_run_config, model_config
 from retinanet.data import build_dataset, train_transforms

@@ -1,5 +1,4 @@
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +151,16 @@ def test_missing_image_raises_in_getitem(coco_dir: Path) -> None:
     assert "dataset index 1" in str(e.value)
 
 
-def test_missing_image_is_found_up_front_by_check_files(coco_dir: Path) -> None:
+def test_missing_image_is_found_up_front_by_check_images(coco_dir: Path, capsys) -> None:
     (coco_dir / "images" / "b.png").unlink()
     with pytest.raises(DatasetError, match=r"image id 11 'b.png' .*dataset index 1.*not found"):
-        _dataset(coco_dir).check_files()
-    with pytest.warns(UserWarning, match="b.png"):
-        ds = CocoDetection(coco_dir / "images", coco_dir / "ann.json", skip_bad=True).check_files()
+        _dataset(coco_dir).check_images()
+    ds = CocoDetection(coco_dir / "images", coco_dir / "ann.json", skip_bad=True).check_images()
     assert [r.image_id for r in ds.records] == [10, 12]
+    (skip,) = ds.skipped
+    assert skip.file.endswith("b.png") and skip.index == 1 and "not found" in skip.reason and not skip.box
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("retinanet: skipped an image: ") and "b.png" in err
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -179,19 +181,23 @@ def test_image_size_must_match_annotation(coco_dir: Path) -> None:
         _dataset(coco_dir)[2]
 
 
-def test_skip_bad_drops_bad_images_with_a_warning(coco_dir: Path) -> None:
+def test_skip_bad_drops_a_bad_annotation_alone_in_one_line(coco_dir: Path, capsys) -> None:
     data = _with(lambda d: d["annotations"][2].update(category_id=5))
-    with pytest.warns(UserWarning, match=r"annotation id 42 \(entry 2 of 'annotations'\), of image id 11 'b.png'"):
-        ds = _dataset(coco_dir, data, skip_bad=True)
-    assert [r.image_id for r in ds.records] == [10, 12]
+    boxes_before = len(_dataset(coco_dir).records[1].boxes)
+    ds = _dataset(coco_dir, data, skip_bad=True)
+    assert [r.image_id for r in ds.records] == [10, 11, 12]  # the image stays, without the bad annotation
+    assert len(ds.records[1].boxes) == boxes_before - 1
+    (skip,) = ds.skipped
+    assert skip.box and skip.index == 1 and skip.file.endswith("b.png")
+    err = capsys.readouterr().err
+    assert "retinanet: skipped a box: " in err and "annotation id 42 (entry 2 of 'annotations'), of image id 11" in err
+    assert "Warning" not in err
 
 
-def test_skip_bad_returns_the_next_image_for_a_bad_file(coco_dir: Path) -> None:
+def test_skip_bad_returns_the_next_image_for_a_bad_file(coco_dir: Path, capsys) -> None:
     (coco_dir / "images" / "a.png").write_bytes(b"garbage")
-    ds = _dataset(coco_dir, skip_bad=True)
-    with pytest.warns(UserWarning, match="dataset index 0 skipped"):
-        _, target = ds[0]
+    ds = _dataset(coco_dir, skip_bad=True)  # not checked up front: the file breaks after the check
+    _, target = ds[0]
     assert target["image_id"] == 11
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert ds[1][1]["image_id"] == 11
+    assert "retinanet: skipped an image: " in capsys.readouterr().err
+    assert ds[1][1]["image_id"] == 11

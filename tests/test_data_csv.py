@@ -102,11 +102,14 @@ def test_missing_and_truncated_images_raise_in_getitem(csv_dir: Path) -> None:
         ds[1]
 
 
-def test_skip_bad_drops_the_image_of_a_bad_line(csv_dir: Path) -> None:
-    (csv_dir / "ann.csv").write_text("img/a.png,1,2,11,9,dog\nimg/b.jpg,5,2,3,9,dog\n")
-    with pytest.warns(UserWarning, match=r"ann.csv: image 1 \('b.jpg'\), line 2: x2"):
-        ds = CsvDetection(csv_dir / "ann.csv", skip_bad=True)
-    assert [r.path.name for r in ds.records] == ["a.png"]
+def test_skip_bad_drops_a_bad_box_alone(csv_dir: Path, capsys) -> None:
+    (csv_dir / "ann.csv").write_text("img/a.png,1,2,11,9,dog\nimg/b.jpg,5,2,3,9,dog\nimg/b.jpg,1,1,4,4,cat\n")
+    ds = CsvDetection(csv_dir / "ann.csv", skip_bad=True)
+    assert [r.path.name for r in ds.records] == ["a.png", "b.jpg"]  # b.jpg keeps its good box
+    assert [r.box_names for r in ds.records] == [["line 1"], ["line 3"]]
+    (skip,) = ds.skipped
+    assert skip.box and skip.index == 1 and skip.file.endswith("b.jpg") and "line 2: x2" in skip.reason
+    assert capsys.readouterr().err.startswith("retinanet: skipped a box: ")
 
 
 def test_given_categories_fix_the_label_map(csv_dir: Path) -> None:

@@ -98,8 +98,11 @@ def test_missing_and_corrupt_image_raise_in_getitem(voc_root: Path) -> None:
         ds[0]
 
 
-def test_skip_bad_drops_the_image_with_a_warning(voc_root: Path) -> None:
-    (voc_root / "Annotations" / "000001.xml").write_text(_xml(20, 16, [_object("unicorn", (1, 1, 5, 5))]))
-    with pytest.warns(UserWarning, match=r"000001.xml: object 0: unknown class 'unicorn'"):
-        ds = VocDetection(voc_root, split="train", skip_bad=True)
-    assert len(ds) == 1 and ds.records[0].image_id == 1
+def test_skip_bad_drops_a_bad_object_alone(voc_root: Path, capsys) -> None:
+    objects = [_object("unicorn", (1, 1, 5, 5)), _object("dog", (2, 2, 9, 9))]
+    (voc_root / "Annotations" / "000001.xml").write_text(_xml(20, 16, objects))
+    ds = VocDetection(voc_root, split="train", skip_bad=True)
+    assert len(ds) == 2 and len(ds.records[0].boxes) == 1  # the image keeps its dog
+    (skip,) = ds.skipped
+    assert skip.box and "000001.xml: object 0: unknown class 'unicorn'" in skip.reason
+    assert "retinanet: skipped a box: " in capsys.readouterr().err

@@ -3,6 +3,7 @@ images without detections included; bad files stop the run or are skipped by nam
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def _threshold_between(predictor: Predictor, full: Path, empty: Path) -> float:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_image_is_listed_and_bad_files_are_skipped_by_name(tmp_path, workers):
+def test_every_image_is_listed_and_bad_files_are_skipped_by_name(tmp_path, workers, capsys):
     model = _tiny()
     folder = tmp_path / "images"
     files = [_save(folder, f"im{i}.png", size=(80 + 8 * i, 96), seed=i) for i in range(4)]
@@ -72,11 +73,16 @@ def test_every_image_is_listed_and_bad_files_are_skipped_by_name(tmp_path, worke
     predictor = Predictor(model, score_thresh=thresh)
     with pytest.raises(ValueError, match="broken.png"):
         run_inference(predictor, ordered, tmp_path / "out", batch_size=2, workers=workers, progress=False)
-    with pytest.warns(UserWarning, match="skipped: .*broken.png"):
-        result = run_inference(predictor, ordered, tmp_path / "out", batch_size=2, workers=workers, skip_bad=True,
-                               csv_file=True, progress=False)  # fmt: skip
+    capsys.readouterr()
+    result = run_inference(predictor, ordered, tmp_path / "out", batch_size=2, workers=workers, skip_bad=True,
+                           csv_file=True, progress=False)  # fmt: skip
+    assert re.search(r"skipped an image: .*broken\.png", capsys.readouterr().err)
     assert [Path(p).name for p, _ in result.skipped] == ["broken.png"]
-    records = json.loads((tmp_path / "out" / "detections.json").read_text())
+    listed = json.loads((tmp_path / "out" / "detections.json").read_text())
+    left_out = [r for r in listed if "skipped" in r]  # the skipped file is listed too, with why and no detections
+    assert [(Path(r["file"]).name, r["detections"]) for r in left_out] == [("broken.png", [])]
+    assert json.loads((tmp_path / "out" / "skipped.json").read_text())[0]["file"].endswith("broken.png")
+    records = [r for r in listed if "skipped" not in r]
     assert [Path(r["file"]).name for r in records] == [f"im{i}.png" for i in range(4)]
     assert [r["image_id"] for r in records] == [1, 2, 3, 4] and records[3]["detections"] == []
     assert records[0]["detections"] and (records[1]["height"], records[1]["width"]) == (88, 96)

@@ -11,6 +11,8 @@ from torchvision import tv_tensors
 import retinanet
 from retinanet.config import model_config
 from retinanet.data import eval_transforms
+from retinanet.inference import Predictor
+from retinanet.model import build_model
 from retinanet.model.checkpoint import save_checkpoint
 from retinanet.model.detector import build_from_config
 
@@ -110,3 +112,15 @@ def test_nothing_above_the_threshold_is_an_empty_prediction(checkpoint, pixels):
 def test_a_bad_input_is_a_clear_error(checkpoint, bad, message):
     with pytest.raises(ValueError, match=message):
         retinanet.load(checkpoint).predict(bad)
+
+
+def test_a_predictor_threshold_below_the_models_is_honoured_and_a_lower_call_threshold_refused():
+    torch.manual_seed(0)
+    model = build_model("retinanet_tiny", num_classes=1, min_size=64, max_size=64, detections_per_image=5)
+    image = torch.rand(3, 60, 64)
+    assert model.config.score_thresh == 0.05  # an untrained head scores about 0.01 (the prior): none above it
+    assert len(Predictor(model).predict(image).boxes) == 0
+    found = Predictor(model, score_thresh=0.0).predict(image)
+    assert len(found.boxes) == 5 and float(found.scores.min()) < 0.05
+    with pytest.raises(ValueError, match="below the predictor's own 0.05"):
+        Predictor(model).predict(image, score_thresh=0.0)

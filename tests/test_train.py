@@ -282,7 +282,7 @@ def test_resume_continues_exactly(tmp_path):
         assert resumed[it] == expected[it], f"iteration {it}"  # bit-exact
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected_state[name]), name
-    assert "interrupted after iteration 4" in (folder / "train.log").read_text()
+    assert "Ctrl-C: stopped after iteration 4" in (folder / "train.log").read_text()
 
 
 def test_a_resumed_run_computes_what_the_original_would_have_whatever_the_cache_holds(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """The `retinanet` command: one handler per command, each parsing its options and calling one job.
 
     retinanet train --config run.yaml --set train.max_iters=2000 model.gamma=1.0 [--resume runs/x/last.pt]
-    retinanet eval --checkpoint runs/x/last.pt --config run.yaml --output runs/x/eval
+    retinanet eval --checkpoint runs/x/last.pt --config run.yaml --output runs/x/eval [--report]
+    retinanet report --detections results.json --annotations instances.json --images val/ --output report/
     retinanet detect --checkpoint runs/x/last.pt images/ photo.jpg --output runs/x/detect
     retinanet detect --torchvision retinanet_resnet50_fpn photo.jpg --output out/
     retinanet detect --onnx model.onnx "scans/*.tif" list.txt --tile 800 --overlap 0.2 --csv [--engine openvino]
     retinanet export --checkpoint runs/x/last.pt --output model.onnx [--opset 18] [--image-size H W | --dynamic]
+                     [--int8 --calibration run.yaml]
     retinanet demo [--output runs/demo]
     retinanet anchors --config run.yaml --output runs/anchors [--fit]   (which boxes the anchors miss; anchors that fit)
     retinanet inspect --config run.yaml --output runs/inspect [--split val] [--augment] [--show-anchors]
@@ -19,13 +21,13 @@ differs (detect's --score-thresh), its help says why.
 
 Bad input (a missing or corrupt image, a bad box, an unknown category, a malformed file or config key, a download
 that fails offline) ends the command with one line naming the file and the index, and exit status 2; a non-finite
-loss with status 3. Ctrl-C during training saves a checkpoint and says how to resume (status 130).
+loss with status 3. Ctrl-C (or SIGTERM, as `timeout`, Docker, Kubernetes and SLURM send) during training saves a
+checkpoint and says how to resume (status 130, or 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -37,26 +39,39 @@ __all__ = ["main"]
 
 def _train(args: argparse.Namespace) -> int:
     from retinanet.config import load_run_config
+    from retinanet.outputs import strict_json
     from retinanet.train import run_train
 
     cfg = load_run_config(args.config, args.set + (["data.skip_bad=true"] if args.skip_bad else []))
-    result = run_train(cfg, resume=args.resume)
+    result = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"trained to iteration {result['iteration']}; checkpoint {result['checkpoint']}")
     if result.get("metrics"):
-        print(json.dumps(result["metrics"], indent=2, default=float))
+        print(strict_json(result["metrics"], indent=2))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from retinanet.config import load_run_config, parse_overrides, size_overrides
-    from retinanet.jobs import run_eval
+    from retinanet.jobs import run_config_of, run_eval
+    from retinanet.outputs import strict_json
 
-    cfg = load_run_config(args.config, args.set + (["data.skip_bad=true"] if args.skip_bad else []))
+    cfg = load_run_config(args.config or run_config_of(args.checkpoint),
+                          args.set + (["data.skip_bad=true"] if args.skip_bad else []))  # fmt: skip
     # the checkpoint's model with the model keys of the command line (--set model.min_size=96, as --min-size 96),
     # in the precision the run's config trained and evaluated in
     model_keys = {**parse_overrides(args.set).get("model", {}), **size_overrides(args.min_size, args.max_size)}
-    metrics = run_eval(args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, **model_keys)
-    print(json.dumps(metrics.to_dict(), indent=2, default=float))
+    metrics = run_eval(args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, args.report, **model_keys)
+    print(strict_json(metrics.to_dict(), indent=2))
+    if args.report:
+        print(f"report: {Path(args.output) / 'report' / 'index.html'} (errors.json beside it)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from retinanet.jobs import run_report
+
+    page = run_report(args.detections, args.annotations, args.output, args.images)
+    print(f"report: {page} (errors.json beside it)")
     return 0
 
 
@@ -67,18 +82,25 @@ def _detect(args: argparse.Namespace) -> int:
     results = run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh, args.device,
                          skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine, tile=args.tile,
                          overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, csv_file=args.csv,
-                         draw=not args.no_draw, **size_overrides(args.min_size, args.max_size))  # fmt: skip
+                         draw=not args.no_draw, overwrite=args.overwrite,
+                         **size_overrides(args.min_size, args.max_size))  # fmt: skip
     found = sum(len(r["detections"]) for r in results)
     print(f"{found} detections in {len(results)} images; detections.json, results.json (COCO) in {args.output}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from retinanet.config import size_overrides
+    from retinanet.config import load_run_config, size_overrides
     from retinanet.jobs import run_export
 
-    report = run_export(args.checkpoint, args.output, args.opset, args.image_size, args.check_images,
-                        **size_overrides(args.min_size, args.max_size))  # fmt: skip
+    if args.int8 and not args.calibration:
+        raise ValueError("export --int8 needs --calibration RUN.yaml, the run config whose images calibrate it")
+
+    int8 = load_run_config(args.calibration) if args.int8 else None
+    thresh = {"score_thresh": args.score_thresh} if args.score_thresh is not None else {}
+    overrides = {**size_overrides(args.min_size, args.max_size), **thresh}
+    report = run_export(args.checkpoint, args.output, args.opset, args.image_size, args.check_images, int8,
+                        args.calibration_images, **overrides)  # fmt: skip
     print(report.describe())
     if not report.ok:
         raise ValueError(f"{args.output}: the exported model's detections differ from PyTorch's (above)")
@@ -198,16 +220,28 @@ def _parser() -> argparse.ArgumentParser:
     t = _command(sub, "train", _train, "train a model (config YAML + overrides); torchrun for several processes")
     _config_options(t)
     t.add_argument("--resume", help="checkpoint to continue from exactly")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder (its "
+                   "files are removed once this run's checks pass); without it such a folder is refused")  # fmt: skip
     t.add_argument("--skip-bad", action="store_true", help="drop bad images and boxes instead of stopping "
                    "(data.skip_bad)")  # fmt: skip
 
     e = _command(sub, "eval", _eval, "COCO AP of a checkpoint on the validation data of a config")
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by `retinanet train`")
-    _config_options(e, "run config YAML giving the data section (and train.amp)")
+    _config_options(e, "run config YAML giving the data section (and train.amp); None: the config.yaml of the "
+                    "checkpoint's run")  # fmt: skip
     e.add_argument("--output", default="runs/eval", help="folder for metrics.json, detections.json, pr_curves.png")
     _device_option(e)
     e.add_argument("--skip-bad", action="store_true", help="drop bad images and boxes instead of stopping")
+    e.add_argument("--report", action="store_true", help="also OUTPUT/report/index.html: the errors by type (TIDE), "
+                   "a gallery of the images with the most errors and a score-threshold control")  # fmt: skip
     _size_options(e)
+
+    r = _command(sub, "report", _report, "the evaluation report of detections made anywhere (COCO results) against "
+                 "COCO annotations: errors by type, gallery, threshold control")  # fmt: skip
+    r.add_argument("--detections", required=True, help="COCO results JSON: [{image_id, category_id, bbox, score}]")
+    r.add_argument("--annotations", required=True, help="COCO annotations JSON of the same images")
+    r.add_argument("--images", help="the images' folder (None: the gallery draws boxes on blank images)")
+    r.add_argument("--output", default="runs/report", help="folder for index.html, errors.json, images/")
 
     d = _command(sub, "detect", _detect, "detect objects in images, folders, globs or list files; writes JSON (COCO "
                  "results too), annotated images, optionally CSV")  # fmt: skip
@@ -232,6 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="processes decoding and resizing images (0: none)")
     d.add_argument("--csv", action="store_true", help="also write detections.csv in keras-retinanet's layout")
     d.add_argument("--no-draw", action="store_true", help="write no annotated images")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier detection's files in the output "
+                   "folder; without it such a folder is refused")  # fmt: skip
     _size_options(d)
 
     x = _command(sub, "export", _export, "export a checkpoint to ONNX (detections decoded and NMS'd in the graph), "
@@ -245,6 +281,13 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--dynamic", action="store_true", help="any input size (what no --image-size gives)")
     x.add_argument("--check-images", nargs="*", default=None, help="images for the parity check (None: two "
                    "synthetic images)")  # fmt: skip
+    x.add_argument("--int8", action="store_true", help="also write OUTPUT.int8.onnx: the convolutions quantized to "
+                   "INT8 (ONNX Runtime static quantization, QDQ), decoding and NMS in float32")  # fmt: skip
+    x.add_argument("--calibration", help="with --int8: the run config whose validation (else training) images "
+                   "calibrate the INT8 ranges")  # fmt: skip
+    x.add_argument("--calibration-images", type=int, default=200, help="most calibration images")
+    x.add_argument("--score-thresh", type=float, default=None, help="the least score the graph keeps (default: the "
+                   "checkpoint's score_thresh); a predictor of the file cannot go below it")  # fmt: skip
     _size_options(x)
 
     m = _command(sub, "demo", _demo, "train the small preset on synthetic shapes, evaluate, draw (a few minutes)")
@@ -317,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # DatasetError and DownloadError are ValueErrors
         print(f"retinanet: error: {_message(exc)}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as exc:
+    except TrainingInterrupted as exc:  # 130 for Ctrl-C, 143 for SIGTERM: the shell's codes for those signals
         print(f"retinanet: {exc}; resume with: {_resume_command(argv, exc.checkpoint)}", file=sys.stderr)
-        return 130
+        return 128 + exc.signal
     except KeyboardInterrupt:
         print("retinanet: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
         return 130

@@ -12,31 +12,60 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from retinanet.config import DataConfig, RunConfig, model_config, parse_overrides, size_overrides, train_config
-from retinanet.data import DetectionDataset, build_dataset, categories_config, val_dataset, with_training_augmentation
-from retinanet.deploy import ExportReport, OnnxPredictor, export_onnx, verify_export
+from retinanet.data import (
+    DetectionDataset,
+    build_dataset,
+    categories_config,
+    parse_coco,
+    val_dataset,
+    with_training_augmentation,
+)
+from retinanet.deploy import (
+    ExportReport,
+    OnnxPredictor,
+    compare_engines,
+    export_onnx,
+    int8_path,
+    quantize_int8,
+    sample_images,
+    verify_export,
+)
 from retinanet.evaluate import CocoMetrics
-from retinanet.inference import Predictor, categories_of, evaluate_model, image_files, read_image, run_inference
+from retinanet.inference import (
+    Predictor,
+    categories_of,
+    evaluate_model,
+    evaluate_predictions,
+    image_files,
+    read_image,
+    run_inference,
+)
 from retinanet.model import RetinaNet, load_model
+from retinanet.outputs import claim_detect_folder, writable_folder
 from retinanet.tools import anchor_report
+from retinanet.tools.errors import analyze_errors
 from retinanet.tools.inspection import inspect_dataset
+from retinanet.tools.report import ReportImage, report_dataset, write_report
 from retinanet.train import resolve_device, resolve_device_and_amp, run_train
 from retinanet.visualize import save_detections_image
 from retinanet.weights import load_torchvision_coco
 
-__all__ = ["demo_config", "run_anchors", "run_demo", "run_detect", "run_eval", "run_export", "run_inspect",
+__all__ = ["demo_config", "run_anchors", "run_config_of", "run_report", "run_demo", "run_detect", "run_eval", "run_export", "run_inspect",
            "run_train"]  # fmt: skip
 
 
 def run_eval(
     checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "auto", amp: str = "none",
-    **model_overrides: Any,
+    report: bool = False, **model_overrides: Any,
 ) -> CocoMetrics:  # fmt: skip
     """COCO metrics of a checkpoint on the validation data of `data`, resized as the checkpoint's model config says
     (or with model_overrides such as min_size, max_size), in precision `amp` (the run's train.amp): the same numbers
-    as the training run's own evaluation."""
+    as the training run's own evaluation. With `report`, also output/report/ (retinanet.tools.report)."""
+    writable_folder(output, "evaluation")  # before the work, not after it
     resolved, amp = resolve_device_and_amp(train_config(device=device, amp=amp))
     model = load_model(checkpoint, map_location=resolved, **model_overrides).to(resolved)
     known = categories_of(model) if model.config.class_names else None
@@ -49,13 +78,73 @@ def run_eval(
     if model.config.class_names and names != tuple(model.config.class_names):
         raise ValueError(f"{checkpoint}: the model was trained on categories {list(model.config.class_names)} "
                          f"but the evaluation data has {list(names)}")  # fmt: skip
-    return evaluate_model(model, dataset, Path(output), amp=amp)
+    kept: dict[str, Any] = {}
+    metrics = evaluate_model(model, dataset, Path(output), amp=amp, keep=kept)
+    if report:
+        report_dataset(Path(output) / "report", dataset, kept["ground_truth"], kept["detections"], metrics,
+                       Path(output) / "pr_curves.png")  # fmt: skip
+    return metrics
+
+
+def run_report(detections: str | Path, annotations: str | Path, output: str | Path,
+               images: str | Path | None = None) -> Path:  # fmt: skip
+    """`retinanet report`: the report of detections made anywhere (a COCO results file: [{"image_id",
+    "category_id", "bbox": [x, y, w, h], "score"}]) against COCO annotations, the images read from `images`
+    (without them the gallery draws the boxes on blank images). Returns the page's path."""
+    writable_folder(output, "report")
+    categories, records, _ = parse_coco(annotations, images or ".")
+    results = _read_results(detections)
+    label = {c["id"]: k for k, c in enumerate(categories)}
+    unknown = sorted({int(r["category_id"]) for r in results} - set(label))
+    if unknown:
+        raise ValueError(f"{detections}: category ids {unknown[:10]} are not in {annotations}")
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    gts, dets, shown = [], [], []
+    for record in records:
+        found = by_image.get(record.image_id, [])
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in found)],
+                             dtype=torch.float32).reshape(-1, 4)  # fmt: skip
+        dets.append({"image_id": record.image_id, "boxes": boxes, "scores": torch.tensor([float(r["score"]) for r in found]),
+                     "labels": torch.tensor([label[int(r["category_id"])] for r in found], dtype=torch.int64)})  # fmt: skip
+        gts.append({"image_id": record.image_id, "boxes": record.boxes, "labels": record.labels,
+                    "iscrowd": record.iscrowd, "width": record.width, "height": record.height})  # fmt: skip
+        readable = images is not None and record.path.is_file()
+        shown.append(ReportImage(record.path.name, (record.height, record.width), record.path if readable else None,
+                                 None if readable else np.full((record.height, record.width, 3), 235, np.uint8)))
+    metrics = evaluate_predictions(gts, dets, categories, Path(output))
+    errors = analyze_errors(gts, dets)
+    return write_report(output, shown, gts, dets, [c["name"] for c in categories], errors, metrics,
+                        Path(output) / "pr_curves.png")  # fmt: skip
+
+
+def _read_results(path: str | Path) -> list[dict[str, Any]]:
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the detections ({exc})") from None
+    if not isinstance(results, list) or any(not isinstance(r, dict) or not {"image_id", "category_id", "bbox",
+                                                                              "score"} <= set(r) for r in results):
+        raise ValueError(f"{path}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    return results
+
+
+def run_config_of(checkpoint: str | Path) -> Path:
+    """The config.yaml of the run that wrote `checkpoint` (in its folder): what `retinanet eval` evaluates on when
+    no --config is given; a ValueError saying what to give when there is none."""
+    found = Path(checkpoint).parent / "config.yaml"
+    if not found.is_file():
+        raise ValueError(f"eval: no --config given and no config.yaml beside {checkpoint}: give --config RUN.yaml, "
+                         "the run config whose data section names the validation images")  # fmt: skip
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def run_anchors(cfg: RunConfig, output: str | Path, fit: bool = False, max_anchors: int = 9) -> dict[str, Any]:
     """`retinanet anchors`: how the training boxes are covered by the model's anchors (retinanet.tools.anchor_report),
     with `fit` anchors fitted to them; writes anchors.json, anchors.png (and anchors_fit.yaml) in `output`."""
+    writable_folder(output, "anchor report")
     train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
     model_cfg = categories_config(cfg.model, train_set)
     return anchor_report.write_report(train_set.records, model_cfg, output, fit=fit, max_anchors=max_anchors)
@@ -85,17 +174,19 @@ def run_detect(
     torchvision_weights: str | None = None, score_thresh: float = 0.3, device: str = "auto",
     min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False, onnx: str | Path | None = None,
     engine: str = "onnxruntime", tile: int | None = None, overlap: float = 0.2, batch_size: int = 4,
-    workers: int = 0, csv_file: bool = False, draw: bool = True,
+    workers: int = 0, csv_file: bool = False, draw: bool = True, overwrite: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Detect objects in image files, folders, globs and list files (retinanet.inference) with a checkpoint of ours
     (resized as it was evaluated, or by min_size / max_size), torchvision's COCO weights by name, or an exported
     ONNX file run by `engine`; in tiles of `tile` px when it is given. Writes an annotated PNG per image,
     detections.json (every image: box XYXY pixels, score, label, category_id, name), results.json (COCO results)
     and with csv_file detections.csv. An unreadable file stops the run naming it, or with skip_bad is reported and
-    skipped. Returns the records of detections.json."""
+    skipped. An earlier detection's files in `output` are refused, or with `overwrite` removed first (retinanet.
+    outputs). Returns the records of detections.json."""
     if sum(x is not None for x in (checkpoint, torchvision_weights, onnx)) != 1:
         raise ValueError("give one of: a checkpoint, torchvision weights by name, an ONNX file")
     files = image_files(inputs)
+    claim_detect_folder(output, overwrite)
     device = resolve_device(train_config(device=device))
     sizes = size_overrides(min_size, max_size)
     options = {"score_thresh": score_thresh, "tile": tile, "overlap": overlap, "batch_size": batch_size}
@@ -113,15 +204,39 @@ def run_detect(
 
 def run_export(
     checkpoint: str | Path, output: str | Path, opset: int = 18, image_size: Sequence[int] | None = None,
-    check_images: Sequence[str | Path] | None = None, **model_overrides: Any,
+    check_images: Sequence[str | Path] | None = None, int8: RunConfig | None = None, calibration_images: int = 200,
+    **model_overrides: Any,
 ) -> ExportReport:  # fmt: skip
     """Export a checkpoint to ONNX (retinanet.deploy: dynamic size, or the fixed padded `image_size` (H, W)) and
     check the file: onnx.checker, and ONNX Runtime's detections against PyTorch's on `check_images` (default: two
-    synthetic images of two sizes), each alone and both in one batch. Returns the export.ExportReport."""
+    synthetic images of two sizes), each alone and both in one batch. With `int8` (a run config whose data
+    calibrates it) also the INT8 model, output.int8.onnx (retinanet.deploy.quantize), its detections compared with
+    the float32 export's. Returns the ExportReport."""
+    writable_folder(Path(output).parent, "exported model")
     model = load_model(checkpoint, map_location="cpu", **model_overrides)
     images = [read_image(p) for p in check_images] if check_images else None  # bad files stop us before exporting
+    calibration = _calibration_images(int8, model, calibration_images) if int8 is not None else None
     export_onnx(model, output, opset, tuple(image_size) if image_size else None)
-    return verify_export(model, output, images)
+    report = verify_export(model, output, images)
+    if calibration is not None:
+        quantized = quantize_int8(output, int8_path(output), model.config, calibration)
+        report.int8 = (quantized, compare_engines(output, quantized, images or sample_images(model.config)))
+    return report
+
+
+def _calibration_images(cfg: RunConfig, model: RetinaNet, count: int) -> list:
+    """Up to `count` images of the run's validation set (else its training set), spread over it, as uint8 [3, H, W]
+    tensors: what INT8 quantization calibrates its activation ranges on."""
+    known = categories_of(model) if model.config.class_names else None  # the images matter here, not the labels
+    train_set = build_dataset(cfg.data, model.config, "train", train_mode=False, categories=known)
+    dataset = val_dataset(cfg.data, model.config, train_set.categories) or train_set
+    sample = dataset.subset(count)
+    return [read_image(r.path) if r.path is not None else _pixels(sample.load_image(i))
+            for i, r in enumerate(sample.records)]  # fmt: skip
+
+
+def _pixels(image: Any) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

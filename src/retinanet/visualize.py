@@ -11,7 +11,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
-__all__ = ["draw_detections", "label_font", "plot_training_curves", "save_detections_image", "upscale_small"]
+__all__ = ["draw_detections", "label_font", "label_style", "plot_training_curves", "save_detections_image",
+           "upscale_small"]  # fmt: skip
 
 _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
             "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]  # fmt: skip
@@ -26,10 +27,16 @@ def draw_detections(image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor
     names = [class_names[int(lab)] if int(lab) < len(class_names) else str(int(lab)) for lab in labels]
     text = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
     colors = [_PALETTE[int(lab) % len(_PALETTE)] for lab in labels]
-    width = max(1, round(min(img.shape[-2:]) / 200))
-    font, size = label_font(), max(10, round(min(img.shape[-2:]) / 32))
-    return draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=width, font=font, font_size=size,
+    size, width = label_style(tuple(img.shape[-2:]))
+    return draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=width, font=label_font(), font_size=size,
                                label_colors="white", fill_labels=True)
+
+
+def label_style(image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(font size, box line width) in px for drawing on an image of this size: larger with the image, but capped,
+    so that on a large image (a 2,000 px mosaic, a scan) labels stay readable without covering it."""
+    side = min(image_hw)
+    return max(10, min(20, round(side / 32))), max(1, min(4, round(side / 200)))
 
 
 def label_font() -> str | None:

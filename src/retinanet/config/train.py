@@ -57,10 +57,12 @@ class TrainConfig(Checked):
     eval_every: int = 0
     eval_train_images: int = 32
     best_metric: str = "AP"
+    report: bool = True  # the last evaluation also writes eval/report/index.html (retinanet.tools.report)
     # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), evaluated, saved with the
     # checkpoints and given to inference: the decay per iteration (ramped up over the first ones), None: off
     ema_decay: float | None = None
     checkpoint_every: int = 5_000
+    checkpoint_minutes: float | None = 10.0  # also a checkpoint when this much time has passed since the last
     keep_all_checkpoints: bool = False  # also keep iter_0005000.pt etc. beside last.pt
     output_dir: str = "runs/retinanet"
     num_workers: int | None = None  # DataLoader processes; None: min(4, cores - 1); more than the cores are capped
@@ -90,6 +92,8 @@ class TrainConfig(Checked):
             out.append(f"num_workers must be a whole number >= 0 or None, got {self.num_workers!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             out.append(f"device = {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            out.append(f"checkpoint_minutes must be > 0 or None, got {self.checkpoint_minutes}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             out.append(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.eval_every < 0 or self.eval_train_images < 0:

@@ -9,7 +9,7 @@ from retinanet.data.augment import PRESETS as AUGMENT_PRESETS
 from retinanet.data.augment import Augmentation, augmentation_of
 from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord
 from retinanet.data.build import build_dataset, categories_config, val_dataset, with_training_augmentation
-from retinanet.data.coco import CocoDetection, to_coco_dict, write_coco
+from retinanet.data.coco import CocoDetection, parse_coco, to_coco_dict, write_coco
 from retinanet.data.collate import collate_detection, make_loader
 from retinanet.data.csv import CsvDetection
 from retinanet.data.synthetic import SHAPES, SyntheticShapes
@@ -35,6 +35,7 @@ __all__ = [
     "collate_detection",
     "eval_transforms",
     "make_loader",
+    "parse_coco",
     "to_coco_dict",
     "train_transforms",
     "val_dataset",

@@ -1,9 +1,10 @@
 """The dataset base class, its per-image record, and the checks every format shares.
 
-Every format (COCO, VOC, CSV, synthetic) parses its annotations into `ImageRecord`s when it is constructed, so
-that a bad annotation surfaces at once rather than hours into training. The pixels are read in `__getitem__`,
-which checks what can only be checked then: that the file exists, decodes, and has the size the annotations
-promise.
+Every format (COCO, VOC, CSV, synthetic) parses its annotations into `ImageRecord`s when it is constructed, and
+`check_images` then reads every image's header (no decoding), so that a bad annotation, a box outside its image or
+an unreadable or truncated file surfaces before anything is written, rather than hours into training. With
+skip_bad, a bad box is dropped alone and an unreadable image with its boxes, each said in one line and kept in the
+dataset's `skipped` list.
 
 Boxes are float [N, 4] XYXY in absolute pixels, x in [0, width], y in [0, height], x2 > x1, y2 > y1; a box may
 stick out of the image by up to `BOX_TOLERANCE_PX` (annotation tools round outwards) and is then clipped.
@@ -12,11 +13,12 @@ stick out of the image by up to `BOX_TOLERANCE_PX` (annotation tools round outwa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-import warnings
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -108,26 +110,96 @@ def check_boxes(
     return None
 
 
-def report_bad(problems: Sequence[str], skip_bad: bool) -> None:
-    """Raise DatasetError on the first problem, or with skip_bad warn once naming every dropped image."""
+def box_problems(boxes: Tensor, width: int | None, height: int | None, where: str,
+                 box_names: Sequence[str]) -> list[tuple[int, str]]:  # fmt: skip
+    """(index, message) of every invalid box (see `check_boxes`)."""
+    out = []
+    for j in range(len(boxes)):
+        problem = check_boxes(boxes[j : j + 1], width, height, where, box_names[j : j + 1])
+        if problem is not None:
+            out.append((j, problem))
+    return out
+
+
+def without_boxes(record: ImageRecord, dropped: Sequence[int], width: int, height: int) -> ImageRecord:
+    """The record with the boxes `dropped` left out, the rest clipped to the image, and its size known."""
+    keep = torch.ones(len(record.boxes), dtype=torch.bool)
+    keep[list(dropped)] = False
+    return dataclasses.replace(
+        record, boxes=clip_boxes(record.boxes[keep], (height, width)), labels=record.labels[keep],
+        iscrowd=record.iscrowd[keep], width=width, height=height,
+        box_names=[n for n, k in zip(record.box_names, keep.tolist()) if k],
+    )  # fmt: skip
+
+
+class Skip(NamedTuple):
+    """What skip_bad left out: the file it concerns (an image, or an annotation file), the dataset index of its image
+    (None where the image never became one), and why; `box` when one box (not the whole image) was dropped."""
+
+    file: str
+    index: int | None
+    reason: str
+    box: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "index": self.index, "reason": self.reason, "dropped": "box" if self.box else "image"}
+
+
+def notice(line: str) -> None:
+    """One line for the user on standard error (not a Python warning: no source line, no repeat filter)."""
+    print(f"retinanet: {line}", file=sys.stderr, flush=True)
+
+
+def report_bad(problems: Sequence[Skip], skip_bad: bool) -> list[Skip]:
+    """Raise DatasetError on the first problem, or with skip_bad say each in one line and return them."""
     if not problems:
-        return
+        return []
     if not skip_bad:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise DatasetError(problems[0] + more)
-    shown = "\n  ".join(problems[:50])
-    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-    warnings.warn(f"skip_bad: dropped the image(s) or annotation(s) of {len(problems)} problem(s):\n  {shown}{more}",
-                  stacklevel=3)
+        raise DatasetError(problems[0].reason + more)
+    for p in problems:
+        notice(f"skipped {'a box' if p.box else 'an image'}: {p.reason}")
+    return list(problems)
 
 
-def load_rgb(path: Path, where: str) -> Image.Image:
-    """Decode an image file to an RGB PIL image, or raise DatasetError naming the file and `where`."""
+def image_header(path: Path, where: str) -> tuple[int, int]:
+    """(width, height) of an image file from its header, with the file checked to be whole (a PNG ends in its IEND
+    chunk, a JPEG in its end-of-image marker) without decoding the pixels; DatasetError naming the file otherwise."""
     if not path.is_file():
         raise DatasetError(f"{where}: image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces the full decode, so truncation surfaces here
+            size, fmt = im.size, im.format
+        with path.open("rb") as f:
+            f.seek(max(path.stat().st_size - 1024, 0))
+            tail = f.read()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{where}: cannot read image {path}: {e}") from e
+    if (fmt == "PNG" and b"IEND" not in tail[-64:]) or (fmt == "JPEG" and b"\xff\xd9" not in tail):
+        raise DatasetError(f"{where}: image {path} is truncated (the {fmt} file ends before its last marker)")
+    return size
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of any PIL image mode. 16-bit, 32-bit and float images (I;16, I, F: microscopy, scientific
+    cameras) are scaled by their own range, their darkest pixel to 0 and their brightest to 255 (PIL would clip them
+    to 255); 1, L, LA, P, RGBA, CMYK and YCbCr as PIL converts them (an alpha channel is dropped)."""
+    if image.mode.startswith(("I", "F")):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        grey = np.zeros(pixels.shape, np.uint8) if high <= low else ((pixels - low) * (255.0 / (high - low))).round()
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_rgb(path: Path, where: str) -> Image.Image:
+    """Decode an image file to an RGB PIL image (any mode, `to_rgb`), or raise DatasetError naming the file and
+    `where`."""
+    if not path.is_file():
+        raise DatasetError(f"{where}: image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return Image.fromarray(to_rgb(im), "RGB")  # the full decode: truncation surfaces here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{where}: cannot decode image {path}: {e}") from e
 
@@ -146,9 +218,10 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     categories: the original ids and names, in the order of the contiguous labels: categories[label]["id"].
     mosaic, min_visible: training's mosaic (set by build_dataset from the DataConfig's augmentation).
-    skip_bad: drop images with bad annotations (at construction, with a warning) instead of raising; an image
-        file that is missing or does not decode is met only in __getitem__, which then warns and returns the next
-        good image (index i + 1, i + 2, ... wrapping around) so that a long run is not lost to one bad file.
+    skipped: what skip_bad has left out so far (`Skip`s): the formats' annotation problems, then `check_images`'.
+    skip_bad: drop bad boxes and unreadable images (one line each, kept in `skipped`) instead of raising; an image
+        that stops decoding after the check is met in __getitem__, which then says so and returns the next good
+        image (index i + 1, i + 2, ... wrapping around) so that a long run is not lost to one bad file.
     """
 
     def __init__(
@@ -157,6 +230,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         records: list[ImageRecord],
         transforms: Transforms | None = None,
         skip_bad: bool = False,
+        skipped: Sequence[Skip] = (),
     ) -> None:
         self.categories = categories
         self.records = records
@@ -165,6 +239,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         # training's mosaic (retinanet.data.augment): the probability that an item is four images in one, and the
         # share of a cut box's area that keeps it
         self.mosaic, self.min_visible = 0.0, 0.5
+        self.skipped: list[Skip] = list(skipped)  # what skip_bad left out, from the annotations on
 
     def __len__(self) -> int:
         return len(self.records)
@@ -189,19 +264,32 @@ class DetectionDataset(torch.utils.data.Dataset):
         """Original category id -> contiguous label 0..K-1."""
         return {int(c["id"]): label for label, c in enumerate(self.categories)}
 
-    def check_files(self) -> "DetectionDataset":
-        """Check that every image file exists, before training starts (a stat per file; decoding stays lazy, in
-        __getitem__). A missing file raises DatasetError naming it and its index, or with skip_bad its image is
-        dropped with a warning."""
-        missing = [i for i, r in enumerate(self.records) if r.path is not None and not r.path.is_file()]
-        if not missing:
-            return self
-        report_bad([f"{self.records[i].where} (dataset index {i}): image file not found: {self.records[i].path}"
-                    for i in missing], self.skip_bad)  # fmt: skip
-        gone = set(missing)
-        self.records = [r for i, r in enumerate(self.records) if i not in gone]
-        if not self.records:
-            raise DatasetError(f"none of the {len(gone)} image files of the dataset exists")
+    def check_images(self) -> "DetectionDataset":
+        """Check every image before training starts, from its file's header (no decoding): that it exists, is whole
+        (`image_header`) and has the size its annotations state, and that every box lies in it and is not empty.
+        The first problem raises DatasetError naming the file and the index; with skip_bad, an image that cannot be
+        read is dropped and a bad box is dropped alone, each said in one line and kept in `skipped`."""
+        problems, records = [], []
+        for index, record in enumerate(self.records):
+            if record.path is None:  # generated images: checked when drawn
+                records.append(record)
+                continue
+            where = f"{record.where} (dataset index {index})"
+            try:
+                width, height = image_header(record.path, where)
+                if record.width is not None and (record.width, record.height) != (width, height):
+                    raise DatasetError(f"{where}: the image is {width}x{height} but its annotation says "
+                                       f"{record.width}x{record.height}")  # fmt: skip
+            except DatasetError as e:
+                problems.append(Skip(str(record.path), index, str(e)))
+                continue
+            bad = box_problems(record.boxes, width, height, where, record.box_names)
+            problems += [Skip(str(record.path), index, why, box=True) for _, why in bad]
+            records.append(without_boxes(record, [j for j, _ in bad], width, height))
+        self.skipped += report_bad(problems, self.skip_bad)
+        if not records:
+            raise DatasetError(f"none of the {len(self.records)} images of the dataset can be read")
+        self.records = records
         return self
 
     def subset(self, count: int) -> "DetectionDataset":
@@ -225,8 +313,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             i = (index + step) % len(self)
             try:
                 return self._load(i)
-            except DatasetError as e:
-                warnings.warn(f"skip_bad: dataset index {i} skipped: {e}", stacklevel=2)
+            except DatasetError as e:  # met only now (the file changed since the check): the next image instead
+                notice(f"skipped an image: {e}")
         raise DatasetError(f"no image of the {len(self)} in the dataset could be loaded")
 
     def _load(self, index: int) -> tuple[tv_tensors.Image, Target]:

@@ -63,7 +63,7 @@ def _dataset(data: DataConfig, split: str, tf: Any, categories: list[dict[str, A
         _require(data, root=data.root, split=split)
         voc_split = data.train_split if is_train else data.val_split
         dataset = VocDetection(data.root, voc_split, transforms=tf, skip_bad=data.skip_bad)
-    return dataset.check_files()
+    return dataset.check_images()
 
 
 def _require(data: DataConfig, split: str, **paths: str | None) -> None:

@@ -18,11 +18,12 @@ from retinanet.data.base import (
     DatasetError,
     DetectionDataset,
     ImageRecord,
+    Skip,
     Transforms,
-    check_boxes,
+    box_problems,
     report_bad,
+    without_boxes,
 )
-from retinanet.ops.boxes import clip_boxes
 
 __all__ = ["CocoDetection", "parse_coco", "read_json", "to_coco_dict", "write_coco"]
 
@@ -134,11 +135,13 @@ def _make_record(path: Path, images_dir: Path, image_id: int, img: dict[str, Any
 
 def parse_coco(
     annotation_file: str | Path, images_dir: str | Path, skip_bad: bool = False
-) -> tuple[list[dict[str, Any]], list[ImageRecord]]:
-    """Read a COCO instances JSON -> (categories sorted by id, records in the file's image order).
+) -> tuple[list[dict[str, Any]], list[ImageRecord], list[Skip]]:
+    """Read a COCO instances JSON -> (categories sorted by id, records in the file's image order, what skip_bad left
+    out).
 
-    A structural problem (missing file, invalid JSON, missing keys) always raises DatasetError; a bad
-    annotation raises too, or with skip_bad drops its image (and warns).
+    A structural problem (missing file, invalid JSON, missing keys) always raises DatasetError; a bad annotation
+    raises too, or with skip_bad is dropped alone (said in one line); so is a box outside the size the file states
+    for its image. The image files themselves are checked by `DetectionDataset.check_images`.
     """
     path = Path(annotation_file)
     data = read_json(path)
@@ -148,27 +151,20 @@ def parse_coco(
     images = _parse_images(path, data)
     if not isinstance(data["annotations"], list):
         raise DatasetError(f"{path}: 'annotations' must be a list")
-    problems: list[str] = []
-    bad_ids: set[int] = set()
+    problems: list[Skip] = []
     for j, ann in enumerate(data["annotations"]):
         image_id, problem = _parse_annotation(path, j, ann, images, cat_to_label)
         if problem is not None:
-            problems.append(problem)
-            if image_id is not None:
-                bad_ids.add(image_id)
+            known = images.get(image_id)
+            problems.append(Skip(str(Path(images_dir) / known["file_name"]) if known else str(path),
+                                 known["index"] if known else None, problem, box=known is not None))  # fmt: skip
     records = []
-    for image_id, img in images.items():
-        if image_id in bad_ids:
-            continue
+    for image_id, img in images.items():  # boxes against the sizes the file states (the files' own: check_images)
         record = _make_record(path, Path(images_dir), image_id, img)
-        problem = check_boxes(record.boxes, record.width, record.height, record.where, record.box_names)
-        if problem is not None:
-            problems.append(problem)
-            continue
-        record.boxes = clip_boxes(record.boxes, (record.height, record.width))
-        records.append(record)
-    report_bad(problems, skip_bad)
-    return categories, records
+        bad = box_problems(record.boxes, record.width, record.height, record.where, record.box_names)
+        problems += [Skip(str(record.path), img["index"], why, box=True) for _, why in bad]
+        records.append(without_boxes(record, [j for j, _ in bad], record.width, record.height))
+    return categories, records, report_bad(problems, skip_bad)
 
 
 class CocoDetection(DetectionDataset):
@@ -177,7 +173,7 @@ class CocoDetection(DetectionDataset):
     images_dir: folder that the JSON's "file_name"s are relative to.
     annotation_file: COCO instances JSON ({"images", "annotations", "categories"}); bbox is [x, y, w, h] pixels.
     transforms: (image, target) -> (image, target), e.g. `train_transforms(...)`.
-    skip_bad: drop images with bad annotations or files, with a warning, instead of raising DatasetError.
+    skip_bad: drop bad annotations and unreadable images (one line each, kept in `skipped`) instead of raising.
     """
 
     def __init__(
@@ -187,8 +183,8 @@ class CocoDetection(DetectionDataset):
         transforms: Transforms | None = None,
         skip_bad: bool = False,
     ) -> None:
-        categories, records = parse_coco(annotation_file, images_dir, skip_bad)
-        super().__init__(categories, records, transforms=transforms, skip_bad=skip_bad)
+        categories, records, skipped = parse_coco(annotation_file, images_dir, skip_bad)
+        super().__init__(categories, records, transforms=transforms, skip_bad=skip_bad, skipped=skipped)
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
 

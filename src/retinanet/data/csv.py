@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord, Transforms, check_boxes, report_bad
+from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord, Skip, Transforms, box_problems, report_bad
 
 __all__ = ["CsvDetection", "read_classes_csv"]
 
@@ -91,7 +91,8 @@ class CsvDetection(DetectionDataset):
     categories: [{"id", "name"}] in label order, e.g. the training set's for its validation set, so that both
         map names to the same labels (a name that is not among them is an error naming its line).
     root: folder that relative image paths are resolved against; the annotations csv's folder by default.
-    transforms: (image, target) -> (image, target). skip_bad: drop bad images with a warning instead of raising.
+    transforms: (image, target) -> (image, target). skip_bad: drop bad boxes and unreadable images (one line each,
+        kept in `skipped`) instead of raising.
     """
 
     def __init__(
@@ -115,28 +116,21 @@ class CsvDetection(DetectionDataset):
         else:
             names = sorted({n for img in images.values() for n in img.names})
             categories = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
-        records = []
         name_to_label = {c["name"]: label for label, c in enumerate(categories)}
-        for key, img in images.items():
-            if key in problems:
-                continue
-            try:
-                records.append(self._record(img, name_to_label))
-            except DatasetError as e:
-                problems[key] = str(e)
-        report_bad(list(problems.values()), skip_bad)
-        super().__init__(categories, records, transforms=transforms, skip_bad=skip_bad)
+        records = [self._record(img, name_to_label, problems) for img in images.values()]
+        skipped = report_bad(problems, skip_bad)
+        super().__init__(categories, records, transforms=transforms, skip_bad=skip_bad, skipped=skipped)
 
-    def _read(self, path: Path) -> tuple[dict[str, _Image], dict[str, str]]:
-        """Group the lines by image; a bad line makes its image bad (problems: image path -> message)."""
+    def _read(self, path: Path) -> tuple[dict[str, _Image], list[Skip]]:
+        """Group the lines by image; a line that cannot be read is a problem of its own (its box alone is lost)."""
         images: dict[str, _Image] = {}
-        problems: dict[str, str] = {}
+        problems: list[Skip] = []
         for line, row in _rows(path, "annotation (path,x1,y1,x2,y2,class_name)"):
             key = row[0].strip() if row else ""
             try:
                 key, box, name = _parse_line(path, line, row)
             except DatasetError as e:
-                problems.setdefault(key or f"line {line}", str(e))
+                problems.append(Skip(str(self.root / key) if key else str(path), None, str(e), box=bool(key)))
                 continue
             img = images.setdefault(key, _Image(index=len(images), path=self.root / key))
             if box is not None:
@@ -145,25 +139,27 @@ class CsvDetection(DetectionDataset):
                 img.names.append(name)  # type: ignore[arg-type]
         return images, problems
 
-    def _record(self, img: _Image, name_to_label: dict[str, int]) -> ImageRecord:
+    def _record(self, img: _Image, name_to_label: dict[str, int], problems: list[Skip]) -> ImageRecord:
+        """The image's record without the boxes that have a problem (unknown class, x2 <= x1, ...), which are
+        added to `problems` (their image keeps its other boxes). Bounds are checked against the image's header by
+        check_images."""
         where = f"{self.annotations_csv}: image {img.index} ('{img.path.name}')"
-        box_names = [f"line {line}" for line in img.lines]
-        for name, line in zip(img.names, img.lines):
-            if name not in name_to_label:
-                raise DatasetError(f"{self.annotations_csv}: line {line}: unknown class {name!r}; "
-                                   f"expected one of {sorted(name_to_label)}")
         boxes = torch.tensor(img.boxes, dtype=torch.float32).reshape(-1, 4)
-        problem = check_boxes(boxes, None, None, where, box_names)  # bounds are checked when the image is read
-        if problem is not None:
-            raise DatasetError(problem)
+        bad = dict(box_problems(boxes, None, None, where, [f"line {line}" for line in img.lines]))
+        for j, (name, line) in enumerate(zip(img.names, img.lines)):
+            if name not in name_to_label:
+                bad.setdefault(j, f"{self.annotations_csv}: line {line}: unknown class {name!r}; "
+                                  f"expected one of {sorted(name_to_label)}")  # fmt: skip
+        problems += [Skip(str(img.path), img.index, why, box=True) for _, why in sorted(bad.items())]
+        keep = [j for j in range(len(img.names)) if j not in bad]
         return ImageRecord(
             path=img.path,
             image_id=img.index,
-            boxes=boxes,
-            labels=torch.tensor([name_to_label[n] for n in img.names], dtype=torch.int64),
-            iscrowd=torch.zeros(len(img.names), dtype=torch.bool),
+            boxes=boxes[keep].reshape(-1, 4),
+            labels=torch.tensor([name_to_label[img.names[j]] for j in keep], dtype=torch.int64),
+            iscrowd=torch.zeros(len(keep), dtype=torch.bool),
             width=None,
             height=None,
             where=where,
-            box_names=box_names,
+            box_names=[f"line {img.lines[j]}" for j in keep],
         )

@@ -21,8 +21,9 @@ from retinanet.data.base import (
     DatasetError,
     DetectionDataset,
     ImageRecord,
+    Skip,
     Transforms,
-    check_boxes,
+    box_problems,
     report_bad,
 )
 from retinanet.ops.boxes import clip_boxes
@@ -73,9 +74,11 @@ def _parse_object(
 
 
 def parse_voc_xml(
-    xml_path: Path, image_path: Path, image_id: int, where: str, name_to_label: dict[str, int]
-) -> ImageRecord:
-    """Read one VOC annotation file into a checked ImageRecord; raises DatasetError naming the file and object."""
+    xml_path: Path, image_path: Path, image_id: int, where: str, name_to_label: dict[str, int],
+    problems: list[Skip] | None = None,
+) -> ImageRecord:  # fmt: skip
+    """Read one VOC annotation file into a checked ImageRecord; raises DatasetError naming the file and object, or,
+    given `problems`, leaves a bad object out and adds it there (its image keeps its other objects)."""
     if not xml_path.is_file():
         raise DatasetError(f"{where}: annotation file not found: {xml_path}")
     try:
@@ -85,21 +88,32 @@ def parse_voc_xml(
     size = root.find("size")
     width = int(_number(size, "width", xml_path, "<size>")) if size is not None else None
     height = int(_number(size, "height", xml_path, "<size>")) if size is not None else None
-    parsed = [_parse_object(obj, k, xml_path, name_to_label) for k, obj in enumerate(root.findall("object"))]
+    parsed, names, bad = [], [], []
+    for k, obj in enumerate(root.findall("object")):
+        try:
+            parsed.append(_parse_object(obj, k, xml_path, name_to_label))
+            names.append(f"object {k}")
+        except DatasetError as e:
+            bad.append(str(e))
+    boxes = torch.tensor([p[0] for p in parsed], dtype=torch.float32).reshape(-1, 4)
+    wrong = box_problems(boxes, width, height, f"{xml_path}: {where}", names)
+    bad += [why for _, why in wrong]
+    if bad and problems is None:
+        raise DatasetError(bad[0])
+    problems = problems if problems is not None else []
+    problems += [Skip(str(image_path), image_id, why, box=True) for why in bad]
+    keep = [j for j in range(len(parsed)) if j not in {j for j, _ in wrong}]
     record = ImageRecord(
         path=image_path,
         image_id=image_id,
-        boxes=torch.tensor([p[0] for p in parsed], dtype=torch.float32).reshape(-1, 4),
-        labels=torch.tensor([p[1] for p in parsed], dtype=torch.int64),
-        iscrowd=torch.tensor([p[2] for p in parsed], dtype=torch.bool),
+        boxes=boxes[keep].reshape(-1, 4),
+        labels=torch.tensor([parsed[j][1] for j in keep], dtype=torch.int64),
+        iscrowd=torch.tensor([parsed[j][2] for j in keep], dtype=torch.bool),
         width=width,
         height=height,
         where=f"{xml_path}: {where}",
-        box_names=[f"object {k}" for k in range(len(parsed))],
+        box_names=[names[j] for j in keep],
     )
-    problem = check_boxes(record.boxes, width, height, record.where, record.box_names)
-    if problem is not None:
-        raise DatasetError(problem)
     if width is not None and height is not None:
         record.boxes = clip_boxes(record.boxes, (height, width))
     return record
@@ -112,7 +126,8 @@ class VocDetection(DetectionDataset):
     split: a split name ("train", "val", "trainval", "test") read from ImageSets/Main/<split>.txt, or the path of
         an image set file (ending in .txt).
     class_names: the classes, in label order; VOC's 20 by default. An object of another class is an error.
-    transforms: (image, target) -> (image, target). skip_bad: drop bad images with a warning instead of raising.
+    transforms: (image, target) -> (image, target). skip_bad: drop bad objects and unreadable images (one line
+        each, kept in `skipped`) instead of raising.
     """
 
     def __init__(
@@ -129,11 +144,12 @@ class VocDetection(DetectionDataset):
         records, problems = [], []
         for index, name in enumerate(ids):
             where = f"image {index} ('{name}' in {self.image_set_file.name})"
+            image = self.root / "JPEGImages" / f"{name}.jpg"
             try:
-                records.append(parse_voc_xml(self.root / "Annotations" / f"{name}.xml",
-                                             self.root / "JPEGImages" / f"{name}.jpg", index, where, name_to_label))
-            except DatasetError as e:
-                problems.append(str(e))
-        report_bad(problems, skip_bad)
+                records.append(parse_voc_xml(self.root / "Annotations" / f"{name}.xml", image, index, where,
+                                             name_to_label, problems))  # fmt: skip
+            except DatasetError as e:  # the annotation file itself: its image is lost
+                problems.append(Skip(str(image), index, str(e)))
+        skipped = report_bad(problems, skip_bad)
         categories = [{"id": label + 1, "name": name} for label, name in enumerate(class_names)]
-        super().__init__(categories, records, transforms=transforms, skip_bad=skip_bad)
+        super().__init__(categories, records, transforms=transforms, skip_bad=skip_bad, skipped=skipped)

@@ -2,7 +2,7 @@
 inference for large images, batch inference over files, folders, globs and list files, and a model's detections
 on a whole dataset with their COCO evaluation."""
 
-from retinanet.inference.evaluation import evaluate_model, predict_dataset
+from retinanet.inference.evaluation import evaluate_model, evaluate_predictions, predict_dataset
 from retinanet.inference.files import InferenceResult, image_files, run_inference, write_csv
 from retinanet.inference.predictor import (
     Prediction,
@@ -23,6 +23,7 @@ __all__ = [
     "detect_resized",
     "detect_tiled",
     "evaluate_model",
+    "evaluate_predictions",
     "image_files",
     "load",
     "merge_tiles",

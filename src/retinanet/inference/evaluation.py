@@ -3,8 +3,8 @@ evaluation, `retinanet eval`, the ablations and the loss analysis."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,8 +13,9 @@ from retinanet.data import DetectionDataset, make_loader
 from retinanet.evaluate import CocoMetrics, evaluate_coco, evaluate_voc, plot_pr_curves, save_coco_results
 from retinanet.inference.predictor import detect_resized
 from retinanet.model import RetinaNet
+from retinanet.outputs import strict_json
 
-__all__ = ["evaluate_model", "predict_dataset"]
+__all__ = ["evaluate_model", "evaluate_predictions", "predict_dataset"]
 
 
 @torch.no_grad()
@@ -44,17 +45,27 @@ def predict_dataset(
     return gts, dets
 
 
-def evaluate_model(model: RetinaNet, dataset: DetectionDataset, output: Path | None = None, **kw) -> CocoMetrics:
+def evaluate_model(model: RetinaNet, dataset: DetectionDataset, output: Path | None = None,
+                   keep: dict[str, Any] | None = None, **kw) -> CocoMetrics:  # fmt: skip
     """COCO metrics of `model` on `dataset`; with `output`, also detections.json (COCO results format),
-    metrics.json (the COCO numbers, per-class AP and Pascal VOC mAP@0.5) and pr_curves.png there."""
+    metrics.json (the COCO numbers, per-class AP and Pascal VOC mAP@0.5) and pr_curves.png there. keep: a dict
+    that receives the "ground_truth" and "detections" evaluated (for a report of them)."""
     gts, dets = predict_dataset(model, dataset, **kw)
-    categories = dataset.categories
+    if keep is not None:
+        keep.update(ground_truth=gts, detections=dets)
+    return evaluate_predictions(gts, dets, dataset.categories, output)
+
+
+def evaluate_predictions(gts: list[dict], dets: list[dict], categories: list[dict[str, Any]],
+                         output: Path | None = None) -> CocoMetrics:  # fmt: skip
+    """COCO metrics of detections against their ground truth (as predict_dataset gives them), and with `output` the
+    files of `evaluate_model`."""
     metrics = evaluate_coco(gts, dets, categories)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         save_coco_results(dets, categories, output / "detections.json")
         voc = evaluate_voc(gts, dets, len(categories))
         report = {**metrics.to_dict(), "VOC_mAP50": voc["mAP"]}
-        (output / "metrics.json").write_text(json.dumps(report, indent=2))
+        (output / "metrics.json").write_text(strict_json(report, indent=2))
         plot_pr_curves(metrics, output / "pr_curves.png")
     return metrics

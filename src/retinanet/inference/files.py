@@ -9,14 +9,16 @@ optional keras-retinanet CSV, and annotated images.
 Writes in the output folder:
     detections.json  per image, in input order, including images with no detections: {"file", "image_id",
                      "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", "label", "category_id",
-                     "name"}]}
+                     "name"}], "drawing": its annotated image}; then each file skip_bad left out: {"file",
+                     "skipped": why, "detections": []}
+    skipped.json     (when skip_bad left files out) [{"file", "reason"}]
     results.json     the COCO results format, [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], with the
                      image_ids of detections.json and the model's category ids
     detections.csv   (csv=True) keras-retinanet's layout, one box per line `path,x1,y1,x2,y2,class_name` in whole
                      pixels and `path,,,,,` for an image with no detections: readable back as training data
     NAME.png         (draw=True) each image with its detections drawn
-A file that cannot be read stops the run with its name, or with skip_bad is reported by name (a warning) and left
-out of every output.
+A file that cannot be read stops the run with its name, or with skip_bad is said in one line and left out of every
+output but detections.json and skipped.json, which name it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import csv
 import glob
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -34,11 +35,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from retinanet.data.base import notice
 from retinanet.evaluate import coco_results
 from retinanet.inference.predictor import Prediction, Predictor, read_image
 from retinanet.visualize import save_detections_image
 
-__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "image_files", "run_inference", "write_csv"]
+__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "image_files", "run_inference", "size_hints", "write_csv"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -48,7 +50,8 @@ _GLOB_CHARS = set("*?[")
 def image_files(inputs: Sequence[str | Path]) -> list[Path]:
     """The image files named by `inputs`, in order: files as given; folders' images (non-recursive, sorted by name);
     glob patterns' matches (sorted; ** recurses); list files (.txt, .lst), one image path per line, relative ones
-    against the list file's folder, blank lines and lines starting with # skipped."""
+    against the list file's folder, blank lines and lines starting with # skipped. A file named by several inputs
+    comes once, where it is first named."""
     files: list[Path] = []
     for item in map(str, inputs):
         path = Path(item)
@@ -67,7 +70,13 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
             raise ValueError(f"input not found: {path}")
     if not files:
         raise ValueError(f"no images found in {[str(i) for i in inputs]}")
-    return files
+    seen: set[Path] = set()
+    unique = []
+    for path in files:  # a file named twice (by a glob and a list file) is detected once
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique
 
 
 def _listed(list_file: Path) -> list[Path]:
@@ -157,17 +166,39 @@ def run_inference(
                 if s.error is not None:
                     if not skip_bad:
                         raise ValueError(s.error)
-                    warnings.warn(f"skipped: {s.error}", stacklevel=2)
+                    notice(f"skipped an image: {s.error}")
                     skipped.append((str(s.path), s.error))
             for sample, found in zip(good, _predict(predictor, good, tiled)):
-                records.append(_record(sample, found, len(records) + 1))
+                records.append(_record(sample, found, len(records) + 1, names[sample.index] if draw else None))
                 predictions.append(found)
                 if draw:
                     save_detections_image(out / names[sample.index], sample.image.float() / 255, found.boxes,
                                           found.scores, found.labels, predictor.class_names)  # fmt: skip
             bar.update(len(batch))
-    _write_outputs(out, records, predictions, predictor.categories, csv_file)
+    for line in size_hints(predictor, records):
+        notice(line)
+    _write_outputs(out, records, predictions, predictor.categories, csv_file, skipped)
     return InferenceResult(records, skipped)
+
+
+def size_hints(predictor: Predictor, records: list[dict[str, Any]], far: float = 3.0) -> list[str]:
+    """One-line hints for results that the model's size limited: images far larger (`far` times, on the longer
+    side) than what the model resizes them to, without tiles; and images whose detections reached the model's cap.
+    """
+    cfg, lines = predictor.config, []
+    if predictor.tile is None:
+        large = [r for r in records if max(r["width"], r["height"]) > far * cfg.max_size]
+        if large:
+            r = large[0]
+            lines.append(f"hint: {len(large)} image(s) far larger than the model's {cfg.min_size}-{cfg.max_size} px "
+                         f"(e.g. {Path(r['file']).name}, {r['width']}x{r['height']}) were shrunk to it, and small "
+                         f"objects vanish when shrunk: detect them in tiles with --tile {cfg.max_size}")  # fmt: skip
+    capped = [r for r in records if len(r["detections"]) >= cfg.detections_per_image]
+    if capped:
+        lines.append(f"hint: {len(capped)} image(s) have {cfg.detections_per_image} detections, the model's cap "
+                     f"(e.g. {Path(capped[0]['file']).name}): more objects may be there; detect in tiles (--tile) or "
+                     "raise model.detections_per_image")  # fmt: skip
+    return lines
 
 
 def _predict(predictor: Predictor, samples: list[_Sample], tiled: bool) -> list[Prediction]:
@@ -180,10 +211,10 @@ def _predict(predictor: Predictor, samples: list[_Sample], tiled: bool) -> list[
     return [predictor.to_prediction(d, s.size_hw, src) for d, s, src in zip(found, samples, sources)]
 
 
-def _record(sample: _Sample, found: Prediction, image_id: int) -> dict[str, Any]:
+def _record(sample: _Sample, found: Prediction, image_id: int, drawing: str | None) -> dict[str, Any]:
     height, width = sample.size_hw
     return {"file": str(sample.path), "image_id": image_id, "width": width, "height": height,
-            "detections": found.to_dicts()}  # fmt: skip
+            "detections": found.to_dicts(), **({"drawing": drawing} if drawing else {})}  # fmt: skip
 
 
 def _drawing_names(files: list[Path]) -> list[str]:
@@ -198,9 +229,12 @@ def _drawing_names(files: list[Path]) -> list[str]:
 
 
 def _write_outputs(out: Path, records: list[dict[str, Any]], predictions: list[Prediction],
-                   categories: list[dict[str, Any]], csv_file: bool) -> None:  # fmt: skip
+                   categories: list[dict[str, Any]], csv_file: bool, skipped: list[tuple[str, str]]) -> None:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    left_out = [{"file": f, "skipped": reason, "detections": []} for f, reason in skipped]
+    (out / "detections.json").write_text(json.dumps(records + left_out, indent=1))
+    if skipped:
+        (out / "skipped.json").write_text(json.dumps([{"file": f, "reason": r} for f, r in skipped], indent=1))
     per_image = [{"image_id": r["image_id"], "boxes": p.boxes, "scores": p.scores, "labels": p.labels}
                  for r, p in zip(records, predictions)]  # fmt: skip
     (out / "results.json").write_text(json.dumps(coco_results(per_image, categories)))

@@ -30,6 +30,7 @@ from torchvision import tv_tensors
 
 from retinanet import fastpath
 from retinanet.config import ModelConfig, size_overrides
+from retinanet.data.base import to_rgb
 from retinanet.data.transforms import eval_transforms
 from retinanet.inference.tiling import detect_tiled, tile_windows
 from retinanet.model import RetinaNet, load_model
@@ -80,13 +81,14 @@ def categories_of(model: RetinaNet | ModelConfig) -> list[dict[str, Any]]:
 
 
 def read_image(path: str | Path) -> Tensor:
-    """uint8 [3, H, W] of an image file; a ValueError naming the file for a missing, corrupt or truncated one."""
+    """uint8 [3, H, W] of an image file in any mode (16-bit and float images scaled by their own range:
+    retinanet.data.base.to_rgb); a ValueError naming the file for a missing, corrupt or truncated one."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+            return torch.from_numpy(to_rgb(im).copy()).permute(2, 0, 1)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: cannot read the image ({exc})") from None
 
@@ -96,7 +98,7 @@ def as_image_tensor(image: Any, index: int = 0) -> tuple[Tensor, str | None]:
     if isinstance(image, (str, Path)):
         return read_image(image), str(image)
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1), None
+        return torch.from_numpy(to_rgb(image).copy()).permute(2, 0, 1), None
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image {index}: expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
@@ -135,15 +137,16 @@ def prepare_image(
 
 @torch.no_grad()
 def detect_resized(
-    model: RetinaNet, images: list[Tensor], scales: Sequence[tuple[float, float]], amp: str = "none"
-) -> list[Detections]:
+    model: RetinaNet, images: list[Tensor], scales: Sequence[tuple[float, float]], amp: str = "none",
+    score_thresh: float | None = None,
+) -> list[Detections]:  # fmt: skip
     """Detections of images already resized by the evaluation transform (float [3, h, w] in [0, 1]), with boxes
-    divided by each image's (scale_y, scale_x) back into its original pixels. The one inference path of
-    evaluation, the predictor and `retinanet detect`."""
+    divided by each image's (scale_y, scale_x) back into its original pixels, scores above score_thresh (default:
+    the model config's). The one inference path of evaluation, the predictor and `retinanet detect`."""
     device = next(model.parameters()).device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        out = model.predict([im.to(device) for im in images], resize=False)
+        out = model.predict([im.to(device) for im in images], resize=False, score_thresh=score_thresh)
     mapped = []
     for d, (sy, sx) in zip(out, scales):
         scale = torch.tensor([sx, sy, sx, sy], device=d.boxes.device)
@@ -197,7 +200,8 @@ class Predictor:
 
     def predict(self, images: Any, score_thresh: float | None = None) -> Prediction | list[Prediction]:
         """Detections of one image (a path, PIL image, HxWx3 uint8 array or [3, H, W] tensor: uint8, or float in
-        [0, 1]) or of a list of them (a list of Predictions)."""
+        [0, 1]) or of a list of them (a list of Predictions). score_thresh: for this call, at least the predictor's
+        own (it filters what the predictor finds)."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[Prediction] = []
@@ -211,6 +215,9 @@ class Predictor:
     ) -> list[Prediction]:
         """Predictions of [3, H, W] uint8 (or float in [0, 1]) tensors, resized as evaluation resizes."""
         thresh = self.score_thresh if score_thresh is None else score_thresh
+        if thresh < self.score_thresh:
+            raise ValueError(f"score_thresh {thresh} is below the predictor's own {self.score_thresh}, which it "
+                             f"detects at: make the predictor with score_thresh={thresh}")  # fmt: skip
         sources = sources or [None] * len(images)
         if self.tile is not None:
             dets = [detect_tiled(image, self.detect_images, self.tile, self.overlap, self.batch_size, thresh)
@@ -240,11 +247,12 @@ class Predictor:
         if self.model_resizes:
             with torch.no_grad():
                 return [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu())
-                        for d in self.model.predict([im.to(self.device) for im in images])]  # fmt: skip
+                        for d in self.model.predict([im.to(self.device) for im in images],
+                                                    score_thresh=self.score_thresh)]  # fmt: skip
         if not self._tuned:  # the memory layout faster on this machine, for batches like this one
             fastpath.tune(self.model, [im.to(self.device) for im in images])
             self._tuned = True
-        return detect_resized(self.model, images, scales, self.amp)
+        return detect_resized(self.model, images, scales, self.amp, self.score_thresh)
 
     def to_prediction(
         self, d: Detections, image_size_hw: tuple[int, int], source: str | None = None, thresh: float | None = None

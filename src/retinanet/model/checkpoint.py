@@ -103,6 +103,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if _is_onnx(path):
+        raise ValueError(f"{path} is an exported ONNX model, not a checkpoint: detect with it by `retinanet detect "
+                         "--onnx FILE`; --checkpoint takes the last.pt or best.pt of a training run")  # fmt: skip
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -116,6 +119,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         raise ValueError(f"{path}: checkpoint format_version {version!r} is not supported; this code reads "
                          f"version {FORMAT_VERSION}")
     return checkpoint
+
+
+def _is_onnx(path: Path) -> bool:
+    """An ONNX file: by its name, or by its first bytes (a protobuf ModelProto starts with ir_version, field 1)."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    with path.open("rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x08" and head[1:2] != b"" and head[1] < 32  # torch.save files are zip archives: "PK"
 
 
 def saved_model_config(checkpoint: Mapping[str, Any], path: str | Path) -> ModelConfig:

@@ -255,21 +255,23 @@ class RetinaNet(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: list[Tensor], resize: bool = True) -> list[Detections]:
+    def predict(self, images: list[Tensor], resize: bool = True, score_thresh: float | None = None) -> list[Detections]:
         """Detections per image, boxes in that input image's pixels (call `model.eval()` first).
 
         images: list of float [3, H, W] tensors in [0, 1]. Returns one Detections(boxes [N, 4], scores [N],
-        labels [N]) per image, at most detections_per_image, by decreasing score."""
+        labels [N]) per image, at most detections_per_image, by decreasing score, each above score_thresh (default:
+        the config's)."""
         batch = self.preprocess(images, resize)
         head = self(batch.images)
-        return self.postprocess(head, batch)
+        return self.postprocess(head, batch, score_thresh)
 
-    def postprocess(self, head: HeadOutputs, batch: Batch) -> list[Detections]:
+    def postprocess(self, head: HeadOutputs, batch: Batch, score_thresh: float | None = None) -> list[Detections]:
         cfg = self.config
         anchors = self.anchors_per_level(head, tuple(batch.images.shape[-2:]))
         dets = postprocess(
             head.cls_logits, head.box_deltas, anchors, batch.image_sizes, self.box_coder,
-            cfg.score_thresh, cfg.topk_candidates, cfg.nms_thresh, cfg.detections_per_image,
+            cfg.score_thresh if score_thresh is None else score_thresh, cfg.topk_candidates, cfg.nms_thresh,
+            cfg.detections_per_image,
         )  # fmt: skip
         return [_unscale(d, sy, sx) for d, (sy, sx) in zip(dets, batch.scales)]
 

@@ -28,7 +28,7 @@ from retinanet.ops.anchors import anchor_generator
 from retinanet.ops.boxes import paired_iou
 from retinanet.ops.resize import padded_size
 from retinanet.tools.anchor_coverage import LOW_QUALITY, NONE, POSITIVE, box_status, training_boxes
-from retinanet.visualize import label_font, upscale_small
+from retinanet.visualize import label_font, label_style, upscale_small
 
 __all__ = ["dataset_statistics", "draw_inspection", "inspect_dataset", "plot_statistics", "summary_line"]
 
@@ -138,7 +138,7 @@ def draw_inspection(image: Tensor, boxes: Tensor, status: Tensor, labels: Tensor
         text = [f"{_name(class_names, k)}" + ("" if s == POSITIVE else f" IoU {iou:.2f}")
                 for k, s, iou in zip(labels.tolist(), status.tolist(), best_iou.tolist())]  # fmt: skip
         img = draw_bounding_boxes(img, boxes, labels=text, colors=[COLOURS[int(s)] for s in status], width=width + 1,
-                                  font=label_font(), font_size=max(10, round(min(img.shape[-2:]) / 40)),
+                                  font=label_font(), font_size=label_style(tuple(img.shape[-2:]))[0],
                                   label_colors="white", fill_labels=True)  # fmt: skip
     return img
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,7 +13,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-__all__ = ["RunLog", "write_note"]
+from retinanet.outputs import strict_json
+
+__all__ = ["Progress", "RunLog", "write_note"]
 
 
 class RunLog:
@@ -42,7 +45,7 @@ class RunLog:
     def write(self, iteration: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"iter": iteration, **values}, default=_plain) + "\n")
+        self.file.write(strict_json({"iter": iteration, **values}) + "\n")
         self.file.flush()
         for k, v in values.items():
             if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
@@ -61,11 +64,6 @@ def write_note(output_dir: Path, text: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
-def _plain(value: Any) -> Any:
-    """json.dumps fallback for tensors and numpy values."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
-
-
 def _truncate_log(path: Path, iteration: int) -> None:
     if not path.exists():
         return
@@ -75,3 +73,36 @@ def _truncate_log(path: Path, iteration: int) -> None:
             if json.loads(line)["iter"] <= iteration:
                 kept.append(line + "\n")
     path.write_text("".join(kept), encoding="utf-8")
+
+
+class Progress:
+    """The run's progress on rank 0: a tqdm bar on a terminal; elsewhere (a log file, CI, a notebook's captured
+    output) one line per logged iteration, so that redirected output holds lines, not carriage returns."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, terminal: bool | None = None):
+        self.total, self.n, self.start = total, start, start
+        self.enabled = enabled
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = tqdm(total=total, initial=start, disable=not (enabled and self.terminal), desc="train",
+                        dynamic_ncols=True)  # fmt: skip
+        self.t0 = time.perf_counter()
+
+    def update(self) -> None:
+        self.n += 1
+        self.bar.update()
+
+    def show(self, values: Mapping[str, float], lr: float) -> None:
+        """The latest losses: in the bar's postfix, or as a line of their own."""
+        if not self.enabled:
+            return
+        if self.terminal:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, lr=f"{lr:.3g}")
+            return
+        rate = (self.n - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        left = (self.total - self.n) / rate if rate > 0 else float("nan")
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        print(f"train: iteration {self.n}/{self.total} ({rate:.2f} it/s, {left / 60:.1f} min left): {losses}, "
+              f"lr {lr:.3g}", flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()

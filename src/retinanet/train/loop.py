@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,7 +34,7 @@ from retinanet.model import RetinaNet, load_checkpoint
 from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
 from retinanet.train.distributed import check_batch_size, rank_and_world, resolve_device, wrap_for_ddp
 from retinanet.train.ema import build_ema, ema_state, load_ema_state
-from retinanet.train.log import RunLog
+from retinanet.train.log import Progress, RunLog
 from retinanet.train.optim import build_optimizer, build_scheduler
 from retinanet.train.resume import checkpoint_run, restore_rng, restore_run, seed_everything
 from retinanet.train.stream import BatchStream
@@ -50,11 +50,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Training stopped at Ctrl-C after iteration `iteration`, with a checkpoint at `checkpoint`."""
+    """Training stopped at Ctrl-C (SIGINT) or SIGTERM after iteration `iteration`, with a checkpoint at
+    `checkpoint`; `signal` is the one that stopped it."""
 
-    def __init__(self, iteration: int, checkpoint: Path):
+    def __init__(self, iteration: int, checkpoint: Path, signal_number: int = signal.SIGINT):
         super().__init__(f"interrupted after iteration {iteration}; checkpoint saved to {checkpoint}")
-        self.iteration, self.checkpoint = iteration, checkpoint
+        self.iteration, self.checkpoint, self.signal = iteration, checkpoint, int(signal_number)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def train(
     """
     r = _setup(model, train_loader, cfg, output_dir, resume)
     amp_dtype = AMP_DTYPES[r.fast.amp]
-    bar = tqdm(total=cfg.max_iters, initial=r.start, disable=r.rank != 0, desc="train", dynamic_ncols=True)
+    bar = Progress(cfg.max_iters, r.start, enabled=r.rank == 0)
     t_start, t_eval, values, metrics = time.perf_counter(), 0.0, {}, {}
     try:
         with _StopOnInterrupt() as stop:
@@ -97,7 +98,8 @@ def train(
                 with torch.autocast(r.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = r.loss_fn(images, targets)
                 total = sum(losses.values())
-                stopping = _check_finite(losses, total, it, r.world > 1, r.out / "last.pt", stop.requested)
+                stopping, due = _check_finite(losses, total, it, r.world > 1, r.out / "last.pt", stop.requested,
+                                              r.checkpoint_due(cfg))  # fmt: skip
                 r.optimizer.zero_grad(set_to_none=True)
                 r.scaler.scale(total).backward()
                 if cfg.grad_clip is not None:
@@ -115,21 +117,21 @@ def train(
                     values = {k: v.item() for k, v in losses.items()} | {"loss": total.item()}
                     r.log.write(it, {**values, "lr": lr, "time": time.perf_counter() - tic, "data_time": data_time,
                                      **_coverage_counts(model)})  # fmt: skip
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, lr=f"{lr:.3g}")
+                    bar.show(values, lr)
                 if eval_fn is not None and ((cfg.eval_every and it % cfg.eval_every == 0) or last):
                     t_eval -= time.perf_counter()
                     metrics = _evaluate(r.evaluated(model), eval_fn, it)
                     t_eval += time.perf_counter()
                     r.log.write(it, {f"eval/{k}": v for k, v in metrics.items()})
                     r.keep_best(model, it, metrics, cfg)
-                if it % cfg.checkpoint_every == 0 or last or stopping:
+                if it % cfg.checkpoint_every == 0 or last or stopping or due:
                     r.checkpoint(model, it, cfg)
                 if stopping and not last:
-                    r.log.note(f"interrupted after iteration {it}; checkpoint {r.out / 'last.pt'}")
-                    raise TrainingInterrupted(it, r.out / "last.pt")
+                    r.log.note(f"{stop.reason}: stopped after iteration {it}; checkpoint {r.out / 'last.pt'}")
+                    raise TrainingInterrupted(it, r.out / "last.pt", stop.signal)
     finally:
         bar.close()
-        r.finish(int(bar.n), time.perf_counter() - t_start - t_eval, t_eval)
+        r.finish(bar.n, time.perf_counter() - t_start - t_eval, t_eval)
     return {"iteration": max(r.start, cfg.max_iters), "losses": values, "metrics": metrics,
             "checkpoint": r.out / "last.pt", "fast_paths": r.fast}  # fmt: skip
 
@@ -153,6 +155,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
     best: dict[str, Any]  # {"metric", "value", "iteration"} of the best evaluation so far, or {}
+    saved_at: float = field(default_factory=time.monotonic)  # when the last checkpoint was written
 
     def next_batch(self) -> tuple[list[Tensor], list[dict[str, Any]]]:
         """The first batch (already taken for the fast paths), then the stream's, on the device."""
@@ -174,7 +177,15 @@ class _Run:
                             extra={"best": self.best}, fast_paths=self.fast)  # fmt: skip
             self.log.note(f"best.pt: {cfg.best_metric} {value:.4f} at iteration {iteration}", echo=False)
 
+    def checkpoint_due(self, cfg: TrainConfig) -> bool:
+        """Whether cfg.checkpoint_minutes have passed since the last checkpoint (rank 0's clock: under DDP every
+        process checkpoints when rank 0 says so)."""
+        if cfg.checkpoint_minutes is None or self.rank != 0:
+            return False
+        return time.monotonic() - self.saved_at >= 60 * cfg.checkpoint_minutes
+
     def checkpoint(self, model: RetinaNet, iteration: int, cfg: TrainConfig) -> None:
+        self.saved_at = time.monotonic()
         checkpoint_run(self.out, model, self.optimizer, self.scheduler, self.scaler, iteration, cfg, self.stream,
                        self.rank, self.world, self.fast, ema_state(self.ema), self.best)  # fmt: skip
 
@@ -225,41 +236,48 @@ def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: s
 
 
 class _StopOnInterrupt:
-    """Ctrl-C (SIGINT) during training: the first asks the loop to stop after the current iteration, which then
-    saves a checkpoint; a second raises KeyboardInterrupt at once. Only the main thread can own the handler."""
+    """Ctrl-C (SIGINT) or SIGTERM (what `timeout`, Docker, Kubernetes and SLURM send) during training: the first asks
+    the loop to stop after the current iteration, which then saves a checkpoint; a second raises KeyboardInterrupt
+    at once. Only the main thread can own the handlers."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signal, self.reason = signal.SIGINT, "Ctrl-C"
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("retinanet: stopping after this iteration to save a checkpoint (Ctrl-C again to quit at once)")
+        self.requested, self.signal, self.reason = True, signum, self.SIGNALS.get(signum, f"signal {signum}")
+        tqdm.write(f"retinanet: {self.reason}: stopping after this iteration to save a checkpoint (again to quit at "
+                   "once)")  # fmt: skip
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _check_finite(losses: dict[str, Tensor], total: Tensor, iteration: int, distributed: bool, last: Path,
-                  stop_requested: bool = False) -> bool:
-    """Raise NonFiniteLossError naming every non-finite loss, on all processes at once under DDP; return whether a
-    stop (Ctrl-C) was requested on any process."""
+                  stop_requested: bool = False, checkpoint_due: bool = False) -> tuple[bool, bool]:
+    """Raise NonFiniteLossError naming every non-finite loss, on all processes at once under DDP; return (whether a
+    stop (Ctrl-C, SIGTERM) was requested on any process, whether a time-based checkpoint is due on any)."""
     # One host-device sync per iteration: we must know before the optimiser step, or NaN reaches the weights. Under
-    # DDP the stop requests travel in the same all-reduce, so that every process stops after the same iteration.
-    flags = torch.stack([(~torch.isfinite(total.detach())).float(), total.new_tensor(float(stop_requested))])
+    # DDP the stop requests and rank 0's checkpoint clock travel in the same all-reduce, so that every process stops
+    # or checkpoints after the same iteration.
+    flags = torch.stack([(~torch.isfinite(total.detach())).float(), total.new_tensor(float(stop_requested)),
+                         total.new_tensor(float(checkpoint_due))])  # fmt: skip
     if distributed:  # all stop together, rather than the healthy ones waiting forever in the next all-reduce
         dist.all_reduce(flags)
-    bad, stop = flags.tolist()
+    bad, stop, due = flags.tolist()
     if bad == 0:
-        return stop > 0
+        return stop > 0, due > 0
     named = [f"{k} = {v.item()}" for k, v in losses.items() if not torch.isfinite(v)]
     which = ", ".join(named) if named else ("the sum of the losses" if not distributed else "on another process")
     finite = ", ".join(f"{k} = {v.item():.4g}" for k, v in losses.items() if torch.isfinite(v))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -9,37 +10,44 @@ from typing import Any
 import torch
 
 from retinanet import fastpath
-from retinanet.config import RunConfig, save_run_config
-from retinanet.data import DetectionDataset, build_dataset, categories_config, make_loader, val_dataset
+from retinanet.config import PRESETS, RunConfig, TrainConfig, save_run_config
+from retinanet.data import DetectionDataset, build_dataset, categories_config, eval_transforms, make_loader, val_dataset
 from retinanet.inference import evaluate_model
 from retinanet.model import RetinaNet, build_from_config, load_checkpoint
+from retinanet.outputs import claim_run_folder, remove
 from retinanet.tools.anchor_coverage import coverage, coverage_lines, training_boxes
+from retinanet.tools.report import report_dataset
 from retinanet.train.distributed import init_distributed, rank_and_world, resolve_device
 from retinanet.train.log import write_note
 from retinanet.train.loop import train
 from retinanet.visualize import plot_training_curves
 from retinanet.weights import init_from
 
-__all__ = ["memorising", "run_train", "train_set_subset"]
+__all__ = ["check_learnable", "check_resumable", "memorising", "run_train", "train_set_subset", "write_skipped"]
 
 
-def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True) -> dict[str, Any]:
+def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True,
+              overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and with a
     validation set: evaluation every train.eval_every iterations and at the end, on it and on a fixed sample of the
-    training images, eval/ results and best.pt) in cfg.train.output_dir.
+    training images, eval/ results, the last evaluation's report in eval/report/ and best.pt) in
+    cfg.train.output_dir.
 
-    Everything that can be checked is checked before anything is written: the config, every image file, the
-    checkpoint to resume from, the device and precision. The model is built after seeding, so that a run is a
+    Everything that can be checked is checked before anything is written: the output folder (another run's is
+    refused unless `resume` continues it or `overwrite` replaces it), the config, every image's header and boxes,
+    the checkpoint to resume from, the device and precision. The model is built after seeding, so that a run is a
     function of its config and seed."""
     init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
     rank, world = rank_and_world()
     out = Path(cfg.train.output_dir)
+    earlier = claim_run_folder(out, resume, overwrite) if rank == 0 else []
     device = resolve_device(cfg.train)  # a device or precision this machine lacks stops us first
     train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
+    check_learnable(cfg, train_set)
     cfg.model = categories_config(cfg.model, train_set)
     val_set = val_dataset(cfg.data, cfg.model, train_set.categories) if evaluate else None
-    if resume is not None:
-        load_checkpoint(resume)  # a missing or unreadable checkpoint stops the run here, not after setup
+    if resume is not None:  # a missing or unreadable checkpoint, or one of another batch size, stops the run here
+        check_resumable(load_checkpoint(resume), resume, cfg.train)
     workers, workers_warning = cfg.train.workers()
     torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
     model = build_from_config(cfg.model)
@@ -48,9 +56,12 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     loader = make_loader(train_set, per_process, shuffle=True, num_workers=workers,
                          seed=cfg.train.seed, distributed=world > 1, drop_last=True)  # fmt: skip
     if rank == 0:  # the run will start: now its folder is written
+        remove(earlier)  # --overwrite: the earlier run's files, now that this run's checks have passed
         save_run_config(cfg, out / "config.yaml")
+        write_skipped(out, {"train": train_set, "val": val_set})
         boxes = training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
-        for line in [_summary(cfg, train_set, val_set, device, workers), workers_warning, *init_lines,
+        precision = fastpath.choose_amp(cfg.train.amp, device)  # rank 0's choice: the one every process will take
+        for line in [_summary(cfg, train_set, val_set, device, workers, precision), workers_warning, *init_lines,
                      *coverage_lines(coverage(boxes, model.config))]:  # fmt: skip
             if line:
                 print(line, flush=True)
@@ -62,7 +73,12 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         if rank != 0:
             return {}
         amp = fastpath.current_run().amp
-        metrics = evaluate_model(model, val_set, out / "eval", amp=amp).to_dict()
+        kept: dict[str, Any] = {}
+        result = evaluate_model(model, val_set, out / "eval", amp=amp, keep=kept)
+        if cfg.train.report and iteration == cfg.train.max_iters:  # the run's last evaluation: its report too
+            report_dataset(out / "eval" / "report", val_set, kept["ground_truth"], kept["detections"], result,
+                           out / "eval" / "pr_curves.png")  # fmt: skip
+        metrics = result.to_dict()
         if seen is not None:  # the same model on training images it has learnt from
             on_seen = evaluate_model(model, seen, amp=amp)
             metrics |= {"train_AP": on_seen.AP, "train_AP50": on_seen.AP50}
@@ -91,7 +107,7 @@ def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
 
 
 def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, device: torch.device,
-             workers: int) -> str:  # fmt: skip
+             workers: int, precision: str) -> str:  # fmt: skip
     """One line saying what the run will do."""
     t, m = cfg.train, cfg.model
     epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
@@ -100,15 +116,24 @@ def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionData
     return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
             f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs; images resized to shorter "
             f"side {m.min_size}, longer at most {m.max_size}{sizes}; {cfg.preset} {m.backbone}; lr {t.lr:g} "
-            f"({t.optimizer}), {t.schedule().describe()}; device {device}, amp {t.amp}, {workers} data workers; "
+            f"({t.optimizer}), {t.schedule().describe()}; device {device}, {_precision(t.amp, precision)}, {workers} "
+            f"data workers; "
             f"output {t.output_dir}")  # fmt: skip
+
+
+def _precision(asked: str, chosen: str) -> str:
+    """The precision the run trains in, in words: "amp none (float32)", "amp auto: bf16"."""
+    name = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}[chosen]
+    return f"amp {asked} ({name})" if asked == chosen else f"amp {asked}: {chosen} ({name})"
 
 
 def train_set_subset(cfg: RunConfig, train_set: DetectionDataset) -> DetectionDataset:
     """A fixed sample of cfg.train.eval_train_images training images with the evaluation transforms: evaluated beside
     the validation set, its gap to it says how far the model learns its data by heart."""
-    plain = build_dataset(cfg.data, cfg.model, "train", train_mode=False, categories=train_set.categories)
-    return plain.subset(cfg.train.eval_train_images)
+    plain = train_set.subset(cfg.train.eval_train_images)  # the same records: nothing read or reported twice
+    plain.transforms = eval_transforms(cfg.model.min_size, cfg.model.max_size)
+    plain.mosaic = 0.0
+    return plain
 
 
 def memorising(metrics: dict[str, Any], iteration: int, gap: float = 0.25, ratio: float = 2.0) -> list[str]:
@@ -123,3 +148,35 @@ def memorising(metrics: dict[str, Any], iteration: int, gap: float = 0.25, ratio
             f"AP ({val:.3f}): the model is learning its training images by heart. More varied data, stronger "
             "augmentation (data.augment: top_down for top-down imagery), a moving average of the weights "
             "(train.ema_decay), fewer iterations or pretrained weights help; best.pt keeps the best validation AP"]
+
+
+def write_skipped(out: Path, datasets: dict[str, DetectionDataset | None]) -> None:
+    """skipped.json in the run's folder: what skip_bad left out of its datasets (split, file, index, reason, and
+    whether an image or a box was dropped)."""
+    skipped = [{"split": split, **skip.to_dict()} for split, ds in datasets.items() if ds is not None
+               for skip in ds.skipped]  # fmt: skip
+    if skipped:
+        (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+
+
+def check_learnable(cfg: RunConfig, train_set: DetectionDataset) -> None:
+    """One line, before anything is written, for a training set with nothing to learn from, and for a
+    model.num_classes the data contradicts (training takes the number of classes from the data)."""
+    if sum(len(r.boxes) for r in train_set.records) == 0:
+        raise ValueError(f"data config: the training set ({cfg.data.format}, {len(train_set)} images) has no boxes at "
+                         "all: there is nothing to learn from; check the annotation file's 'annotations' (or lines)")
+    preset_classes = PRESETS[cfg.preset].num_classes if cfg.preset in PRESETS else None
+    if cfg.model.num_classes not in (preset_classes, train_set.num_classes):
+        raise ValueError(f"model config: num_classes = {cfg.model.num_classes} but the training data has "
+                         f"{train_set.num_classes} classes ({', '.join(train_set.category_names[:10])}): leave "
+                         "model.num_classes out, it is taken from the data")  # fmt: skip
+
+
+def check_resumable(checkpoint: dict[str, Any], path: str | Path, cfg: TrainConfig) -> None:
+    """One line when a checkpoint cannot be resumed exactly with this config (another batch size moves the data
+    position and the lr schedule)."""
+    saved = (checkpoint.get("train_config") or {}).get("batch_size")
+    if saved is not None and saved != cfg.batch_size:
+        raise ValueError(f"{path}: the run trained with train.batch_size {saved}, this config says {cfg.batch_size}: "
+                         f"resume with train.batch_size={saved}, or start a new run from its weights with "
+                         f"model.init_from={path}")  # fmt: skip

@@ -1,0 +1,114 @@
+"""Output folders: checked for writing before any work, and never holding two runs' files mixed.
+
+A training run refuses a folder that holds another run unless told to continue it (--resume) or to replace it
+(--overwrite), which removes that run's files first (only those: a user's other files stay). `detect` does the
+same with a previous detection's files. Every check happens before anything is computed or written, and fails in
+one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DETECT_FILES", "RUN_FILES", "claim_detect_folder", "claim_run_folder", "remove", "strict_json",
+           "writable_folder"]  # fmt: skip
+
+# what a training run writes in its folder (iter_*.pt too, with keep_all_checkpoints)
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.jsonl", "train.log", "training_curves.png", "skipped.json",
+             "tb", "eval")  # fmt: skip
+# what `retinanet detect` writes, besides the drawings its detections.json names
+DETECT_FILES = ("detections.json", "results.json", "detections.csv", "skipped.json")
+
+
+def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """`folder`, once a file could be written in it, or in the nearest folder above it that exists (the writer
+    makes the missing ones: a check that fails leaves nothing behind); a ValueError in one line otherwise (a
+    read-only or full disk, a path that is a file, no permission)."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way", str(existing))
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{folder}: cannot write the {what} there ({exc.strerror or exc}); give another "
+                         "folder") from None  # fmt: skip
+    return folder
+
+
+def claim_run_folder(folder: str | Path, resume: str | Path | None, overwrite: bool) -> list[Path]:
+    """Check the folder of a training run before the run does anything: refused when it holds another run's files,
+    unless the run resumes (`resume`) or `overwrite` asks to replace it; and writable. Returns the earlier run's
+    files that `remove` must take away before the run writes (after its other checks passed, so that a run that
+    fails at once leaves the earlier one whole)."""
+    folder = Path(folder)
+    found = _run_files(folder)
+    if found and resume is None and not overwrite:
+        shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"{folder} holds a training run already ({shown}): continue it with --resume "
+                         f"{folder / 'last.pt'}, write to a new folder (--set train.output_dir=...), or replace it "
+                         "with --overwrite")  # fmt: skip
+    writable_folder(folder, "training run")
+    return found if overwrite and resume is None else []
+
+
+def claim_detect_folder(folder: str | Path, overwrite: bool) -> Path:
+    """The output folder of `retinanet detect`, ready to write: a previous detection's files there are refused
+    unless `overwrite`, which removes them (its drawings included) first, so that the folder holds one detection."""
+    folder = Path(folder)
+    previous = folder / "detections.json"
+    if previous.exists() and not overwrite:
+        raise ValueError(f"{folder} holds the results of an earlier detection (detections.json): write to a new "
+                         "folder (--output ...) or replace them with --overwrite")  # fmt: skip
+    if previous.exists():
+        drawings = []
+        try:
+            drawings = [folder / r["drawing"] for r in json.loads(previous.read_text()) if r.get("drawing")]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # an unreadable list: its own files go, the drawings stay
+        remove([p for p in [*drawings, *(folder / name for name in DETECT_FILES)] if p.exists()])
+    return writable_folder(folder, "detections")
+
+
+def _run_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.name in RUN_FILES or (p.name.startswith("iter_")
+                                                                            and p.suffix == ".pt")]  # fmt: skip
+
+
+def remove(paths: list[Path]) -> None:
+    """Delete these files and folders (an earlier run's, being overwritten)."""
+    for path in paths:
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot remove the earlier run's file to overwrite it ({exc.strerror or exc})")
+
+
+def strict_json(value: Any, **dumps: Any) -> str:
+    """JSON that strict readers accept: NaN and infinities (an AP pycocotools cannot define) become null; tensors
+    and numpy values their plain numbers."""
+    return json.dumps(_plain(value), allow_nan=False, **dumps)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
+        return _plain(value.tolist())
+    return value
