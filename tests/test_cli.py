@@ -219,6 +219,12 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     assert (out / "training_curves.png").exists()
     assert len(list((out / "val_images").glob("*.png"))) == 8
     assert "AP" in capsys.readouterr().out
+    first = (out / "last.pt").stat().st_mtime_ns
+    assert main(["demo", "--output", str(out), "--set", "train.max_iters=1"]) == 0  # a demo again replaces it
+    assert (out / "last.pt").stat().st_mtime_ns != first and json.loads((out / "metrics.json").read_text())["iterations"] == 1
+    assert _train(tmp_path, "train.max_iters=1") == 0
+    assert main(["demo", "--output", str(tmp_path / "run")]) == 2  # another run is never replaced by a demo
+    assert "holds a training run" in _error(capsys)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from retinanet.config import DataConfig, RunConfig, model_config, parse_overrides, size_overrides, train_config
 from retinanet.data import (
@@ -265,7 +266,7 @@ def run_demo(output: str | Path = "runs/demo", overrides: Sequence[str] = (), **
         raise ValueError(f"demo overrides take train.KEY=VALUE only, got section(s) {unknown}")
     cfg = demo_config(output, **{**sections.get("train", {}), **train_overrides})
     out = Path(output)
-    result = run_train(cfg, evaluate=False)
+    result = run_train(cfg, evaluate=False, overwrite=_holds_a_demo(out))  # a demo again replaces the last one
     model = result["model"].eval()
     val_set = build_dataset(cfg.data, cfg.model, "val", train_mode=False)
     metrics = evaluate_model(model, val_set, out / "eval", amp=cfg.train.amp)
@@ -275,6 +276,16 @@ def run_demo(output: str | Path = "runs/demo", overrides: Sequence[str] = (), **
     summary["iterations"] = result["iteration"]
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _holds_a_demo(folder: Path) -> bool:
+    """Whether `folder` holds an earlier demo (its metrics.json, and a run on the synthetic data), which a new demo
+    replaces; any other run there is refused as `train` refuses it."""
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        return (folder / "metrics.json").is_file() and saved["data"]["format"] == "synthetic"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
 
 
 @torch.no_grad()
