@@ -11,7 +11,7 @@ validation AP, AP50 and AR100 on both splits (our COCO evaluation, from its best
 number of minutes; its detections go through the same evaluation.
 
     python benchmarks/bench_small_data.py [--data runs/real_trees] [--output runs/small_data] [--amp bf16 none]
-        [--minutes M] [--no-yolo] [--no-write]
+        [--minutes M] [--no-yolo] [--no-write] [--reuse]
 
 Where the CPU has native bfloat16 the recipe trains twice, in bfloat16 and in float32, and the section gives the
 gap in AP between them (the condition for `amp: auto` as the default).
@@ -36,14 +36,18 @@ from retinanet import fastpath  # noqa: E402
 RECIPE = ROOT / "examples" / "small_objects.yaml"
 
 
-def train(config: Path, overrides: list[str], output: Path) -> dict:
-    """`retinanet train` in its own process; the training seconds it reports and how it ended."""
+def train(config: Path, overrides: list[str], output: Path, reuse: bool = False) -> dict:
+    """`retinanet train` in its own process; the training seconds it reports and how it ended. reuse: a run that
+    already finished in `output` (its train.log says it trained to the end) is read, not trained again."""
     cmd = [sys.executable, "-m", "retinanet.cli", "train", "--config", str(config), "--set", *overrides,
            f"train.output_dir={output}", "--overwrite"]  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    ended = "finished" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:200]
+    if reuse and _finished(output):
+        ended, wall = "finished (an earlier run, reused)", 0.0
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        ended = "finished" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:200]
     log = [json.loads(x) for x in (output / "log.jsonl").read_text().splitlines()] if (output / "log.jsonl").exists() else []
     evals = [r for r in log if "eval/AP" in r]
     return {"train_seconds": _train_seconds(output, wall), "ended": ended, "command": " ".join(cmd[1:]),
@@ -51,20 +55,38 @@ def train(config: Path, overrides: list[str], output: Path) -> dict:
             "curve": [(r["iter"], r["eval/AP50"], r.get("eval/train_AP50")) for r in evals]}  # fmt: skip
 
 
+def _finished(output: Path) -> bool:
+    log = output / "train.log"
+    return (output / "last.pt").is_file() and log.is_file() and " trained iterations " in log.read_text()
+
+
 def _train_seconds(output: Path, wall: float) -> float:
-    """The training time the run's train.log reports (evaluation not counted), else the command's wall time."""
+    """The training time the run's train.log reports (evaluation not counted; a resumed run's parts added up: the
+    last "trained iterations A..B" line and the ones it continued), else the command's wall time."""
     notes = (output / "train.log").read_text().splitlines() if (output / "train.log").exists() else []
-    for line in reversed(notes):
-        if " trained iterations " in line:
-            return float(line.split(" in ")[1].split(" s ")[0])
-    return wall
+    parts = [line.split(" trained iterations ")[1] for line in notes if " trained iterations " in line]
+    total, first = 0.0, None
+    for part in reversed(parts):  # "A..B in S s ..."
+        span, seconds = part.split(" in ")[0], float(part.split(" in ")[1].split(" s ")[0])
+        start, stop = (int(x) for x in span.split(".."))
+        if first is not None and not start < first <= stop + 1:
+            continue
+        share = 1.0 if first is None else (first - start) / (stop - start + 1)  # the iterations a resume redid
+        total, first = total + seconds * share, start
+        if start == 1:
+            break
+    return total if parts else wall
 
 
-def evaluate(checkpoint: Path, data: Path, split: str, output: Path, amp: str = "none") -> dict:
+def evaluate(checkpoint: Path, data: Path, split: str, output: Path, amp: str = "none", reuse: bool = False) -> dict:
     """`retinanet eval` of a checkpoint on a development split, in the precision it trained in: AP, AP50, AR100."""
     config = output / f"eval_{split}.yaml"
     config.write_text(json.dumps({"data": real_trees.data_config(data, split)}))
     folder = output / f"eval_{checkpoint.parent.name}_{checkpoint.stem}_{split}"
+    saved = folder / "metrics.json"
+    if reuse and saved.exists() and saved.stat().st_mtime > checkpoint.stat().st_mtime:  # evaluated this checkpoint
+        metrics = json.loads(saved.read_text())
+        return {k: metrics[k] for k in ("AP", "AP50", "AR100")}
     subprocess.run([sys.executable, "-m", "retinanet.cli", "eval", "--checkpoint", str(checkpoint), "--config",
                     str(config), "--output", str(folder), "--set", f"train.amp={amp}"], check=True,
                    capture_output=True)  # fmt: skip
@@ -85,6 +107,8 @@ def main() -> None:
                         "recipe run's training time)")  # fmt: skip
     parser.add_argument("--no-yolo", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="read runs (and evaluations) that finished in --output "
+                        "instead of training them again")  # fmt: skip
     args = parser.parse_args()
     amps = args.amp or (["bf16", "none"] if fastpath.cpu_info().native_bf16 else ["none"])
     splits = real_trees.build(args.data)
@@ -94,11 +118,11 @@ def main() -> None:
     rows, runs = {}, {}
     for amp in amps:
         folder = out / f"recipe_{amp}"
-        runs[amp] = train(RECIPE, [*dev, f"train.amp={amp}"], folder)
+        runs[amp] = train(RECIPE, [*dev, f"train.amp={amp}"], folder, args.reuse)
         for name in ("best", "last"):
             rows[f"ours, the recipe in {PRECISION[amp]} ({name}.pt)"] = {
                 "minutes": runs[amp]["train_seconds"] / 60,
-                **{split: evaluate(folder / f"{name}.pt", args.data, split, out, amp) for split in ("val", "val_soap")}}
+                **{split: evaluate(folder / f"{name}.pt", args.data, split, out, amp, args.reuse) for split in ("val", "val_soap")}}
     first = amps[0]
     if not args.no_yolo:
         minutes = args.minutes or runs[first]["train_seconds"] / 60
@@ -125,6 +149,8 @@ def main() -> None:
     lines += ["", f"Target: validation AP50 >= 0.5 within 30 minutes of training on 2 CPU cores ({PRECISION[first]}): "
               f"AP50 {best['val']['AP50']:.3f} in {best['minutes']:.1f} minutes "
               f"({'met' if best['val']['AP50'] >= 0.5 and best['minutes'] <= 30 else 'MISSED'})."]  # fmt: skip
+    if args.no_yolo:
+        lines += ["", "YOLOv8n was not trained in this measurement (--no-yolo): no comparison at equal CPU time."]
     if len(amps) == 2:
         gaps = [100 * (rows[f"ours, the recipe in bfloat16 ({n}.pt)"][split]["AP"]
                        - rows[f"ours, the recipe in float32 ({n}.pt)"][split]["AP"])
