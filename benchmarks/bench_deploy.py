@@ -156,8 +156,8 @@ def engine_rows(args, workdir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the small-data recipe's run (benchmarks/bench_small_data.py): the one in the precision a run takes here by default
-RECIPE_RUN = next((p for p in (Path("runs/small_data/recipe_bf16"), Path("runs/small_data/recipe_none"))
+# the small-data recipe's run (benchmarks/bench_small_data.py): the float32 one (train.amp's default), else bf16's
+RECIPE_RUN = next((p for p in (Path("runs/small_data/recipe_none"), Path("runs/small_data/recipe_bf16"))
                    if (p / "best.pt").is_file()), Path("runs/small_data/recipe_none"))  # fmt: skip
 
 

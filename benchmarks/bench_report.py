@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section  # noqa: E402
+from common import CHROMIUM_ARGS, chromium, write_section  # noqa: E402
 
 from retinanet.tools.errors import analyze_errors  # noqa: E402
 from retinanet.tools.report import ReportImage, write_report  # noqa: E402
@@ -50,16 +50,15 @@ def synthetic_evaluation(images: int, per_image: int, classes: int = 5, size=(48
 def browser_times(page: Path) -> tuple[float, float] | None:
     """(seconds to the first gallery page drawn, seconds for one move of the threshold control) in headless
     Chromium, or None without Chromium or playwright."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    executable = chromium()
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         return None
-    if chromium is None:
+    if executable is None:
         return None
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
-                                                                    "--disable-background-networking"])  # fmt: skip
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         tab = browser.new_page()
         t0 = time.perf_counter()
         tab.goto(page.as_uri())

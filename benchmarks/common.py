@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+# headless Chromium for the report's pages: Debian's build (what .ci/run installs), driven by playwright
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+def chromium() -> str | None:
+    """The Chromium executable, or None where it is not installed."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:

@@ -8,13 +8,12 @@ chart) and its gallery saved as PNG.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CHROMIUM_ARGS, chromium  # noqa: E402
 
 
 def main() -> None:
@@ -22,8 +21,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--output", type=Path, default=Path("docs"))
     args = parser.parse_args()
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+    executable = chromium()
+    if executable is None:
         sys.exit("needs Chromium (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
@@ -32,7 +31,7 @@ def main() -> None:
                     "--output", str(folder), "--report"], check=True)  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto((folder / "report" / "index.html").resolve().as_uri())
         page.wait_for_selector("#gallery .card svg")
