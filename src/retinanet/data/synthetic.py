@@ -178,7 +178,7 @@ class SyntheticShapes(DetectionDataset):
         start = rng.integers(0, 256, 3)
         return start, np.clip(start + rng.integers(-70, 71, 3), 0, 255)
 
-    def _sample_object(self, rng: np.random.Generator, index: int) -> _Object:
+    def _sample_object(self, rng: np.random.Generator, background: tuple[np.ndarray, np.ndarray]) -> _Object:
         height, width = self.image_size
         largest = max(self.min_size + 1.0, self.max_size_frac * min(height, width))
         extent = math.exp(rng.uniform(math.log(self.min_size), math.log(largest)))
@@ -192,7 +192,7 @@ class SyntheticShapes(DetectionDataset):
             radius=radius,
             angle=float(rng.uniform(0.0, 2.0 * math.pi)),
             aspect=float(rng.uniform(2.0, 3.0)),
-            colour=_contrasting_colour(rng, self._background_colours(index)),
+            colour=_contrasting_colour(rng, background),
             texture=self.textures[int(rng.integers(len(self.textures)))],
             texture_seed=int(rng.integers(2**31)),
         )
@@ -213,9 +213,10 @@ class SyntheticShapes(DetectionDataset):
         if rng.random() < self.empty_frac:
             return []
         placed: list[_Object] = []
+        background = self._background_colours(index)  # once per image: each object's colour contrasts with it
         for _ in range(int(rng.integers(1, self.max_objects + 1))):
             for _attempt in range(20):
-                obj = self._sample_object(rng, index)
+                obj = self._sample_object(rng, background)
                 if not self._overlaps(obj, placed):
                     placed.append(obj)
                     break
