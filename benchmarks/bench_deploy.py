@@ -156,9 +156,9 @@ def engine_rows(args, workdir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the small-data recipe's run (benchmarks/bench_small_data.py): the float32 one (train.amp's default), else bf16's
-RECIPE_RUN = next((p for p in (Path("runs/small_data/recipe_none"), Path("runs/small_data/recipe_bf16"))
-                   if (p / "best.pt").is_file()), Path("runs/small_data/recipe_none"))  # fmt: skip
+# the small-data recipe's run (benchmarks/bench_small_data.py): as written (amp: auto), else float32's or bf16's
+RECIPE_RUN = next((p for p in (Path(f"runs/small_data/recipe_{amp}") for amp in ("auto", "none", "bf16"))
+                   if (p / "best.pt").is_file()), Path("runs/small_data/recipe_auto"))  # fmt: skip
 
 
 def int8_accuracy(workdir: Path, models: dict[str, tuple[Path, Path]]) -> str:

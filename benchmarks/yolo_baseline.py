@@ -14,6 +14,7 @@ image), as COCO evaluation expects.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -59,12 +60,26 @@ def train_yolo(spec: Path, output: Path, minutes: float, seed: int = 0) -> tuple
 
     model = YOLO("yolov8n.yaml")
     t0 = time.perf_counter()
+    # an absolute project folder: Ultralytics puts a relative one under its own runs_dir setting
     model.train(data=str(spec), epochs=10_000, time=minutes / 60, imgsz=IMAGE_SIZE, batch=8, device="cpu",
-                workers=1, pretrained=False, amp=False, plots=False, val=False, seed=seed, project=str(output),
-                name="train", exist_ok=True, verbose=False)  # fmt: skip
-    seconds = time.perf_counter() - t0
-    weights = output / "train" / "weights"
-    return (weights / "last.pt" if (weights / "last.pt").exists() else weights / "best.pt"), seconds
+                workers=1, pretrained=False, amp=False, plots=False, val=False, seed=seed,
+                project=str(output.resolve()), name="train", exist_ok=True, verbose=False)  # fmt: skip
+    wall = time.perf_counter() - t0
+    weights, seconds = trained_yolo(output)
+    return weights, seconds or wall
+
+
+def trained_yolo(output: Path) -> tuple[Path, float | None]:
+    """The weights of a YOLO training in `output` (last.pt, else best.pt) and its training seconds as its
+    results.csv gives them (the elapsed time at its last epoch; None without the file)."""
+    folder = output / "train"
+    weights = folder / "weights" / "last.pt"
+    weights = weights if weights.exists() else folder / "weights" / "best.pt"
+    results = folder / "results.csv"
+    if not results.exists():
+        return weights, None
+    rows = list(csv.DictReader(results.read_text().splitlines()))
+    return weights, (float(rows[-1]["time"]) if rows and "time" in rows[-1] else None)
 
 
 def evaluate_yolo(weights: Path, data: Path, split: str) -> dict[str, float]:

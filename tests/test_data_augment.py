@@ -106,3 +106,29 @@ def test_inspect_augment_shows_the_configured_augmentation(tmp_path, capsys):
     out = tmp_path / "inspect"
     assert main(["inspect", "--config", config, "--output", str(out), "--augment", "--limit", "4"]) == 0
     assert len(list((out / "images").iterdir())) == 4
+
+
+def test_cached_images_are_decoded_once_and_give_the_same_samples(tmp_path):
+    from retinanet.data import SyntheticShapes
+
+    shapes = SyntheticShapes("train", num_images=3, image_size=(48, 64), seed=1)
+    rows = []
+    for i, record in enumerate(shapes.records):
+        shapes.load_image(i).save(tmp_path / f"{i}.png")
+        rows += [f"{i}.png,{','.join(str(round(v)) for v in box.tolist())},{shapes.category_names[int(label)]}"
+                 for box, label in zip(record.boxes, record.labels)]  # fmt: skip
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    model = model_config("retinanet_tiny", min_size=48, max_size=64)
+    samples = {}
+    for cache in (False, True):
+        data = DataConfig(format="csv", train_annotations=str(tmp_path / "train.csv"), augment="top_down",
+                          cache_images=cache)  # fmt: skip
+        dataset = build_dataset(data, model, "train", train_mode=True)
+        decoded = []
+        load = dataset.load_image
+        dataset.load_image = lambda i: decoded.append(i) or load(i)
+        torch.manual_seed(0)
+        samples[cache] = [dataset[i % 3] for i in range(9)]  # three epochs, each image jittered, cropped, mosaicked
+        assert sorted(set(decoded)) == [0, 1, 2] and (len(decoded) == 3) == cache
+    for (image, target), (cached, cached_target) in zip(samples[False], samples[True]):
+        assert torch.equal(image, cached) and torch.equal(target["boxes"], cached_target["boxes"])

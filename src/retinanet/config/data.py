@@ -37,6 +37,9 @@ class DataConfig(Checked):
     synthetic_image_size: int = 192
     synthetic_seed: int = 0
     synthetic_cache: bool = False  # keep drawn training images in memory (worth it when epochs repeat)
+    # keep the decoded training images in memory (H x W x 3 bytes each, in each data worker): on a small dataset
+    # seen for many epochs the workers then decode nothing after the first epoch
+    cache_images: bool = False
     # how crowded and how small (the ablations' harder set: many small objects, closer to COCO's imbalance): 1 to
     # synthetic_max_objects objects per image, extents from synthetic_min_object_size px to
     # synthetic_max_object_frac of the image side; the defaults are SyntheticShapes' own

@@ -240,6 +240,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         # share of a cut box's area that keeps it
         self.mosaic, self.min_visible = 0.0, 0.5
         self.skipped: list[Skip] = list(skipped)  # what skip_bad left out, from the annotations on
+        # cache_images: keep each decoded image in memory (uint8, H x W x 3 bytes each, per DataLoader worker), so
+        # that epochs after the first decode nothing (set by build_dataset from DataConfig.cache_images)
+        self.cache_images = False
+        self._pixels: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -331,17 +335,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     def _decoded(self, index: int) -> tuple[tv_tensors.Image, Target]:
         """The image (uint8) and its target as stored, checked, before any transform."""
         record = self.records[index]
-        pil = self.load_image(index)
-        width, height = pil.size
-        where = f"{record.where} (dataset index {index})"
-        if record.width is not None and (record.width, record.height) != (width, height):
-            raise DatasetError(
-                f"{where}: the image is {width}x{height} but its annotation says {record.width}x{record.height}"
-            )
-        problem = check_boxes(record.boxes, width, height, where, record.box_names)
-        if problem is not None:
-            raise DatasetError(problem)
-        pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
+        cached = self._pixels.get(index) if self.cache_images else None
+        pixels = cached.clone() if cached is not None else self._checked_pixels(index)
+        height, width = pixels.shape[-2:]
         image = tv_tensors.Image(pixels)  # uint8 until after transforms: resizing uint8 is faster
         target: Target = {
             "boxes": tv_tensors.BoundingBoxes(
@@ -353,6 +349,25 @@ class DetectionDataset(torch.utils.data.Dataset):
             "orig_size": (height, width),
         }
         return image, target
+
+    def _checked_pixels(self, index: int) -> Tensor:
+        """Record `index`'s image decoded (uint8 [3, H, W]) after checking its size and boxes against it (kept in
+        memory when cache_images is on)."""
+        record = self.records[index]
+        pil = self.load_image(index)
+        width, height = pil.size
+        where = f"{record.where} (dataset index {index})"
+        if record.width is not None and (record.width, record.height) != (width, height):
+            raise DatasetError(
+                f"{where}: the image is {width}x{height} but its annotation says {record.width}x{record.height}"
+            )
+        problem = check_boxes(record.boxes, width, height, where, record.box_names)
+        if problem is not None:
+            raise DatasetError(problem)
+        pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
+        if self.cache_images:
+            self._pixels[index] = pixels.clone()
+        return pixels
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes: {self.category_names})"

@@ -38,6 +38,7 @@ def with_training_augmentation(dataset: DetectionDataset, data: DataConfig, mode
     aug = augmentation or augmentation_of(data)
     dataset.transforms = train_transforms(model.training_sizes, model.max_size, aug)
     dataset.mosaic, dataset.min_visible = aug.mosaic, aug.min_visible
+    dataset.cache_images = data.cache_images
     return dataset
 
 
