@@ -52,3 +52,15 @@ def write_run_config(path, **sections) -> str:
     data = {name: {**values, **sections.get(name, {})} for name, values in TINY_RUN.items()}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
+
+
+def wait_for_first_iteration(run, timeout: float = 120.0) -> None:
+    """Wait until the training run writing to folder `run` has logged an iteration (log.jsonl is opened before
+    the loop starts: its existence alone says nothing), then a second more."""
+    import time
+
+    deadline = time.time() + timeout
+    log = run / "log.jsonl"
+    while time.time() < deadline and not (log.exists() and '"iter"' in log.read_text()):
+        time.sleep(0.2)
+    time.sleep(1.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run, tiny_settings
+from conftest import tiny_run, tiny_settings, wait_for_first_iteration
 from PIL import Image
 
 from retinanet import build_model
@@ -311,10 +311,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "retinanet.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "log.jsonl").exists():
-        time.sleep(0.2)
-    time.sleep(1.0)
+    wait_for_first_iteration(run)
     proc.send_signal(signal.SIGTERM)  # what `timeout`, Docker, Kubernetes and SLURM send
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
