@@ -26,6 +26,8 @@ _PUBLIC = {
     "RetinaNet": "retinanet.model",
     "binary_cross_entropy": "retinanet.losses",
     "build_model": "retinanet.model",
+    "ciou_loss": "retinanet.losses",
+    "diou_loss": "retinanet.losses",
     "from_torchvision": "retinanet.weights",
     "giou_loss": "retinanet.losses",
     "hard_negative_mining": "retinanet.losses",
@@ -33,10 +35,12 @@ _PUBLIC = {
     "load": "retinanet.inference",
     "load_torchvision_coco": "retinanet.weights",
     "model_config": "retinanet.config",
+    "quality_focal_loss": "retinanet.losses",
     "sigmoid_focal_loss": "retinanet.losses",
     "sigmoid_focal_loss_from_labels": "retinanet.losses",
     "sigmoid_focal_loss_star": "retinanet.losses",
     "smooth_l1_loss": "retinanet.losses",
+    "varifocal_loss": "retinanet.losses",
 }
 __all__ = sorted([*_PUBLIC, "losses"])
 
