@@ -9,8 +9,8 @@ from retinanet import losses as L
 from retinanet.model.detector import RetinaNet, build_model
 from retinanet.ops.postprocess import Detections
 
-CLS_LOSSES = ["focal", "focal_star", "ce", "balanced_ce", "ohem"]
-BOX_LOSSES = ["smooth_l1", "l1", "giou"]
+CLS_LOSSES = ["focal", "focal_star", "ce", "balanced_ce", "ohem", "quality_focal", "varifocal"]
+BOX_LOSSES = ["smooth_l1", "l1", "giou", "diou", "ciou"]
 SIZE = 128
 
 
@@ -46,8 +46,10 @@ def _anchors(model: RetinaNet, size_hw: tuple[int, int] = (SIZE, SIZE)) -> torch
 
 
 def _num_pos(model: RetinaNet, targets) -> int:
-    """Positive anchors of a batch of SIZE x SIZE images under the model's own matching."""
-    labels, _ = model.assign(_anchors(model), targets)
+    """Positive anchors of a batch of SIZE x SIZE images under the model's own assigner."""
+    grids = [(SIZE // s, SIZE // s) for s in (8, 16, 32, 64, 128)]
+    per_level = model.anchor_generator.anchors_per_level(grids, (SIZE, SIZE))
+    labels, _ = model.assign(torch.cat(per_level), targets, [len(a) for a in per_level])
     return int((labels >= 0).sum())
 
 
@@ -97,10 +99,12 @@ def test_unknown_override_names_it():
 
 
 @pytest.mark.parametrize(
-    ("cls_loss", "box_loss"), [(c, "smooth_l1") for c in CLS_LOSSES] + [("focal", b) for b in BOX_LOSSES[1:]]
+    ("cls_loss", "box_loss", "assigner"),
+    [(c, "smooth_l1", "iou") for c in CLS_LOSSES] + [("focal", b, "iou") for b in BOX_LOSSES[1:]]
+    + [("focal", "smooth_l1", "atss"), ("quality_focal", "giou", "atss")],
 )
-def test_loss_is_a_finite_scalar_dict_for_every_loss(cls_loss, box_loss):
-    model = _tiny(cls_loss=cls_loss, box_loss=box_loss)
+def test_loss_is_a_finite_scalar_dict_for_every_loss(cls_loss, box_loss, assigner):
+    model = _tiny(cls_loss=cls_loss, box_loss=box_loss, assigner=assigner)
     images, targets = _batch()
     losses = model.loss(images, targets)
     assert set(losses) == {"loss_cls", "loss_box"}
@@ -113,10 +117,13 @@ def test_loss_is_a_finite_scalar_dict_for_every_loss(cls_loss, box_loss):
     assert model.backbone.conv1.weight.grad is not None  # the tiny preset trains the whole backbone
 
 
-@pytest.mark.parametrize(("cls_loss", "box_loss"), [(c, "smooth_l1") for c in CLS_LOSSES] + [("focal", "giou")])
-def test_batched_loss_is_the_sum_of_single_image_losses(cls_loss, box_loss):
+@pytest.mark.parametrize(
+    ("cls_loss", "box_loss", "assigner"),
+    [(c, "smooth_l1", "iou") for c in CLS_LOSSES] + [("focal", "giou", "iou"), ("varifocal", "ciou", "atss")],
+)
+def test_batched_loss_is_the_sum_of_single_image_losses(cls_loss, box_loss, assigner):
     """With the paper's normaliser, loss(batch) * max(P, 1) = sum_i loss(image i) * max(P_i, 1)."""
-    model = _tiny(cls_loss=cls_loss, box_loss=box_loss).eval()  # eval: BatchNorm must not mix the images
+    model = _tiny(cls_loss=cls_loss, box_loss=box_loss, assigner=assigner).eval()  # eval: BatchNorm mixes nothing
     images, targets = _batch()
     pos = [_num_pos(model, [t]) for t in targets]
     assert pos[0] > 0 and pos[1] > 0 and pos[0] != pos[1]
@@ -401,3 +408,30 @@ def test_overfits_one_batch_and_finds_its_boxes():
             j = int(iou[i].argmax())
             assert iou[i, j] > 0.5, (i, iou)
             assert det.labels[j] == target["labels"][i]
+
+
+@pytest.mark.parametrize("cls_loss", ["quality_focal", "varifocal"])
+def test_iou_aware_losses_target_the_iou_of_each_positives_predicted_box(cls_loss):
+    """The classification target of a positive anchor is the IoU of its decoded prediction with its object (at its
+    class; 0 elsewhere), not 1: the loss equals the dense loss against those targets, normalised by the positives."""
+    model = _tiny(cls_loss=cls_loss).eval()
+    images, targets = _batch()
+    with torch.no_grad():
+        batch = model.preprocess(images, resize=False)
+        head = model(batch.images)
+        ours = model.compute_loss(head, targets, tuple(batch.images.shape[-2:]))["loss_cls"]
+        per_level = model.anchors_per_level(head, tuple(batch.images.shape[-2:]))
+        anchors = torch.cat(per_level)
+        labels, matched = model.assign(anchors, targets, [len(a) for a in per_level])
+        pos = labels >= 0
+        decoded = model.box_coder.decode(head.box_deltas[pos].float(), anchors.expand(2, -1, -1)[pos])
+        iou = box_iou(decoded, matched[pos]).diagonal()
+        dense = torch.zeros_like(head.cls_logits)
+        dense[pos] = nn.functional.one_hot(labels[pos], 3).float() * iou[:, None]
+        valid = (labels != -2).float()[..., None]
+        if cls_loss == "quality_focal":
+            expected = (L.quality_focal_loss(head.cls_logits, dense, beta=2.0) * valid).sum()
+        else:
+            expected = (L.varifocal_loss(head.cls_logits, dense, 0.75, 2.0) * valid).sum()
+    assert 0 < iou.min() and iou.max() < 1  # soft targets, not 0/1
+    torch.testing.assert_close(ours, expected / pos.sum(), rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ from torchvision.models.detection._utils import Matcher as TVMatcher
 from torchvision.ops import box_iou
 
 from retinanet.ops.anchors import AnchorGenerator
-from retinanet.ops.matching import BACKGROUND, IGNORE, BoxCoder, match_anchors
+from retinanet.ops.matching import BACKGROUND, IGNORE, BoxCoder, atss_match_anchors, match_anchors
 
 SQUARE = [0.0, 0.0, 10.0, 10.0]
 
@@ -190,3 +190,73 @@ def test_coder_bad_shapes():
         BoxCoder().encode(torch.zeros(2, 4), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="weights"):
         BoxCoder(weights=(1.0, 1.0, 0.0, 1.0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ATSS
+
+
+def _grid_anchors(stride: int, size: float, extent: int = 100) -> torch.Tensor:
+    """One square anchor of side `size` per cell of a stride-`stride` grid over [0, extent)^2, row-major."""
+    c = torch.arange(stride / 2, extent, stride, dtype=torch.float64)
+    cy, cx = torch.meshgrid(c, c, indexing="ij")
+    cx, cy = cx.reshape(-1), cy.reshape(-1)
+    return torch.stack([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2], 1)
+
+
+def test_atss_hand_worked_equal_ious_all_nine_nearest_are_positive():
+    # a 30 px box centred on an anchor centre (35, 35): its 9 nearest 10 px anchors lie inside it, each IoU 100/900;
+    # the IoUs are equal, so the threshold (mean + std = 1/9) keeps all nine, and nothing else is positive
+    anchors = _grid_anchors(10, 10.0)
+    box = torch.tensor([[20.0, 20, 50, 50]], dtype=torch.float64)
+    matches = atss_match_anchors(anchors, box, [len(anchors)], topk=9)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    expected = ((centres - 35).abs() <= 10).all(dim=1)
+    assert expected.sum() == 9
+    assert torch.equal(matches >= 0, expected) and set(matches[expected].tolist()) == {0}
+    assert set(matches[~expected].tolist()) == {BACKGROUND}
+
+
+def _atss_reference(anchors, boxes, num_per_level, topk):
+    """ATSS written out box by box and level by level, as the paper's algorithm 1."""
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    best_iou = torch.full((len(anchors),), -1.0, dtype=torch.float64)
+    matches = torch.full((len(anchors),), BACKGROUND)
+    for g, box in enumerate(boxes):
+        centre = (box[:2] + box[2:]) / 2
+        candidates, start = [], 0
+        for n in num_per_level:
+            d = ((centres[start : start + n] - centre) ** 2).sum(1).sqrt()
+            candidates += (torch.argsort(d, stable=True)[: min(topk, n)] + start).tolist()
+            start += n
+        ious = box_iou(box[None], anchors[candidates])[0]
+        threshold = ious.mean() + ious.std()
+        for a, iou in zip(candidates, ious.tolist()):
+            inside = bool((centres[a] > box[:2]).all() and (centres[a] < box[2:]).all())
+            if iou >= threshold and inside and iou > best_iou[a]:
+                best_iou[a], matches[a] = iou, g
+    return matches
+
+
+def test_atss_equals_the_papers_algorithm_on_two_levels_and_overlapping_boxes():
+    anchors = torch.cat([_grid_anchors(8, 16.0, 96), _grid_anchors(16, 32.0, 96)])
+    num_per_level = [144, 36]
+    boxes = torch.tensor([[10.0, 13, 47, 38], [30, 20, 71, 66], [5, 60, 22, 91], [50, 4, 93, 30]], dtype=torch.float64)
+    ours = atss_match_anchors(anchors, boxes, num_per_level, topk=5, chunk_elements=50)
+    assert torch.equal(ours, _atss_reference(anchors, boxes, num_per_level, topk=5))
+    assert set(ours[ours >= 0].tolist()) == {0, 1, 2, 3}  # every box has positives
+    one_chunk = atss_match_anchors(anchors, boxes, num_per_level, topk=5)
+    assert torch.equal(ours, one_chunk)
+
+
+def test_atss_empty_crowd_and_bad_levels():
+    anchors = _grid_anchors(10, 10.0)
+    assert set(atss_match_anchors(anchors, torch.zeros(0, 4, dtype=torch.float64), [100]).tolist()) == {BACKGROUND}
+    boxes = torch.tensor([[20.0, 20, 50, 50], [60, 60, 95, 95]], dtype=torch.float64)
+    matches = atss_match_anchors(anchors, boxes, [100], gt_is_crowd=torch.tensor([False, True]))
+    assert set(matches[matches >= 0].tolist()) == {0}  # a crowd region is never a target...
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    in_crowd = ((centres > 62) & (centres < 93)).all(dim=1)
+    assert (matches[in_crowd] == IGNORE).all()  # ...and the anchors it covers are ignored
+    with pytest.raises(ValueError, match="sums to"):
+        atss_match_anchors(anchors, boxes, [50, 40])

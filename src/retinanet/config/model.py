@@ -32,8 +32,9 @@ CHOICES: dict[str, tuple] = {
     "memory_format": ("auto", "channels_last", "contiguous"),
     "p6_from": ("c5", "p5"),
     "head_norm": (None, "gn"),
-    "cls_loss": ("focal", "focal_star", "ce", "balanced_ce", "ohem"),
-    "box_loss": ("smooth_l1", "l1", "giou"),
+    "cls_loss": ("focal", "focal_star", "ce", "balanced_ce", "ohem", "quality_focal", "varifocal"),
+    "box_loss": ("smooth_l1", "l1", "giou", "diou", "ciou"),
+    "assigner": ("iou", "atss"),
     "normalizer": ("positives", "ema"),
     "init_classes": ("reinit", "match"),
 }
@@ -88,21 +89,29 @@ class ModelConfig(Checked):
     anchor_sizes_per_level: tuple[tuple[float, ...], ...] | None = None  # explicit sizes; overrides sizes x scales
     anchor_round_base: bool = False
     anchor_strides_from_image: bool = False  # torchvision: stride = padded size // grid size
-    # matching and box coding
+    # assigning anchors to objects: "iou" (the paper's thresholds below) or "atss" (each object's anchors picked by
+    # the statistics of the IoU of its atss_topk nearest per level, retinanet.ops.matching.atss_match_anchors)
+    assigner: str = "iou"
+    atss_topk: int = 9
     fg_iou: float = 0.5
     bg_iou: float = 0.4
     allow_low_quality_matches: bool = True
     box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     box_clamp: float = math.log(1000.0 / 16)
-    # losses
-    cls_loss: str = "focal"  # focal | focal_star | ce | balanced_ce | ohem
+    # losses: the paper's family (focal | focal_star | ce | balanced_ce | ohem) or its IoU-aware successors, whose
+    # positive target is the IoU of the anchor's predicted box with its object (quality_focal: GFL's QFL, varifocal:
+    # VarifocalNet's VFL), so that scores rank boxes by how well they fit
+    cls_loss: str = "focal"
     alpha: float = 0.25
     gamma: float = 2.0
     beta: float = 1.0  # FL* only
+    quality_beta: float = 2.0  # QFL's exponent on |IoU - p|
+    varifocal_alpha: float = 0.75  # VFL's weight of the negatives...
+    varifocal_gamma: float = 2.0  # ...and their focusing exponent
     ohem_budget: int = 128  # anchors per image kept by OHEM (the paper's best OHEM: 128 with NMS 0.5)
     ohem_nms_thresh: float | None = 0.5  # NMS over the scored anchors before picking the hardest (None: off)
     ohem_neg_pos_ratio: float | None = None  # e.g. 3.0 for SSD's 1:3
-    box_loss: str = "smooth_l1"  # smooth_l1 | l1 | giou
+    box_loss: str = "smooth_l1"  # smooth_l1 | l1 (on deltas) | giou | diou | ciou (on decoded boxes)
     smooth_l1_beta: float = 0.11  # Detectron's value
     box_loss_weight: float = 1.0
     normalizer: str = "positives"  # positives (the paper) | ema (detectron2's moving average)
@@ -174,6 +183,10 @@ class ModelConfig(Checked):
             ("fg_iou", 0 < self.bg_iou <= self.fg_iou <= 1, f"needs 0 < bg_iou ({self.bg_iou}) <= fg_iou <= 1"),
             ("alpha", self.alpha < 0 or self.alpha <= 1, "must be in [0, 1] (or negative: no weighting)"),
             ("gamma", self.gamma >= 0, "must be >= 0"),
+            ("quality_beta", self.quality_beta >= 0, "must be >= 0"),
+            ("varifocal_alpha", self.varifocal_alpha >= 0 and self.varifocal_gamma >= 0,
+             "and varifocal_gamma must be >= 0"),
+            ("atss_topk", self.atss_topk >= 1, "must be >= 1"),
             ("min_size", self.min_size >= 1 and self.max_size >= 1, "and max_size must be >= 1"),
             ("train_min_sizes", all(s >= 1 for s in self.train_min_sizes), "must be >= 1"),
             ("size_divisible", self.size_divisible >= 1, "must be >= 1"),

@@ -15,19 +15,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retinanet.config import ModelConfig, model_config
+from retinanet.config import CHOICES, ModelConfig, model_config
 from retinanet.model.backbone import ResNetBody, build_backbone
 from retinanet.model.conv import ALGORITHMS, Conv2d
 from retinanet.model.fpn import FPN
 from retinanet.model.head import RetinaNetHead
 from retinanet.ops import box_losses, losses, ohem
 from retinanet.ops.anchors import AnchorGenerator, anchor_generator
-from retinanet.ops.boxes import first_invalid_box
-from retinanet.ops.matching import BoxCoder, anchor_counts, match_anchors
+from retinanet.ops.boxes import first_invalid_box, paired_iou
+from retinanet.ops.matching import BoxCoder, anchor_counts, atss_match_anchors, match_anchors
 from retinanet.ops.postprocess import Detections, postprocess
 from retinanet.ops.resize import padded_size, resize_image, resize_scale, resized_size
 
-__all__ = ["RetinaNet", "HeadOutputs", "Detections", "build_model"]
+__all__ = ["RetinaNet", "HeadOutputs", "Detections", "IOU_AWARE_LOSSES", "build_model"]
+
+# classification losses whose positive targets are the IoU of the anchors' predicted boxes with their objects
+IOU_AWARE_LOSSES = ("quality_focal", "varifocal")
 
 
 class HeadOutputs(NamedTuple):
@@ -173,31 +176,49 @@ class RetinaNet(nn.Module):
     ) -> dict[str, Tensor]:
         """Losses from head outputs and targets already in the batch's pixel coordinates."""
         cfg = self.config
-        anchors = torch.cat(self.anchors_per_level(head, batch_size_hw))
-        labels, matched_boxes = self.assign(anchors, targets)  # [B, A], [B, A, 4]
+        per_level = self.anchors_per_level(head, batch_size_hw)
+        anchors = torch.cat(per_level)
+        labels, matched_boxes = self.assign(anchors, targets, [len(a) for a in per_level])  # [B, A], [B, A, 4]
         positive = labels >= 0
         normalizer = self._normalizer(positive.sum())
-        cls_loss = self._classification_loss(head.cls_logits, labels, anchors) / normalizer
         img_idx, anchor_idx = torch.nonzero(positive, as_tuple=True)  # the step's one host-device sync here
         pred = head.box_deltas[img_idx, anchor_idx].float()
-        box_loss = self._box_loss(pred, anchors[anchor_idx], matched_boxes[img_idx, anchor_idx]) / normalizer
+        pos_anchors, pos_boxes = anchors[anchor_idx], matched_boxes[img_idx, anchor_idx]
+        decoded = self.box_coder.decode(pred, pos_anchors) if _decodes(cfg) else None
+        box_loss = self._box_loss(pred, decoded, pos_anchors, pos_boxes) / normalizer
+        quality = None
+        if cfg.cls_loss in IOU_AWARE_LOSSES:  # the positives' targets: how well their predicted boxes fit
+            quality = matched_boxes.new_zeros(labels.numel())
+            quality[img_idx * labels.shape[1] + anchor_idx] = paired_iou(decoded.detach(), pos_boxes)
+        cls_loss = self._classification_loss(head.cls_logits, labels, anchors, quality) / normalizer
         return {"loss_cls": cls_loss, "loss_box": cfg.box_loss_weight * box_loss}
 
-    def assign(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+    def assign(
+        self, anchors: Tensor, targets: list[dict[str, Tensor]], num_per_level: list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Per image and anchor the class label (>= 0), BACKGROUND or IGNORE: [B, A] int64; and the gt box each
-        anchor is matched to: [B, A, 4] float (meaningful where the label is >= 0). Gathers, not boolean indexing:
-        no host-device sync per image."""
+        anchor is matched to: [B, A, 4] float (meaningful where the label is >= 0). anchors: [A, 4], level after
+        level (num_per_level anchors each: needed by the ATSS assigner; None: all one level). Gathers, not boolean
+        indexing: no host-device sync per image."""
         cfg = self.config
         labels, boxes, uncovered = [], [], []
         for t in targets:
-            matched = match_anchors(
-                anchors, t["boxes"], cfg.fg_iou, cfg.bg_iou, cfg.allow_low_quality_matches, t.get("iscrowd")
-            )
+            if cfg.assigner == "atss":
+                matched = atss_match_anchors(
+                    anchors, t["boxes"], num_per_level or [anchors.shape[0]], cfg.atss_topk,
+                    self.anchor_generator.num_anchors_per_location(), t.get("iscrowd"),
+                )  # fmt: skip
+            else:
+                matched = match_anchors(
+                    anchors, t["boxes"], cfg.fg_iou, cfg.bg_iou, cfg.allow_low_quality_matches, t.get("iscrowd")
+                )
             if t["boxes"].numel():
                 gt = matched.clamp(min=0)
                 labels.append(torch.where(matched >= 0, t["labels"][gt], matched))
                 boxes.append(t["boxes"][gt].float())
-                uncovered.append(_boxes_without_positive(matched, anchors, t, cfg.fg_iou))
+                # ATSS's positives need not reach fg_iou: there a box is uncovered when it has no anchor at all
+                fg_iou = 0.0 if cfg.assigner == "atss" else cfg.fg_iou
+                uncovered.append(_boxes_without_positive(matched, anchors, t, fg_iou))
             else:
                 labels.append(matched)
                 boxes.append(anchors.new_zeros((anchors.shape[0], 4), dtype=torch.float32))
@@ -219,7 +240,8 @@ class RetinaNet(nn.Module):
             return self.loss_normalizer.clone()
         return num_pos.clamp(min=1.0)
 
-    def _classification_loss(self, cls_logits: Tensor, labels: Tensor, anchors: Tensor) -> Tensor:
+    def _classification_loss(self, cls_logits: Tensor, labels: Tensor, anchors: Tensor,
+                             quality: Tensor | None = None) -> Tensor:  # fmt: skip
         cfg = self.config
         logits = cls_logits.reshape(-1, cls_logits.shape[-1])
         flat = labels.reshape(-1)
@@ -228,6 +250,12 @@ class RetinaNet(nn.Module):
             return losses.sigmoid_focal_loss_from_labels(logits, flat, cfg.alpha, cfg.gamma)
         if kind == "focal_star":
             return losses.sigmoid_focal_loss_from_labels(logits, flat, cfg.alpha, cfg.gamma, loss="focal_star", beta=cfg.beta)
+        if kind == "quality_focal":
+            return losses.sigmoid_focal_loss_from_labels(logits, flat, loss=kind, beta=cfg.quality_beta, quality=quality)
+        if kind == "varifocal":
+            return losses.sigmoid_focal_loss_from_labels(
+                logits, flat, cfg.varifocal_alpha, cfg.varifocal_gamma, loss=kind, quality=quality
+            )
         if kind == "ce":
             return losses.sigmoid_focal_loss_from_labels(logits, flat, alpha=-1.0, gamma=0.0)
         if kind == "balanced_ce":
@@ -240,18 +268,19 @@ class RetinaNet(nn.Module):
                 for lg, lb in zip(cls_logits, labels)
             ]
             return torch.stack(per_image).sum()
-        raise ValueError(f"unknown cls_loss {kind!r}: use focal, focal_star, ce, balanced_ce or ohem")
+        raise ValueError(f"unknown cls_loss {kind!r}: use one of {list(CHOICES['cls_loss'])}")
 
-    def _box_loss(self, pred_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
+    def _box_loss(self, pred_deltas: Tensor, decoded: Tensor | None, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
+        """The box loss of the positives: on their deltas (smooth L1, L1) or their decoded boxes (the IoU family)."""
         cfg = self.config
-        if cfg.box_loss == "giou":
-            return box_losses.giou_loss(self.box_coder.decode(pred_deltas, anchors), gt_boxes)
+        if cfg.box_loss in box_losses.IOU_LOSSES:
+            return box_losses.IOU_LOSSES[cfg.box_loss](decoded, gt_boxes)
         target = self.box_coder.encode(anchors, gt_boxes)
         if cfg.box_loss == "smooth_l1":
             return box_losses.smooth_l1_loss(pred_deltas, target, beta=cfg.smooth_l1_beta)
         if cfg.box_loss == "l1":
             return box_losses.l1_loss(pred_deltas, target)
-        raise ValueError(f"unknown box_loss {cfg.box_loss!r}: use smooth_l1, l1 or giou")
+        raise ValueError(f"unknown box_loss {cfg.box_loss!r}: use one of {list(CHOICES['box_loss'])}")
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -274,6 +303,11 @@ class RetinaNet(nn.Module):
             cfg.detections_per_image,
         )  # fmt: skip
         return [_unscale(d, sy, sx) for d, (sy, sx) in zip(dets, batch.scales)]
+
+
+def _decodes(cfg: ModelConfig) -> bool:
+    """Whether the loss needs the positives' decoded boxes: for an IoU box loss or an IoU-aware class target."""
+    return cfg.box_loss in box_losses.IOU_LOSSES or cfg.cls_loss in IOU_AWARE_LOSSES
 
 
 def _check_target(t: dict[str, Tensor], index: int, num_classes: int) -> dict[str, Tensor]:

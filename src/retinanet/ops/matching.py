@@ -1,8 +1,11 @@
 """Assigning anchors to ground-truth boxes, and the box coding of the regression targets.
 
-The paper's rule: an anchor is foreground (matched to the box of highest IoU) when that IoU is >= 0.5, background
-below 0.4, and ignored in between. The match result of one image is one int64 per anchor: a gt index >= 0,
-BACKGROUND or IGNORE, the codes `sigmoid_focal_loss_from_labels` takes by default.
+The paper's rule (`match_anchors`): an anchor is foreground (matched to the box of highest IoU) when that IoU is
+>= 0.5, background below 0.4, and ignored in between. ATSS (`atss_match_anchors`, Zhang et al., "Bridging the Gap
+Between Anchor-based and Anchor-free Detection via Adaptive Training Sample Selection", CVPR 2020) instead takes, per
+box, the anchors nearest its centre on each level and keeps those whose IoU is at least the mean plus the standard
+deviation of theirs: the threshold adapts to each object's size and shape. The match result of one image is one
+int64 per anchor: a gt index >= 0, BACKGROUND or IGNORE, the codes `sigmoid_focal_loss_from_labels` takes by default.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor
 
 from retinanet.ops.boxes import box_ioa, paired_iou
 
-__all__ = ["BACKGROUND", "IGNORE", "BoxCoder", "anchor_counts", "match_anchors"]
+__all__ = ["BACKGROUND", "IGNORE", "BoxCoder", "anchor_counts", "atss_match_anchors", "match_anchors"]
 
 BACKGROUND = -1
 IGNORE = -2
@@ -123,6 +126,87 @@ def match_anchors(
         covered = _covered_by_crowd(anchors, gt_boxes[crowd], crowd_ioa, chunk_elements)
         matches = torch.where(covered & (matches < 0), IGNORE, matches)
     return matches
+
+
+def atss_match_anchors(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    num_per_level: Sequence[int],
+    topk: int = 9,
+    anchors_per_location: int = 1,
+    gt_is_crowd: Tensor | None = None,
+    chunk_elements: int = 4_000_000,
+    crowd_ioa: float = 0.5,
+) -> Tensor:
+    """The gt box each anchor of one image is assigned to by ATSS's adaptive threshold.
+
+    For each box: on every level the topk * anchors_per_location anchors whose centres are nearest its centre are
+    candidates; the threshold is the mean plus the (unbiased) standard deviation of the candidates' IoU with it;
+    candidates at or above it whose centre lies inside the box are positive. An anchor positive for several boxes
+    goes to the one it overlaps most. Every other anchor is background (ATSS ignores none), except those covered by a
+    crowd region (as `match_anchors`).
+
+    Args:
+        anchors: [A, 4] float XYXY, level after level as `AnchorGenerator` lays them out.
+        gt_boxes: [G, 4] float XYXY (G may be 0).
+        num_per_level: the number of anchors of each level (summing to A).
+        topk, anchors_per_location: candidates per level and box (ATSS: 9 locations' anchors).
+        gt_is_crowd, chunk_elements, crowd_ioa: as `match_anchors`; the result does not depend on chunk_elements.
+    Returns:
+        [A] int64: the assigned index into gt_boxes (>= 0), BACKGROUND (-1) or IGNORE (-2).
+    """
+    _check_match_args(anchors, gt_boxes, 0.0, 0.0, gt_is_crowd)
+    if sum(num_per_level) != anchors.shape[0]:
+        raise ValueError(f"num_per_level {list(num_per_level)} sums to {sum(num_per_level)}, not the "
+                         f"{anchors.shape[0]} anchors")  # fmt: skip
+    dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+    anchors, gt_boxes = anchors.to(dtype), gt_boxes.to(dtype)
+    crowd = None if gt_is_crowd is None else gt_is_crowd.bool()
+    target_index = torch.arange(gt_boxes.shape[0], device=anchors.device)
+    if crowd is not None:
+        target_index = torch.nonzero(~crowd).squeeze(1)
+    targets = gt_boxes[target_index]
+    matches = torch.full((anchors.shape[0],), BACKGROUND, dtype=torch.int64, device=anchors.device)
+    if targets.shape[0] > 0 and anchors.shape[0] > 0:
+        candidates = _nearest_per_level(anchors, targets, num_per_level, topk * anchors_per_location, chunk_elements)
+        g, k = candidates.shape
+        iou = paired_iou(targets[:, None].expand(g, k, 4).reshape(-1, 4), anchors[candidates.reshape(-1)]).view(g, k)
+        spread = iou.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(iou[:, :1])
+        centres = (anchors[candidates, :2] + anchors[candidates, 2:]) / 2  # [G, K, 2]
+        inside = ((centres > targets[:, None, :2]) & (centres < targets[:, None, 2:])).all(dim=2)
+        positive = (iou >= iou.mean(dim=1, keepdim=True) + spread) & inside
+        # each anchor to the box it overlaps most among those it is positive for: scatters, no host-device sync
+        score = torch.where(positive, iou, iou.new_tensor(-1.0)).reshape(-1)
+        flat = candidates.reshape(-1)
+        best = iou.new_full((anchors.shape[0],), -1.0).scatter_reduce(0, flat, score, "amax")
+        owner = torch.where(positive.reshape(-1) & (score == best[flat]),
+                            target_index[:, None].expand(g, k).reshape(-1), -1)  # fmt: skip
+        winner = torch.full_like(matches, -1).scatter_reduce(0, flat, owner, "amax")
+        matches = torch.where(winner >= 0, winner, matches)
+    if crowd is not None and bool(crowd.any()) and anchors.shape[0] > 0:
+        covered = _covered_by_crowd(anchors, gt_boxes[crowd], crowd_ioa, chunk_elements)
+        matches = torch.where(covered & (matches < 0), IGNORE, matches)
+    return matches
+
+
+def _nearest_per_level(anchors: Tensor, targets: Tensor, num_per_level: Sequence[int], k: int,
+                       chunk_elements: int) -> Tensor:  # fmt: skip
+    """[G, sum_l min(k, n_l)] int64: per box, the indices of the k anchors of each level whose centres are nearest
+    its centre (boxes in chunks, so that at most about chunk_elements distances exist at once)."""
+    anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    box_centres = (targets[:, :2] + targets[:, 2:]) / 2
+    per_level, start = [], 0
+    for n in num_per_level:
+        if n == 0:
+            continue
+        centres, nearest = anchor_centres[start : start + n], []
+        step = max(1, chunk_elements // n)
+        for rows in range(0, targets.shape[0], step):
+            distance = torch.cdist(box_centres[rows : rows + step], centres)  # [g, n]
+            nearest.append(distance.topk(min(k, n), dim=1, largest=False).indices + start)
+        per_level.append(torch.cat(nearest))
+        start += n
+    return torch.cat(per_level, dim=1)
 
 
 def anchor_counts(matches: Tensor, anchors: Tensor, gt_boxes: Tensor, fg_iou: float) -> tuple[Tensor, Tensor]:
