@@ -34,15 +34,18 @@ from retinanet.model import RetinaNet, load_checkpoint
 from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
 from retinanet.train.distributed import check_batch_size, rank_and_world, resolve_device, wrap_for_ddp
 from retinanet.train.ema import build_ema, ema_state, load_ema_state
+from retinanet.train.budget import TimeBudget
 from retinanet.train.log import Progress, RunLog
-from retinanet.train.optim import build_optimizer, build_scheduler
+from retinanet.train.optim import build_optimizer, build_scheduler, fit_schedule
 from retinanet.train.resume import checkpoint_run, restore_rng, restore_run, seed_everything
 from retinanet.train.stream import BatchStream
 
-__all__ = ["NonFiniteLossError", "TrainingInterrupted", "train"]
+__all__ = ["NonFiniteLossError", "SELECTION", "TrainingInterrupted", "train"]
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the metric an evaluation may give to choose best.pt by, when it weighs several validation sets (retinanet.train.run)
+SELECTION = "selection"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,11 +91,11 @@ def train(
     r = _setup(model, train_loader, cfg, output_dir, resume)
     amp_dtype = AMP_DTYPES[r.fast.amp]
     bar = Progress(cfg.max_iters, r.start, enabled=r.rank == 0)
-    t_start, t_eval, values, metrics = time.perf_counter(), 0.0, {}, {}
+    t_start, t_eval, values, metrics, it = time.perf_counter(), 0.0, {}, {}, r.start
     try:
         with _StopOnInterrupt() as stop:
-            for it in range(r.start + 1, cfg.max_iters + 1):
-                tic = time.perf_counter()
+            while it < cfg.max_iters:  # train.minutes may move max_iters as it goes (r.fit_length)
+                it, tic = it + 1, time.perf_counter()
                 images, targets = r.next_batch()
                 data_time = time.perf_counter() - tic
                 with torch.autocast(r.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -112,6 +115,7 @@ def train(
                 if r.ema is not None:
                     r.ema.update_parameters(model)
                 bar.update()
+                r.fit_length(it, time.perf_counter() - t_start - t_eval, cfg, bar)
                 last = it == cfg.max_iters
                 if it % cfg.log_every == 0 or last or stopping:
                     values = {k: v.item() for k, v in losses.items()} | {"loss": total.item()}
@@ -125,7 +129,7 @@ def train(
                     r.log.write(it, {f"eval/{k}": v for k, v in metrics.items()})
                     r.keep_best(model, it, metrics, cfg)
                 if it % cfg.checkpoint_every == 0 or last or stopping or due:
-                    r.checkpoint(model, it, cfg)
+                    r.checkpoint(model, it, cfg, time.perf_counter() - t_start - t_eval)
                 if stopping and not last:
                     r.log.note(f"{stop.reason}: stopped after iteration {it}; checkpoint {r.out / 'last.pt'}")
                     raise TrainingInterrupted(it, r.out / "last.pt", stop.signal)
@@ -155,6 +159,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
     best: dict[str, Any]  # {"metric", "value", "iteration"} of the best evaluation so far, or {}
+    budget: TimeBudget | None  # train.minutes
     saved_at: float = field(default_factory=time.monotonic)  # when the last checkpoint was written
 
     def next_batch(self) -> tuple[list[Tensor], list[dict[str, Any]]]:
@@ -166,16 +171,30 @@ class _Run:
         """The model that is evaluated and kept: the moving average when the run keeps one."""
         return self.ema.module if self.ema is not None else model
 
+    def fit_length(self, iteration: int, elapsed: float, cfg: TrainConfig, bar: Progress) -> None:
+        """With train.minutes, max_iters (and the schedule's length) set from the speed measured so far."""
+        if self.budget is None:
+            return
+        new = self.budget.check(iteration, elapsed, cfg.max_iters, self.device if self.world > 1 else None)
+        if new is not None:
+            cfg.max_iters = bar.total = new
+            fit_schedule(self.scheduler, cfg)
+            self.log.note(f"train.minutes {cfg.minutes:g}: {self.budget.used(elapsed) / 60:.1f} min spent at iteration "
+                          f"{iteration}; the run now ends at iteration {new}", echo=False)  # fmt: skip
+
     def keep_best(self, model: RetinaNet, iteration: int, metrics: Mapping[str, Any], cfg: TrainConfig) -> None:
-        """best.pt (rank 0) when the evaluation's best_metric beats the best so far."""
-        value = metrics.get(cfg.best_metric)
+        """best.pt (rank 0) when the evaluation's selection score (`SELECTION`: best_metric, weighed over the
+        validation sets) or else its best_metric beats the best so far."""
+        weighed = SELECTION in metrics
+        value = metrics.get(SELECTION if weighed else cfg.best_metric)
         if not isinstance(value, (int, float)) or value != value or value <= self.best.get("value", float("-inf")):
             return
-        self.best = {"metric": cfg.best_metric, "value": float(value), "iteration": iteration}
+        name = f"{cfg.best_metric} weighed over the validation sets" if weighed else cfg.best_metric
+        self.best = {"metric": name, "value": float(value), "iteration": iteration}
         if self.rank == 0:
             save_checkpoint(self.out / "best.pt", self.evaluated(model), iteration=iteration, train_config=cfg,
                             extra={"best": self.best}, fast_paths=self.fast)  # fmt: skip
-            self.log.note(f"best.pt: {cfg.best_metric} {value:.4f} at iteration {iteration}", echo=False)
+            self.log.note(f"best.pt: {name} {value:.4f} at iteration {iteration}", echo=False)
 
     def checkpoint_due(self, cfg: TrainConfig) -> bool:
         """Whether cfg.checkpoint_minutes have passed since the last checkpoint (rank 0's clock: under DDP every
@@ -184,10 +203,12 @@ class _Run:
             return False
         return time.monotonic() - self.saved_at >= 60 * cfg.checkpoint_minutes
 
-    def checkpoint(self, model: RetinaNet, iteration: int, cfg: TrainConfig) -> None:
+    def checkpoint(self, model: RetinaNet, iteration: int, cfg: TrainConfig, elapsed: float) -> None:
+        """last.pt, with the training seconds spent so far (train.minutes continues from them on resume)."""
         self.saved_at = time.monotonic()
+        spent = self.budget.used(elapsed) if self.budget is not None else None
         checkpoint_run(self.out, model, self.optimizer, self.scheduler, self.scaler, iteration, cfg, self.stream,
-                       self.rank, self.world, self.fast, ema_state(self.ema), self.best)  # fmt: skip
+                       self.rank, self.world, self.fast, ema_state(self.ema), self.best, spent)  # fmt: skip
 
     def finish(self, reached: int, seconds: float, eval_seconds: float) -> None:
         self.log.note(f"trained iterations {self.start + 1}..{reached} in {seconds:.1f} s (evaluation not counted: "
@@ -212,6 +233,8 @@ def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: s
     if resume is not None:
         checkpoint = load_checkpoint(resume, map_location="cpu")
         start, position = checkpoint["iteration"], checkpoint["data_position"] or position
+        if cfg.minutes is not None:  # the length train.minutes had reached, before the schedule is built on it
+            cfg.max_iters = int((checkpoint["train_config"] or {}).get("max_iters", cfg.max_iters))
     stream = BatchStream(loader, cfg.seed, **position)
     if checkpoint is not None:  # only now: replaying the epoch's consumed batches above drew random numbers
         restore_rng(checkpoint["rng"], rank, world)
@@ -224,15 +247,18 @@ def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: s
     scaler = torch.amp.GradScaler(device.type, enabled=fast.amp == "fp16")
     ema = build_ema(model, cfg.ema_decay)
     best: dict[str, Any] = {}
+    extra = checkpoint["extra"] if checkpoint is not None else {}
     if checkpoint is not None:
         restore_run(checkpoint, resume, model, optimizer, scheduler, scaler)
         load_ema_state(ema, checkpoint.get("ema"), model)
-        best = dict(checkpoint["extra"].get("best", {}))
+        best = dict(extra.get("best", {}))
+    spent = float(extra.get("train_seconds") or 0.0)
+    budget = TimeBudget(60 * cfg.minutes, spent, start) if cfg.minutes is not None else None
     for line in [f"warning: {w}" for w in cfg.schedule().warnings] + notes + [fast.describe()]:
         log.note(line)
     loss_fn = wrap_for_ddp(model, device, world)
     return _Run(out, device, rank, world, start, stream, first, log, fast, loss_fn, optimizer, scheduler, scaler, ema,
-                best)  # fmt: skip
+                best, budget)  # fmt: skip
 
 
 class _StopOnInterrupt:

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from retinanet.config import TrainConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "fit_schedule", "lr_factor"]
 
 
 def lr_factor(
@@ -37,12 +37,21 @@ def lr_factor(
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
     """LambdaLR of `lr_factor` over the run's schedule in iterations (TrainConfig.schedule: fractional steps
     resolved, warm-up fitted to the run); call .step() once per iteration, after optimizer.step()."""
+    return LambdaLR(optimizer, _schedule(cfg))
+
+
+def fit_schedule(scheduler: LambdaLR, cfg: TrainConfig) -> None:
+    """Refit the schedule of `scheduler` to cfg.max_iters, which train.minutes moves as it measures the speed; the
+    next step() takes it. (LambdaLR saves no function in its state: a resumed run builds it from the config.)"""
+    scheduler.lr_lambdas = [_schedule(cfg)] * len(scheduler.lr_lambdas)
+
+
+def _schedule(cfg: TrainConfig) -> functools.partial:
     plan = cfg.schedule()
-    schedule = functools.partial(
+    return functools.partial(
         lr_factor, warmup_iters=plan.warmup_iters, warmup_factor=cfg.warmup_factor, steps=plan.steps,
         cosine_iters=cfg.max_iters if cfg.lr_schedule == "cosine" else None,
     )  # fmt: skip
-    return LambdaLR(optimizer, schedule)
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)

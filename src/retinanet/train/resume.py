@@ -24,15 +24,16 @@ __all__ = ["checkpoint_run", "restore_rng", "restore_run", "seed_everything"]
 
 def checkpoint_run(out: Path, model: nn.Module, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig,
                    stream: BatchStream, rank: int, world: int, fast: fastpath.RunFastPaths,
-                   ema: dict[str, Any] | None = None, best: dict[str, Any] | None = None) -> None:  # fmt: skip
+                   ema: dict[str, Any] | None = None, best: dict[str, Any] | None = None,
+                   train_seconds: float | None = None) -> None:  # fmt: skip
     """last.pt (and with keep_all_checkpoints iter_N.pt) of the run at `iteration`, written by rank 0 with every
-    process's random generators (a collective: every process calls it), the moving average and the best
-    evaluation so far."""
+    process's random generators (a collective: every process calls it), the moving average, the best evaluation so
+    far and (train.minutes) the training seconds spent."""
     rngs = gather(rng_state(), world)  # collective: every process must call it
     if rank != 0:
         return
     args = (model, optimizer, scheduler, scaler, iteration, cfg, stream.position, rngs)
-    extra = {"best": best} if best else None
+    extra = {k: v for k, v in (("best", best), ("train_seconds", train_seconds)) if v} or None
     save_checkpoint(out / "last.pt", *args, extra=extra, fast_paths=fast, ema=ema)
     if cfg.keep_all_checkpoints:
         save_checkpoint(out / f"iter_{iteration:07d}.pt", *args, extra=extra, fast_paths=fast, ema=ema)
