@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from retinanet.config.checked import Checked
 
-__all__ = ["AUGMENT_PRESETS", "FORMATS", "DataConfig"]
+__all__ = ["AUGMENT_PRESETS", "EXTRA_VAL_KEYS", "FORMATS", "DataConfig"]
 
 FORMATS = ("synthetic", "coco", "voc", "csv")
 AUGMENT_PRESETS = ("flip", "top_down", "none")  # retinanet.data.augment.PRESETS
@@ -30,6 +31,10 @@ class DataConfig(Checked):
     val_images: str | None = None
     val_annotations: str | None = None
     val_split: str = "test"
+    # more validation sets, each evaluated and reported on its own beside the first (images of another site, camera
+    # or season: what a detector meets after training): a name -> the val_* keys that differ from the first's, e.g.
+    # {other_site: {val_annotations: site2.json, val_images: site2/}}. train.best_weights weighs them for best.pt
+    extra_val: dict[str, dict[str, str]] | None = None
     classes: str | None = None  # CSV classes file
     # synthetic
     synthetic_train_images: int = 4000
@@ -66,6 +71,7 @@ class DataConfig(Checked):
 
     def problems(self) -> list[str]:
         out = [] if self.format in FORMATS else [f"format = {self.format!r} is not one of {list(FORMATS)}"]
+        out += _extra_val_problems(self.extra_val)
         if self.augment not in AUGMENT_PRESETS:
             out.append(f"augment = {self.augment!r} is not one of {list(AUGMENT_PRESETS)}")
         for name in ("flip_prob", "vflip_prob", "rotate90_prob", "crop_prob", "mosaic_prob", "min_visible"):
@@ -80,3 +86,23 @@ class DataConfig(Checked):
         if not 0 < self.synthetic_max_object_frac <= 1:
             out.append(f"synthetic_max_object_frac = {self.synthetic_max_object_frac} must be in (0, 1]")
         return out
+
+
+EXTRA_VAL_KEYS = ("val_images", "val_annotations", "val_split")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _extra_val_problems(extra: object) -> list[str]:
+    if extra is None:
+        return []
+    if not isinstance(extra, dict):
+        return [f"extra_val = {extra!r} must be a mapping of names to {{val_annotations: ..., val_images: ...}}"]
+    out = []
+    for name, keys in extra.items():
+        if not isinstance(name, str) or not _NAME.match(name) or name == "val":
+            out.append(f"extra_val: name {name!r} must be letters, digits, '.', '_' or '-' (not 'val': the first set)")
+        elif not isinstance(keys, dict) or not keys or set(keys) - set(EXTRA_VAL_KEYS):
+            out.append(f"extra_val.{name} = {keys!r} must be a mapping of some of {list(EXTRA_VAL_KEYS)} to paths")
+        elif not all(isinstance(v, str) for v in keys.values()):
+            out.append(f"extra_val.{name}: every value must be a path (a string), got {keys!r}")
+    return out

@@ -44,6 +44,10 @@ class TrainConfig(Checked):
     steps: tuple[float, ...] = (2 / 3, 8 / 9)
     lr_schedule: str = "step"
     max_iters: int = 90_000
+    # a budget of training time instead: the run's length (max_iters, and the schedule with it) is set from the
+    # measured speed so that training ends when this many minutes are spent (evaluation not counted;
+    # retinanet.train.budget). None: max_iters as given
+    minutes: float | None = None
     batch_size: int = 16  # images per iteration, summed over all processes
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     # "none" (float32), "bf16" (CUDA, or a CPU with native bf16), "fp16" (CUDA, with a GradScaler), "auto" (bf16
@@ -57,6 +61,9 @@ class TrainConfig(Checked):
     eval_every: int = 0
     eval_train_images: int = 32
     best_metric: str = "AP"
+    # with several validation sets (data.extra_val), best.pt is chosen by the weighted mean of best_metric over
+    # them: a set name ("val" for the first) -> its weight; None: every set weighs the same
+    best_weights: dict[str, float] | None = None
     report: bool = True  # the last evaluation also writes eval/report/index.html (retinanet.tools.report)
     # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), evaluated, saved with the
     # checkpoints and given to inference: the decay per iteration (ramped up over the first ones), None: off
@@ -92,6 +99,12 @@ class TrainConfig(Checked):
             out.append(f"num_workers must be a whole number >= 0 or None, got {self.num_workers!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             out.append(f"device = {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        weights = self.best_weights
+        if weights is not None and (not isinstance(weights, dict) or not weights or not all(
+                isinstance(v, (int, float)) and v >= 0 for v in weights.values()) or sum(weights.values()) <= 0):
+            out.append(f"best_weights must map validation set names to weights >= 0 (not all 0), got {weights!r}")
+        if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
+            out.append(f"minutes must be > 0 or None, got {self.minutes}")
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
             out.append(f"checkpoint_minutes must be > 0 or None, got {self.checkpoint_minutes}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

@@ -8,7 +8,14 @@ the model. Boxes are float [N, 4] XYXY absolute pixels throughout; images are fl
 from retinanet.data.augment import PRESETS as AUGMENT_PRESETS
 from retinanet.data.augment import Augmentation, augmentation_of
 from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord
-from retinanet.data.build import build_dataset, categories_config, val_dataset, with_training_augmentation
+from retinanet.data.build import (
+    FIRST_VAL,
+    build_dataset,
+    categories_config,
+    val_dataset,
+    val_datasets,
+    with_training_augmentation,
+)
 from retinanet.data.coco import CocoDetection, parse_coco, to_coco_dict, write_coco
 from retinanet.data.collate import collate_detection, make_loader
 from retinanet.data.csv import CsvDetection
@@ -39,6 +46,8 @@ __all__ = [
     "to_coco_dict",
     "train_transforms",
     "val_dataset",
+    "val_datasets",
+    "FIRST_VAL",
     "with_training_augmentation",
     "write_coco",
 ]

@@ -14,7 +14,9 @@ from retinanet.data.synthetic import SyntheticShapes
 from retinanet.data.transforms import eval_transforms, train_transforms
 from retinanet.data.voc import VocDetection
 
-__all__ = ["build_dataset", "categories_config", "val_dataset", "with_training_augmentation"]
+__all__ = ["FIRST_VAL", "build_dataset", "categories_config", "val_dataset", "val_datasets", "with_training_augmentation"]
+
+FIRST_VAL = "val"  # the name of a run's first validation set (data.val_*), beside those of data.extra_val
 
 
 def build_dataset(
@@ -83,6 +85,18 @@ def categories_config(model_cfg: ModelConfig, dataset: DetectionDataset) -> Mode
 
 
 def val_dataset(data: DataConfig, model: ModelConfig, categories: list[dict[str, Any]]) -> DetectionDataset | None:
+    """The first validation set of `data` (val_*), or None where it names none."""
     if data.format == "synthetic" or (data.format == "voc" and data.root) or data.val_annotations:
         return build_dataset(data, model, "val", train_mode=False, categories=categories)
     return None
+
+
+def val_datasets(data: DataConfig, model: ModelConfig, categories: list[dict[str, Any]]) -> dict[str, DetectionDataset]:
+    """Every validation set of `data` by name: the first (val_*) as FIRST_VAL, then data.extra_val's, each read with
+    the val_* keys it replaces; {} where there is none. Every file is checked here, before a run starts."""
+    found = val_dataset(data, model, categories)
+    sets = {FIRST_VAL: found} if found is not None else {}
+    for name, keys in (data.extra_val or {}).items():
+        extra = apply_overrides(data, dict(keys), f"data config: extra_val.{name}")
+        sets[name] = build_dataset(extra, model, "val", train_mode=False, categories=categories)
+    return sets

@@ -11,15 +11,15 @@ import torch
 
 from retinanet import fastpath
 from retinanet.config import PRESETS, RunConfig, TrainConfig, save_run_config
-from retinanet.data import DetectionDataset, build_dataset, categories_config, eval_transforms, make_loader, val_dataset
+from retinanet.data import DetectionDataset, build_dataset, categories_config, eval_transforms, make_loader, val_datasets
 from retinanet.inference import evaluate_model
 from retinanet.model import RetinaNet, build_from_config, load_checkpoint
 from retinanet.outputs import claim_run_folder, remove
 from retinanet.tools.anchor_coverage import coverage, coverage_lines, training_boxes
-from retinanet.tools.report import report_dataset
+from retinanet.tools.validation import selection_score, validate, validation_lines
 from retinanet.train.distributed import init_distributed, rank_and_world, resolve_device
 from retinanet.train.log import write_note
-from retinanet.train.loop import train
+from retinanet.train.loop import SELECTION, train
 from retinanet.visualize import plot_training_curves
 from retinanet.weights import init_from
 
@@ -28,9 +28,10 @@ __all__ = ["check_learnable", "check_resumable", "memorising", "run_train", "tra
 
 def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True,
               overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and with a
-    validation set: evaluation every train.eval_every iterations and at the end, on it and on a fixed sample of the
-    training images, eval/ results, the last evaluation's report in eval/report/ and best.pt) in
+    """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and with
+    validation sets: evaluation every train.eval_every iterations and at the end, on each of them and on a fixed
+    sample of the training images, eval/ results (eval/<name>/ for data.extra_val's sets), the last evaluation's
+    reports in eval/report/ (and eval/<name>/report/) and best.pt, chosen on the sets' weighted best_metric) in
     cfg.train.output_dir.
 
     Everything that can be checked is checked before anything is written: the output folder (another run's is
@@ -45,7 +46,10 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
     check_learnable(cfg, train_set)
     cfg.model = categories_config(cfg.model, train_set)
-    val_set = val_dataset(cfg.data, cfg.model, train_set.categories) if evaluate else None
+    val_sets = val_datasets(cfg.data, cfg.model, train_set.categories) if evaluate else {}
+    val_set = next(iter(val_sets.values()), None)
+    if val_sets:  # a best_weights naming no validation set stops the run here
+        selection_score({}, list(val_sets), cfg.train.best_metric, cfg.train.best_weights)
     if resume is not None:  # a missing or unreadable checkpoint, or one of another batch size, stops the run here
         check_resumable(load_checkpoint(resume), resume, cfg.train)
     workers, workers_warning = cfg.train.workers()
@@ -58,10 +62,10 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     if rank == 0:  # the run will start: now its folder is written
         remove(earlier)  # --overwrite: the earlier run's files, now that this run's checks have passed
         save_run_config(cfg, out / "config.yaml")
-        write_skipped(out, {"train": train_set, "val": val_set})
+        write_skipped(out, {"train": train_set, **val_sets})
         boxes = training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
         precision = fastpath.choose_amp(cfg.train.amp, device)  # rank 0's choice: the one every process will take
-        for line in [_summary(cfg, train_set, val_set, device, workers, precision), workers_warning, *init_lines,
+        for line in [_summary(cfg, train_set, val_sets, device, workers, precision), workers_warning, *init_lines,
                      *coverage_lines(coverage(boxes, model.config))]:  # fmt: skip
             if line:
                 print(line, flush=True)
@@ -69,26 +73,26 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
 
     seen = train_set_subset(cfg, train_set) if val_set is not None and cfg.train.eval_train_images else None
 
-    def evaluate(model, iteration):  # on the main process only
+    def evaluate_sets(model, iteration):  # on the main process only
         if rank != 0:
             return {}
         amp = fastpath.current_run().amp
-        kept: dict[str, Any] = {}
-        result = evaluate_model(model, val_set, out / "eval", amp=amp, keep=kept)
-        if cfg.train.report and iteration == cfg.train.max_iters:  # the run's last evaluation: its report too
-            report_dataset(out / "eval" / "report", val_set, kept["ground_truth"], kept["detections"], result,
-                           out / "eval" / "pr_curves.png")  # fmt: skip
-        metrics = result.to_dict()
+        last = iteration == cfg.train.max_iters  # the run's last evaluation writes its reports too
+        metrics = validate(model, val_sets, out / "eval", amp, report=cfg.train.report and last)
+        lines = validation_lines(metrics, list(val_sets), iteration)
+        if len(val_sets) > 1:
+            metrics[SELECTION] = selection_score(metrics, list(val_sets), cfg.train.best_metric, cfg.train.best_weights)
         if seen is not None:  # the same model on training images it has learnt from
             on_seen = evaluate_model(model, seen, amp=amp)
             metrics |= {"train_AP": on_seen.AP, "train_AP50": on_seen.AP50}
-            for line in memorising(metrics, iteration):
-                print(line, flush=True)
-                write_note(out, line)
+            lines += memorising(metrics, iteration)
+        for line in lines:
+            print(line, flush=True)
+            write_note(out, line)
         return metrics
 
     t0 = time.perf_counter()
-    result = train(model, loader, cfg.train, out, eval_fn=evaluate if val_set is not None else None, resume=resume)
+    result = train(model, loader, cfg.train, out, eval_fn=evaluate_sets if val_sets else None, resume=resume)
     result["train_seconds"] = time.perf_counter() - t0
     if rank == 0 and (out / "log.jsonl").exists():
         plot_training_curves(out / "log.jsonl", out / "training_curves.png")
@@ -106,19 +110,22 @@ def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
     return init_from(model).lines()
 
 
-def _summary(cfg: RunConfig, train_set: DetectionDataset, val_set: DetectionDataset | None, device: torch.device,
+def _summary(cfg: RunConfig, train_set: DetectionDataset, val_sets: dict[str, DetectionDataset], device: torch.device,
              workers: int, precision: str) -> str:  # fmt: skip
     """One line saying what the run will do."""
     t, m = cfg.train, cfg.model
     epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
-    val = f", {len(val_set)} validation images" if val_set is not None else ", no validation set"
+    val = ", ".join(f"{len(v)} ({k})" for k, v in val_sets.items())
+    val = {0: ", no validation set", 1: f", {sum(map(len, val_sets.values()))} validation images"}.get(
+        len(val_sets), f", validation images {val}")
     sizes = "" if m.training_sizes == (m.min_size,) else f" (training: drawn from {list(m.training_sizes)})"
+    length = (f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs" if t.minutes is None else
+              f"{t.minutes:g} minutes of training in iterations of {t.batch_size} images (the length set from the "
+              "measured speed)")  # fmt: skip
     return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
-            f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs; images resized to shorter "
-            f"side {m.min_size}, longer at most {m.max_size}{sizes}; {cfg.preset} {m.backbone}; lr {t.lr:g} "
-            f"({t.optimizer}), {t.schedule().describe()}; device {device}, {_precision(t.amp, precision)}, {workers} "
-            f"data workers; "
-            f"output {t.output_dir}")  # fmt: skip
+            f"{length}; images resized to shorter side {m.min_size}, longer at most {m.max_size}{sizes}; "
+            f"{cfg.preset} {m.backbone}; lr {t.lr:g} ({t.optimizer}), {t.schedule().describe()}; device {device}, "
+            f"{_precision(t.amp, precision)}, {workers} data workers; output {t.output_dir}")
 
 
 def _precision(asked: str, chosen: str) -> str:
