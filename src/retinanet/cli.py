@@ -60,10 +60,12 @@ def _eval(args: argparse.Namespace) -> int:
     # the checkpoint's model with the model keys of the command line (--set model.min_size=96, as --min-size 96),
     # in the precision the run's config trained and evaluated in
     model_keys = {**parse_overrides(args.set).get("model", {}), **size_overrides(args.min_size, args.max_size)}
-    metrics = run_eval(args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, args.report, **model_keys)
-    print(strict_json(metrics.to_dict(), indent=2))
+    metrics = run_eval(args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, args.report, args.tta,
+                       **model_keys)  # fmt: skip
+    print(strict_json(metrics, indent=2))
     if args.report:
-        print(f"report: {Path(args.output) / 'report' / 'index.html'} (errors.json beside it)")
+        print(f"report: {Path(args.output) / 'report' / 'index.html'} (errors.json beside it; data.extra_val's sets "
+              "in their own folders)")  # fmt: skip
     return 0
 
 
@@ -82,7 +84,7 @@ def _detect(args: argparse.Namespace) -> int:
     results = run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh, args.device,
                          skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine, tile=args.tile,
                          overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, csv_file=args.csv,
-                         draw=not args.no_draw, overwrite=args.overwrite,
+                         draw=not args.no_draw, overwrite=args.overwrite, tta=args.tta,
                          **size_overrides(args.min_size, args.max_size))  # fmt: skip
     found = sum(len(r["detections"]) for r in results)
     print(f"{found} detections in {len(results)} images; detections.json, results.json (COCO) in {args.output}")
@@ -178,7 +180,7 @@ def _ablate(args: argparse.Namespace) -> int:
     source = args.config or "retinanet/analysis/grids/base.yaml (shipped)"
     try:
         outcome = run_grids([load_grid(g) for g in args.grid], base, args.output, source, ["retinanet", *args.argv],
-                            args.cells)  # fmt: skip
+                            args.cells, args.minutes)  # fmt: skip
     except TrainingInterrupted as exc:  # the cell resumes from its checkpoint when the grid runs again
         print(f"retinanet: {exc}; continue with the same command", file=sys.stderr)
         return 130
@@ -209,6 +211,12 @@ def _size_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int, help="cap on the longer side (None: the checkpoint's model.max_size)")
 
 
+def _tta_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", choices=["flips", "turns", "d4"], help="test-time augmentation: detect in several views "
+                   "(flips: 3, turns by 90 degrees: 4, d4: all 8) and fuse their boxes by score-weighted averaging; "
+                   "costs that many passes (None: one pass)")  # fmt: skip
+
+
 def _device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N (as train.device)")
 
@@ -234,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true", help="drop bad images and boxes instead of stopping")
     e.add_argument("--report", action="store_true", help="also OUTPUT/report/index.html: the errors by type (TIDE), "
                    "a gallery of the images with the most errors and a score-threshold control")  # fmt: skip
+    _tta_option(e)
     _size_options(e)
 
     r = _command(sub, "report", _report, "the evaluation report of detections made anywhere (COCO results) against "
@@ -268,6 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-draw", action="store_true", help="write no annotated images")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier detection's files in the output "
                    "folder; without it such a folder is refused")  # fmt: skip
+    _tta_option(d)
     _size_options(d)
 
     x = _command(sub, "export", _export, "export a checkpoint to ONNX (detections decoded and NMS'd in the graph), "
@@ -339,11 +349,13 @@ def _analysis_parsers(sub) -> None:
 
     b = _command(sub, "ablate", _ablate, "a grid of training runs, written as the paper's ablation tables")
     b.add_argument("--grid", nargs="+", required=True, help="grid YAML files, or shipped grids by name: "
-                   "a, b, b_alpha, c, d, e, fl_star, prior")  # fmt: skip
+                   "a, b, b_alpha, c, d, e, fl_star, prior, localisation")  # fmt: skip
     b.add_argument("--config", help="base run config YAML (None: the shipped ablation base, small CPU runs)")
     b.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override the base config")
     b.add_argument("--output", default="runs/ablate", help="folder of the grid's runs and tables")
     b.add_argument("--cells", nargs="+", metavar="NAME", help="run only these cells (the tables show all)")
+    b.add_argument("--minutes", type=float, help="train every cell for this many minutes (train.minutes, over what "
+                   "the grid sets): levers compared at equal time")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------------

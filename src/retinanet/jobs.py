@@ -23,6 +23,7 @@ from retinanet.data import (
     categories_config,
     parse_coco,
     val_dataset,
+    val_datasets,
     with_training_augmentation,
 )
 from retinanet.deploy import (
@@ -38,6 +39,7 @@ from retinanet.deploy import (
 from retinanet.evaluate import CocoMetrics
 from retinanet.inference import (
     Predictor,
+    check_tta,
     categories_of,
     evaluate_model,
     evaluate_predictions,
@@ -50,7 +52,8 @@ from retinanet.outputs import claim_detect_folder, writable_folder
 from retinanet.tools import anchor_report
 from retinanet.tools.errors import analyze_errors
 from retinanet.tools.inspection import inspect_dataset
-from retinanet.tools.report import ReportImage, report_dataset, write_report
+from retinanet.tools.report import ReportImage, write_report
+from retinanet.tools.validation import validate
 from retinanet.train import resolve_device, resolve_device_and_amp, run_train
 from retinanet.visualize import save_detections_image
 from retinanet.weights import load_torchvision_coco
@@ -61,16 +64,29 @@ __all__ = ["demo_config", "run_anchors", "run_config_of", "run_report", "run_dem
 
 def run_eval(
     checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "auto", amp: str = "none",
-    report: bool = False, **model_overrides: Any,
-) -> CocoMetrics:  # fmt: skip
-    """COCO metrics of a checkpoint on the validation data of `data`, resized as the checkpoint's model config says
-    (or with model_overrides such as min_size, max_size), in precision `amp` (the run's train.amp): the same numbers
-    as the training run's own evaluation. With `report`, also output/report/ (retinanet.tools.report)."""
+    report: bool = False, tta: str | None = None, **model_overrides: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Metrics of a checkpoint on every validation set of `data` (retinanet.tools.validation: COCO AP, AP50, AP75,
+    AR100 and the AP50 each error type costs; data.extra_val's sets after their names), resized as the checkpoint's
+    model config says (or with model_overrides such as min_size, max_size), in precision `amp` (the run's
+    train.amp), with test-time augmentation `tta` (retinanet.inference.tta): the same numbers as the training run's
+    own evaluation. Writes each set's files in output (the first) or output/<name>; with `report`, its report
+    (retinanet.tools.report) in report/ there."""
     writable_folder(output, "evaluation")  # before the work, not after it
+    check_tta(tta)
     resolved, amp = resolve_device_and_amp(train_config(device=device, amp=amp))
     model = load_model(checkpoint, map_location=resolved, **model_overrides).to(resolved)
     known = categories_of(model) if model.config.class_names else None
-    dataset = build_dataset(data, model.config, "val", train_mode=False, categories=known)
+    sets = val_datasets(data, model.config, known)
+    if not sets:
+        build_dataset(data, model.config, "val", train_mode=False, categories=known)  # says which key is missing
+    for dataset in sets.values():
+        _check_categories(checkpoint, model, dataset)
+    return validate(model, sets, Path(output), amp, report, tta)
+
+
+def _check_categories(checkpoint: str | Path, model: RetinaNet, dataset: DetectionDataset) -> None:
+    """A ValueError when the evaluation data's categories are not those the model learnt."""
     ids = tuple(c["id"] for c in dataset.categories)
     if model.config.category_ids and ids != tuple(model.config.category_ids):
         raise ValueError(f"{checkpoint}: the model was trained on category ids {list(model.config.category_ids)} "
@@ -79,12 +95,6 @@ def run_eval(
     if model.config.class_names and names != tuple(model.config.class_names):
         raise ValueError(f"{checkpoint}: the model was trained on categories {list(model.config.class_names)} "
                          f"but the evaluation data has {list(names)}")  # fmt: skip
-    kept: dict[str, Any] = {}
-    metrics = evaluate_model(model, dataset, Path(output), amp=amp, keep=kept)
-    if report:
-        report_dataset(Path(output) / "report", dataset, kept["ground_truth"], kept["detections"], metrics,
-                       Path(output) / "pr_curves.png")  # fmt: skip
-    return metrics
 
 
 def run_report(detections: str | Path, annotations: str | Path, output: str | Path,
@@ -175,7 +185,7 @@ def run_detect(
     torchvision_weights: str | None = None, score_thresh: float = 0.3, device: str = "auto",
     min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False, onnx: str | Path | None = None,
     engine: str = "onnxruntime", tile: int | None = None, overlap: float = 0.2, batch_size: int = 4,
-    workers: int = 0, csv_file: bool = False, draw: bool = True, overwrite: bool = False,
+    workers: int = 0, csv_file: bool = False, draw: bool = True, overwrite: bool = False, tta: str | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Detect objects in image files, folders, globs and list files (retinanet.inference) with a checkpoint of ours
     (resized as it was evaluated, or by min_size / max_size), torchvision's COCO weights by name, or an exported
@@ -183,9 +193,12 @@ def run_detect(
     detections.json (every image: box XYXY pixels, score, label, category_id, name), results.json (COCO results)
     and with csv_file detections.csv. An unreadable file stops the run naming it, or with skip_bad is reported and
     skipped. An earlier detection's files in `output` are refused, or with `overwrite` removed first (retinanet.
-    outputs). Returns the records of detections.json."""
+    outputs). tta: test-time augmentation's views (retinanet.inference.tta; PyTorch models only). Returns the
+    records of detections.json."""
     if sum(x is not None for x in (checkpoint, torchvision_weights, onnx)) != 1:
         raise ValueError("give one of: a checkpoint, torchvision weights by name, an ONNX file")
+    if check_tta(tta) is not None and onnx is not None:
+        raise ValueError("detect --tta runs the PyTorch model several times; it is not available with --onnx")
     files = image_files(inputs)
     claim_detect_folder(output, overwrite)
     device = resolve_device(train_config(device=device))
@@ -195,10 +208,10 @@ def run_detect(
         predictor: Predictor = OnnxPredictor(onnx, engine, **sizes, **options)
     elif checkpoint is not None:
         model = load_model(checkpoint, map_location=device, **sizes)
-        predictor = Predictor(model, categories_of(model), device=device, **options)
+        predictor = Predictor(model, categories_of(model), device=device, tta=tta, **options)
     else:
         model, categories = load_torchvision_coco(torchvision_weights, **sizes)
-        predictor = Predictor(model, categories, device=device, **options)
+        predictor = Predictor(model, categories, device=device, tta=tta, **options)
     result = run_inference(predictor, files, output, batch_size, workers, skip_bad, csv_file, draw)
     return result.records
 

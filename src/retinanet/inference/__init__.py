@@ -1,6 +1,6 @@
 """A trained model at work: the predictor (images of any size in, detections in their pixels out), tiled
 inference for large images, batch inference over files, folders, globs and list files, and a model's detections
-on a whole dataset with their COCO evaluation."""
+on a whole dataset with their COCO evaluation; test-time augmentation for any of them."""
 
 from retinanet.inference.evaluation import evaluate_model, evaluate_predictions, predict_dataset
 from retinanet.inference.files import InferenceResult, image_files, run_inference, write_csv
@@ -14,12 +14,15 @@ from retinanet.inference.predictor import (
     read_image,
 )
 from retinanet.inference.tiling import detect_tiled, merge_tiles, tile_windows
+from retinanet.inference.tta import TTA_CHOICES, check_tta, predict_views
 
 __all__ = [
+    "TTA_CHOICES",
     "InferenceResult",
     "Prediction",
     "Predictor",
     "categories_of",
+    "check_tta",
     "detect_resized",
     "detect_tiled",
     "evaluate_model",
@@ -28,6 +31,7 @@ __all__ = [
     "load",
     "merge_tiles",
     "predict_dataset",
+    "predict_views",
     "prepare_image",
     "read_image",
     "run_inference",

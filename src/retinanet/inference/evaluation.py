@@ -20,10 +20,12 @@ __all__ = ["evaluate_model", "evaluate_predictions", "predict_dataset"]
 
 @torch.no_grad()
 def predict_dataset(
-    model: RetinaNet, dataset: DetectionDataset, batch_size: int = 8, num_workers: int = 0, amp: str = "none"
-) -> tuple[list[dict], list[dict]]:
-    """Ground truth and detections of every image of `dataset` (evaluation transforms), both in the original
-    image's pixels, as the dicts `retinanet.evaluate` takes."""
+    model: RetinaNet, dataset: DetectionDataset, batch_size: int = 8, num_workers: int = 0, amp: str = "none",
+    tta: str | None = None,
+) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Ground truth and detections of every image of `dataset` (evaluation transforms; tta: the test-time
+    augmentation's views, retinanet.inference.tta), both in the original image's pixels, as the dicts
+    `retinanet.evaluate` takes."""
     was_training, layout = model.training, model.memory_format
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
@@ -33,7 +35,7 @@ def predict_dataset(
     for i, (images, targets) in enumerate(loader):
         if i == 0:  # the layout faster for inference here: the same choice in a training run and in `retinanet eval`
             fastpath.tune(model, [im.to(device) for im in images])
-        found = detect_resized(model, images, [t["scale"] for t in targets], amp)
+        found = detect_resized(model, images, [t["scale"] for t in targets], amp, tta=tta)
         for d, t in zip(found, targets):
             rec = records[int(t["image_id"])]
             h0, w0 = t["orig_size"]

@@ -33,6 +33,7 @@ from retinanet.config import ModelConfig, size_overrides
 from retinanet.data.base import to_rgb
 from retinanet.data.transforms import eval_transforms
 from retinanet.inference.tiling import detect_tiled, tile_windows
+from retinanet.inference.tta import check_tta, predict_views
 from retinanet.model import RetinaNet, load_model
 from retinanet.ops.postprocess import Detections
 from retinanet.ops.resize import resize_scale
@@ -138,15 +139,20 @@ def prepare_image(
 @torch.no_grad()
 def detect_resized(
     model: RetinaNet, images: list[Tensor], scales: Sequence[tuple[float, float]], amp: str = "none",
-    score_thresh: float | None = None,
+    score_thresh: float | None = None, tta: str | None = None,
 ) -> list[Detections]:  # fmt: skip
     """Detections of images already resized by the evaluation transform (float [3, h, w] in [0, 1]), with boxes
     divided by each image's (scale_y, scale_x) back into its original pixels, scores above score_thresh (default:
-    the model config's). The one inference path of evaluation, the predictor and `retinanet detect`."""
+    the model config's); tta: the views of test-time augmentation to fuse (retinanet.inference.tta), None: one
+    pass. The one inference path of evaluation, the predictor and `retinanet detect`."""
     device = next(model.parameters()).device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        out = model.predict([im.to(device) for im in images], resize=False, score_thresh=score_thresh)
+        on_device = [im.to(device) for im in images]
+        if tta is None:
+            out = model.predict(on_device, resize=False, score_thresh=score_thresh)
+        else:
+            out = predict_views(model, on_device, tta, score_thresh)
     mapped = []
     for d, (sy, sx) in zip(out, scales):
         scale = torch.tensor([sx, sy, sx, sy], device=d.boxes.device)
@@ -162,6 +168,7 @@ class Predictor:
     on a CPU without native bf16). score_thresh: the least score returned (default: the model's score_thresh).
     tile / overlap: detect in tiles of tile x tile px sharing `overlap` of a tile, merged across tile borders
     (retinanet.inference.tiling), for images much larger than the model's size; None: the whole image at once.
+    tta: test-time augmentation, the views fused ("flips", "turns", "d4": retinanet.inference.tta); None: off.
     """
 
     def __init__(
@@ -174,8 +181,10 @@ class Predictor:
         score_thresh: float | None = None,
         tile: int | None = None,
         overlap: float = 0.2,
+        tta: str | None = None,
     ):
         device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.tta = check_tta(tta)
         self.model = model.to(device).eval()
         self.device = device
         self.amp = fastpath.choose_amp(amp, device)
@@ -252,7 +261,7 @@ class Predictor:
         if not self._tuned:  # the memory layout faster on this machine, for batches like this one
             fastpath.tune(self.model, [im.to(self.device) for im in images])
             self._tuned = True
-        return detect_resized(self.model, images, scales, self.amp, self.score_thresh)
+        return detect_resized(self.model, images, scales, self.amp, self.score_thresh, self.tta)
 
     def to_prediction(
         self, d: Detections, image_size_hw: tuple[int, int], source: str | None = None, thresh: float | None = None
@@ -277,6 +286,6 @@ def load(
     **kwargs: Any,
 ) -> Predictor:
     """A Predictor of a checkpoint written by `retinanet train`; min_size / max_size override the resize it was
-    trained with; other keyword arguments go to Predictor (batch_size, amp, score_thresh, tile, overlap)."""
+    trained with; other keyword arguments go to Predictor (batch_size, amp, score_thresh, tile, overlap, tta)."""
     model = load_model(checkpoint, map_location="cpu", **size_overrides(min_size, max_size))
     return Predictor(model, device=device, **kwargs)
