@@ -130,3 +130,23 @@ def test_the_page_in_a_real_browser(trained, tmp_path):
         browser.close()
     assert not problems, problems
     assert "TP" in after and before != after != high  # moving the threshold changes the counts
+
+
+def test_the_report_says_what_to_try_for_each_costly_error_type(tmp_path):
+    from retinanet.tools.report import what_to_try
+
+    gt = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [40, 40, 60, 60], [70, 0, 90, 20]]), "labels": torch.zeros(3, dtype=torch.long)}]
+    # one box fits, one sits on its object but badly (IoU ~ .3: loc), one object is missed, one detection is background
+    dets = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [44, 44, 70, 70], [0, 70, 10, 80]]),
+             "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.zeros(3, dtype=torch.long)}]  # fmt: skip
+    errors = analyze_errors(gt, dets)
+    advice = {k: text for k, _, text in what_to_try(errors)}
+    assert "model.cls_loss: quality_focal" in advice["loc"] and "model.assigner: atss" in advice["loc"]
+    assert "anchors --fit" in advice["missed"] and "model.score_thresh" in advice["missed"] and "--tile" in advice["missed"]
+    assert set(advice) <= {"loc", "missed", "bkg"} and [k for k, _, _ in what_to_try(errors)][0] == max(
+        advice, key=lambda k: errors.dap[k]["50"])  # costliest first
+    page = write_report(tmp_path, [ReportImage("a.png", (100, 100), None, np.zeros((100, 100, 3), np.uint8))], gt,
+                        dets, ["tree"], errors)  # fmt: skip
+    text = page.read_text()
+    assert 'id="what-to-try"' in text and "model.box_loss: giou" in text
+    assert set(json.loads((tmp_path / "errors.json").read_text())["what_to_try"]) == set(advice)

@@ -87,7 +87,8 @@ def write_report(output: str | Path, images: Sequence[ReportImage], ground_truth
     (out / "images").mkdir(parents=True, exist_ok=True)
     scores, tp, labels, num_gt = _scored(ground_truth, detections, errors)
     best = best_f1_thresholds(scores, tp, labels, num_gt)
-    (out / "errors.json").write_text(strict_json({**errors.to_dict(class_names), "best_f1": {
+    (out / "errors.json").write_text(strict_json({**errors.to_dict(class_names), "what_to_try": {
+        k: text for k, _, text in what_to_try(errors)}, "best_f1": {
         class_names[c]: v for c, v in best.items()}}, indent=1))  # fmt: skip
     page = {"classes": list(class_names), "colours": COLOURS, "meaning": MEANING,
             "scores": [round(float(v), 4) for v in scores], "tp": tp.astype(int).tolist(), "labels": labels.tolist(),
@@ -158,15 +159,16 @@ def _thumbnail(image: ReportImage, scale: float) -> Image.Image:
 
 def report_dataset(output: str | Path, dataset: Any, ground_truth: Sequence[dict[str, Any]],
                    detections: Sequence[dict[str, Any]], metrics: CocoMetrics | None = None,
-                   pr_curves: Path | None = None) -> Path:  # fmt: skip
-    """The report of a model's detections on a dataset (as `predict_dataset` gives them, in the dataset's order)."""
+                   pr_curves: Path | None = None, errors: ErrorAnalysis | None = None) -> Path:  # fmt: skip
+    """The report of a model's detections on a dataset (as `predict_dataset` gives them, in the dataset's order);
+    errors: their decomposition when already made."""
     images = []
     for i, (record, gt) in enumerate(zip(dataset.records, ground_truth)):
         size = (int(gt["height"]), int(gt["width"]))
         name = record.path.name if record.path is not None else f"image {record.image_id}"
         pixels = None if record.path is not None else np.asarray(dataset.load_image(i))
         images.append(ReportImage(name, size, record.path, pixels))
-    errors = analyze_errors(ground_truth, detections)
+    errors = errors or analyze_errors(ground_truth, detections)
     return write_report(output, images, ground_truth, detections, dataset.category_names, errors, metrics, pr_curves)
 
 
@@ -189,6 +191,36 @@ def _error_chart(errors: ErrorAnalysis) -> str:
     height = 20 + len(ERROR_TYPES) * (bar_h + 8)
     return (f'<svg id="error-chart" width="{width}" height="{height}" font-size="13" font-family="sans-serif" '
             f'role="img" aria-label="AP lost to each error type">{"".join(rows)}</svg>')  # fmt: skip
+
+
+# what to try against each error type, with the config keys and commands that do it
+LEVERS = {
+    "loc": "boxes in the right place but badly fitted: IoU-aware classification (model.cls_loss: quality_focal or "
+           "varifocal), an IoU box loss (model.box_loss: giou, diou or ciou), ATSS assignment (model.assigner: atss), "
+           "test-time augmentation (eval and detect --tta flips)",
+    "missed": "objects not found: anchors that fit them (retinanet anchors --fit), a lower model.score_thresh, tiles "
+              "for large images (detect --tile), a larger input size (model.min_size) for small objects",
+    "bkg": "background taken for objects: more augmentation (data.augment: top_down, data.hue, data.scale_jitter), "
+           "more training images without objects, a moving average of the weights (train.ema_decay)",
+    "cls": "the right place, the wrong class: more training images of the confused classes, longer training",
+    "dupe": "several boxes on one object: a lower NMS threshold (model.nms_thresh)",
+    "both": "the wrong class and a badly fitted box: the levers of loc and of cls",
+}
+COSTLY = 0.01  # an error type that costs at least this much AP50 gets its line of what to try
+
+
+def what_to_try(errors: ErrorAnalysis) -> list[tuple[str, float, str]]:
+    """(error type, the AP50 it costs, what to try) for each type costing at least COSTLY, costliest first."""
+    costly = sorted(((errors.dap[k]["50"], k) for k in ERROR_TYPES if errors.dap[k]["50"] >= COSTLY), reverse=True)
+    return [(k, cost, LEVERS[k]) for cost, k in costly]
+
+
+def _advice(errors: ErrorAnalysis) -> str:
+    items = "".join(f"<li><b>{k}</b> ({100 * cost:.1f} AP50): {html.escape(text)}</li>"
+                    for k, cost, text in what_to_try(errors))  # fmt: skip
+    if not items:
+        return f'<p id="what-to-try">No error type costs {100 * COSTLY:.0f} AP50 point or more.</p>'
+    return f'<h3>What to try</h3><ul id="what-to-try">{items}</ul>'
 
 
 def _tables(class_names: Sequence[str], errors: ErrorAnalysis, metrics: CocoMetrics | None, best: dict) -> str:
@@ -228,7 +260,8 @@ def _page(data: dict, class_names: Sequence[str], errors: ErrorAnalysis, metrics
     dap = " ".join(f"{k} {100 * errors.dap[k]['avg']:.2f}" for k in ERROR_TYPES)
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     return _TEMPLATE.format(
-        ap50=100 * errors.ap["50"], apavg=100 * errors.ap["avg"], chart=_error_chart(errors), dap_avg=dap,
+        ap50=100 * errors.ap["50"], apavg=100 * errors.ap["avg"], chart=_error_chart(errors) + _advice(errors),
+        dap_avg=dap,
         tables=_tables(class_names, errors, metrics, best), curves=curves, legend=legend, data=payload, script=_SCRIPT,
     )  # fmt: skip
 
