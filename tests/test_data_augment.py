@@ -132,3 +132,37 @@ def test_cached_images_are_decoded_once_and_give_the_same_samples(tmp_path):
         assert sorted(set(decoded)) == [0, 1, 2] and (len(decoded) == 3) == cache
     for (image, target), (cached, cached_target) in zip(samples[False], samples[True]):
         assert torch.equal(image, cached) and torch.equal(target["boxes"], cached_target["boxes"])
+
+
+def test_colour_matrix_equals_torchvisions_brightness_contrast_and_saturation():
+    import torchvision.transforms.v2.functional as TF
+
+    from retinanet.data.augment import ColorMatrixJitter, color_matrix
+
+    x = 0.35 + 0.3 * torch.rand(3, 50, 60)  # mid-range pixels: no clamping between torchvision's steps
+    expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, 0.9), 1.1), 0.8)
+    params = {"brightness": 0.9, "contrast": 1.1, "matrix": color_matrix(0.9, 1.1, 0.8, 0.0)}
+    ours = ColorMatrixJitter().transform(tv_tensors.Image(x), params)
+    torch.testing.assert_close(ours.as_subclass(torch.Tensor), expected, rtol=0, atol=1e-5)
+
+
+def test_hue_turns_colours_about_the_grey_axis():
+    from retinanet.data.augment import color_matrix
+
+    third = color_matrix(1.0, 1.0, 1.0, 1 / 3)  # a third of a turn takes red to green, green to blue
+    torch.testing.assert_close(third @ torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(third @ torch.tensor([0.0, 1, 0]), torch.tensor([0.0, 0, 1]), atol=1e-6, rtol=0)
+    grey = torch.full((3,), 0.4)
+    torch.testing.assert_close(color_matrix(1.0, 1.0, 1.0, 0.07) @ grey, grey)  # greys stay grey
+    torch.testing.assert_close(color_matrix(1.0, 1.0, 1.0, 0.0), torch.eye(3))
+
+
+def test_colour_jitter_keeps_uint8_and_boxes():
+    from retinanet.data.augment import ColorMatrixJitter
+
+    torch.manual_seed(0)
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[1.0, 2, 20, 30]]), format="XYXY", canvas_size=(40, 30))
+    out, out_boxes = ColorMatrixJitter(0.3, 0.3, 0.3, 0.1)(image, boxes)
+    assert out.dtype == torch.uint8 and out.shape == image.shape and not torch.equal(out, image)
+    assert torch.equal(out_boxes, boxes)

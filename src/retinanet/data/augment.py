@@ -27,8 +27,8 @@ from torchvision.transforms.v2 import functional as F
 
 from retinanet.config import DataConfig
 
-__all__ = ["PRESETS", "Augmentation", "Mosaic", "RandomCropBoxes", "RandomRotate90", "augmentation_of",
-           "augmentation_transforms"]  # fmt: skip
+__all__ = ["PRESETS", "Augmentation", "ColorMatrixJitter", "Mosaic", "RandomCropBoxes", "RandomRotate90",
+           "augmentation_of", "augmentation_transforms", "color_matrix"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def augmentation_transforms(aug: Augmentation) -> tuple[list[Callable], list[Cal
     crop, at the training scale)."""
     ops: list[Callable] = []
     if any((aug.brightness, aug.contrast, aug.saturation, aug.hue)):
-        ops.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
+        ops.append(ColorMatrixJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
     if aug.hflip:
         ops.append(v2.RandomHorizontalFlip(aug.hflip))
     if aug.vflip:
@@ -124,6 +124,58 @@ def augmentation_transforms(aug: Augmentation) -> tuple[list[Callable], list[Cal
         ops.append(RandomRotate90(aug.rotate90))
     crop = [RandomCropBoxes(aug.crop, aug.crop_scale, aug.min_visible)] if aug.crop else []
     return ops, crop
+
+
+_LUMA = (0.299, 0.587, 0.114)  # the grey of saturation and contrast (ITU-R 601-2, as torchvision's)
+
+
+def color_matrix(brightness: float, contrast: float, saturation: float, hue: float) -> Tensor:
+    """[3, 3] float32 M such that brightness, then contrast (around the image's mean grey g), saturation and a hue
+    rotation are y = contrast * brightness * M x + (1 - contrast) * brightness * g: the factors as ColorJitter
+    draws them (1 = unchanged; hue in turns, 0 = unchanged). The hue turns colours about the grey axis (R = G = B)
+    of RGB space, which keeps every grey: the linear form of a hue shift, in place of an HSV round trip."""
+    luma = torch.tensor(_LUMA)
+    sat = saturation * torch.eye(3) + (1.0 - saturation) * torch.ones(3, 1) * luma  # s x + (1 - s) grey(x)
+    theta = 2.0 * torch.pi * torch.tensor(hue)
+    u = torch.full((3,), 3.0**-0.5)
+    cross = torch.tensor([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    rotation = torch.cos(theta) * torch.eye(3) + torch.sin(theta) * cross + (1 - torch.cos(theta)) * torch.outer(u, u)
+    return rotation @ sat
+
+
+class ColorMatrixJitter(v2.Transform):
+    """Brightness, contrast, saturation and hue jitter as one 3 x 3 colour matrix per image: strengths and draws
+    as torchvision's ColorJitter (each factor uniform in [1 - s, 1 + s], hue in [-h, h] of a turn), applied in one
+    pass over the pixels and clamped once. torchvision's hue jitter converts to HSV and back (about 40 ms for a
+    400 px image on one core); this costs about a millisecond, so that hue jitter is affordable on a CPU (measured by
+    benchmarks/bench_augment.py). Boxes are unchanged. uint8 images stay uint8 (rounded), float ones float."""
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0):
+        super().__init__()
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        def factor(strength: float) -> float:
+            return float(torch.empty(()).uniform_(1 - strength, 1 + strength)) if strength else 1.0
+
+        b, c, s = factor(self.brightness), factor(self.contrast), factor(self.saturation)
+        h = float(torch.empty(()).uniform_(-self.hue, self.hue)) if self.hue else 0.0
+        return {"brightness": b, "contrast": c, "matrix": color_matrix(b, c, s, h)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        x = inpt.as_subclass(Tensor)
+        top = 255.0 if x.dtype == torch.uint8 else 1.0
+        pixels = x.reshape(3, -1).float()
+        b, c = params["brightness"], params["contrast"]
+        grey = torch.tensor(_LUMA) @ pixels.mean(dim=1)  # the image's mean grey
+        out = torch.addmm(torch.full((3, 1), (1 - c) * b * float(grey)), c * b * params["matrix"], pixels)
+        out = out.clamp_(0.0, top).reshape(x.shape)
+        return tv_tensors.wrap(out.round_().to(x.dtype) if x.dtype == torch.uint8 else out.to(x.dtype), like=inpt)
+
+    _get_params = make_params  # torchvision < 0.21 calls these names
+    _transform = transform
 
 
 class RandomRotate90(v2.Transform):
