@@ -138,10 +138,17 @@ def build(data: Path) -> list[dict]:
     return summary
 
 
-def data_config(data: Path, val: str = "val") -> dict:
-    """The `data` section of a run config on the development set, validating on `val` (val or val_soap)."""
-    return {"format": "coco", "train_images": str(data / "images"), "train_annotations": str(data / "train.json"),
-            "val_images": str(data / "images"), "val_annotations": str(data / f"{val}.json")}  # fmt: skip
+OTHER_SITE_SET = "other_site"  # the name of SOAP_061's validation set in our runs (data.extra_val)
+
+
+def data_config(data: Path, val: str = "val", other_site: bool = True) -> dict:
+    """The `data` section of a run config on the development set, validating on `val` (val or val_soap) and, with
+    other_site, on SOAP_061 as a second validation set (data.extra_val: reported on its own, weighed for best.pt)."""
+    out = {"format": "coco", "train_images": str(data / "images"), "train_annotations": str(data / "train.json"),
+           "val_images": str(data / "images"), "val_annotations": str(data / f"{val}.json")}  # fmt: skip
+    if other_site:
+        out["extra_val"] = {OTHER_SITE_SET: {"val_annotations": str(data / "val_soap.json")}}
+    return out
 
 
 def main() -> None:

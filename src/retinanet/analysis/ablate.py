@@ -41,10 +41,12 @@ from retinanet.analysis.locks import claim, mutex, read_lock
 from retinanet.analysis.plots import write_text_atomic
 from retinanet.analysis.tables import collect_results, render_table
 from retinanet.config import RunConfig, apply_overrides
-from retinanet.data.build import build_dataset
+from retinanet.data.build import FIRST_VAL, build_dataset, val_datasets
 from retinanet.evaluate import evaluate_coco
 from retinanet.inference.evaluation import predict_dataset
 from retinanet.inference.predictor import categories_of
+from retinanet.tools.errors import ERROR_TYPES, analyze_errors
+from retinanet.tools.validation import validate
 from retinanet.train.distributed import launched_slot
 from retinanet.train.loop import NonFiniteLossError
 from retinanet.train.run import run_train
@@ -77,13 +79,15 @@ class PlannedCell:
         return json.loads(json.dumps(data))  # tuples as lists, as read back from plan.json
 
 
-def plan_grid(grid: Grid, base: RunConfig, output: Path) -> list[PlannedCell]:
-    """Every cell's run config (all checked before anything runs), its folder DIR/<table>/<cell>."""
+def plan_grid(grid: Grid, base: RunConfig, output: Path, minutes: float | None = None) -> list[PlannedCell]:
+    """Every cell's run config (all checked before anything runs), its folder DIR/<table>/<cell>. minutes: every
+    cell trains for this long (train.minutes, over what the grid and the cell set): levers compared at equal time."""
     planned = []
     for cell in grid.cells:
         cfg = cell_config(base, grid, cell)
         folder = output / grid.table / cell.name
-        cfg.train = apply_overrides(cfg.train, {"output_dir": str(folder)}, f"{grid.source}: cell {cell.name!r}")
+        fixed = {"output_dir": str(folder)} | ({"minutes": minutes} if minutes is not None else {})
+        cfg.train = apply_overrides(cfg.train, fixed, f"{grid.source}: cell {cell.name!r}")
         planned.append(PlannedCell(grid, cell, cfg))
     return planned
 
@@ -152,15 +156,19 @@ def run_cell(planned: PlannedCell) -> dict[str, Any]:
 
 
 def _evaluate(model, cfg: RunConfig, amp: str) -> dict[str, Any]:
-    """COCO metrics on the validation set in the run's precision, and the inference time (detections only, not the
-    COCO evaluation)."""
-    val = build_dataset(cfg.data, model.config, "val", train_mode=False, categories=categories_of(model))
+    """COCO metrics and the AP50 each error type costs on the validation sets in the run's precision (the first
+    set's keys plain, data.extra_val's after their names: retinanet.tools.validation), and the inference time on the
+    first set (detections only, not the evaluation)."""
+    sets = val_datasets(cfg.data, model.config, categories_of(model))
+    val = sets.pop(FIRST_VAL)
     start = time.perf_counter()
     gts, dets = predict_dataset(model, val, amp=amp)
     seconds = time.perf_counter() - start
     metrics = evaluate_coco(gts, dets, val.categories)
     keep = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
-    values = {k: float(getattr(metrics, k)) for k in keep}
+    errors = analyze_errors(gts, dets)
+    values = {k: float(getattr(metrics, k)) for k in keep} | {f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}
+    values |= validate(model, sets, amp=amp)
     values = {k: None if math.isnan(v) else v for k, v in values.items()}  # undefined (no such objects): null
     return {"metrics": values, "inference_seconds": seconds,
             "val_images": len(val)}  # fmt: skip
@@ -281,9 +289,11 @@ def _write_tables(grids: Sequence[Grid], output: Path, footer: str) -> list[Path
 def _footer(planned: Sequence[PlannedCell], base_source: str, command: str | None) -> str:
     cfg = planned[0].config
     t = cfg.train
-    lines = [f"Each cell: the base config `{base_source}` with the cell's overrides; {t.max_iters} iterations of "
+    length = f"{t.max_iters} iterations" if t.minutes is None else f"{t.minutes:g} minutes of training in iterations"
+    lines = [f"Each cell: the base config `{base_source}` with the cell's overrides; {length} of "
              f"{t.batch_size} images ({cfg.preset}, {cfg.model.min_size} px). AP, AP50, AP75: COCO box AP in % on "
-             "the validation set; train s: wall-clock seconds of training (evaluation excluded)."]  # fmt: skip
+             "the validation set; dAP50 loc: the AP50 lost to badly placed boxes (TIDE's oracle); train s (min): "
+             "wall-clock time of training (evaluation excluded)."]  # fmt: skip
     if command:
         lines.append(f"Command: `{command}`")
     return "\n".join(lines)
@@ -296,22 +306,24 @@ def run_grids(
     base_source: str = "defaults",
     command: Sequence[str] | None = None,
     only: Sequence[str] | None = None,
+    minutes: float | None = None,
 ) -> dict[str, list[str]]:
     """Run every cell of `grids` (or those named in `only`) not yet done and not held by another process, then
     write the tables.
 
     Returns {"ran": [...], "done": [...], "held": [...]} (table/cell labels). Every cell's config is checked, and
     the validation set built once, before any cell trains; a cell's error other than a non-finite loss stops the
-    grid (its lock is released; run again to go on)."""
+    grid (its lock is released; run again to go on). minutes: every cell trains for this long (equal time)."""
     output = Path(output)
     rank, world, local_rank = _process_slot()
-    planned = [_on_own_gpu(p, local_rank) for g in grids for p in plan_grid(g, base, output)]
+    planned = [_on_own_gpu(p, local_rank) for g in grids for p in plan_grid(g, base, output, minutes)]
     unknown = sorted(set(only or ()) - {p.cell.name for p in planned})
     if unknown:
         raise ValueError(f"ablate: no cell named {unknown} in the grids {[g.table for g in grids]}")
     footer = _footer(planned, base_source, shlex.join(command) if command else None)
     planned = [p for p in planned if not only or p.cell.name in only]
     build_dataset(base.data, base.model, "val", train_mode=False)  # a grid without a validation set stops here
+    val_datasets(base.data, base.model, None)  # and one whose data.extra_val names a missing file
     for grid in grids:
         write_text_atomic(output / grid.table / "grid.yaml", grid.text)
     for p in planned:

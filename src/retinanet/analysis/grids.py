@@ -4,7 +4,9 @@
     title: "Table 1a: balanced CE, varying alpha"
     columns: [alpha]                           # the describing columns, before AP, AP50, AP75 and seconds
     set: {model.cls_loss: balanced_ce}         # overrides of every cell (dotted keys, as `retinanet train --set`)
-    report: [losses]                           # optional: loss columns (start, peak, end, blow-up, non-finite)
+    report: [losses]                           # optional: loss columns (start, peak, end, blow-up, non-finite),
+                                               # speed, or localisation (every validation set's AP, AP50, AP75
+                                               # and the AP50 lost to badly placed boxes, and minutes)
     cells:
       - name: alpha_0.5                        # the cell's folder: letters, digits, '.', '_' and '-'
         values: {alpha: 0.5}                   # one entry per column
@@ -31,7 +33,7 @@ __all__ = ["Cell", "Grid", "load_grid", "shipped_grids", "shipped_file", "cell_c
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SECTIONS = ("model", "data", "train")
-REPORTS = ("losses", "speed")
+REPORTS = ("losses", "speed", "localisation")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from retinanet.analysis.grids import Cell, Grid
 
-__all__ = ["render_table", "best_cells", "format_value", "collect_results"]
+__all__ = ["render_table", "best_cells", "format_value", "collect_results", "set_names"]
 
 METRICS = ("AP", "AP50", "AP75")
 
@@ -69,6 +69,24 @@ def _loss_cells(result: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def set_names(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The validation sets the cells were evaluated on: "val" (the first), then data.extra_val's, by name."""
+    extra = {k.split("/")[0] for r in results.values() for k in (r.get("metrics") or {}) if "/" in k}
+    return ["val", *sorted(extra)]
+
+
+def _localisation_cells(result: dict[str, Any] | None, sets: list[str]) -> list[str]:
+    """Per validation set AP, AP50, AP75 and the AP50 lost to badly placed boxes (TIDE's loc), in %; then the
+    training minutes."""
+    metrics = (result or {}).get("metrics") or {}
+    cells = []
+    for name in sets:
+        keys = [k if name == "val" else f"{name}/{k}" for k in (*METRICS, "dAP50_loc")]
+        cells += ["-" if metrics.get(k) is None else f"{100 * metrics[k]:.1f}" for k in keys]
+    minutes = f"{result['train_seconds'] / 60:.1f}" if result and result.get("train_seconds") else "-"
+    return cells + [minutes]
+
+
 def _speed_cells(result: dict[str, Any] | None) -> list[str]:
     if result is None or not result.get("val_images") or result.get("inference_seconds") is None:
         return ["-"]
@@ -82,7 +100,11 @@ def render_table(
     the loss columns (report: losses) or inference ms per image (report: speed). results: cell name -> its
     result.json; running: cell name -> who runs it now."""
     running = running or {}
-    header = [*grid.columns, *METRICS, "train s"]
+    sets = set_names(results)
+    if "localisation" in grid.report:  # every validation set side by side, with the AP lost to badly placed boxes
+        header = [*grid.columns, *(f"{m} ({name})" for name in sets for m in (*METRICS, "dAP50 loc")), "train min"]
+    else:
+        header = [*grid.columns, *METRICS, "train s"]
     if "losses" in grid.report:
         header += ["first loss", "peak loss", "last loss", "blow-up (10x)", "non-finite"]
     if "speed" in grid.report:
@@ -94,7 +116,12 @@ def render_table(
         values = [format_value(cell.values[c]) for c in grid.columns]
         if alternatives > 1 and values:
             values[-1] += f" (best of {alternatives})"
-        row = values + _status_cells(result, running.get(cell.name))
+        if "localisation" in grid.report and result is not None and result["status"] == "finished":
+            row = values + _localisation_cells(result, sets)
+        elif "localisation" in grid.report:
+            row = values + _status_cells(result, running.get(cell.name))[:1] + ["-"] * (4 * len(sets))
+        else:
+            row = values + _status_cells(result, running.get(cell.name))
         if "losses" in grid.report:
             row += _loss_cells(result)
         if "speed" in grid.report:
