@@ -97,7 +97,7 @@ def evaluate(checkpoint: Path, data: Path, split: str, output: Path, amp: str = 
     test-time augmentation): AP, AP50, AP75, AR100 and the AP50 each error type costs (dAP50_loc, ...)."""
     config = output / f"eval_{split}.yaml"
     config.write_text(json.dumps({"data": real_trees.data_config(data, split, other_site=False)}))
-    folder = output / f"eval_{checkpoint.parent.name}_{checkpoint.stem}_{split}" + (f"_tta_{tta}" if tta else "")
+    folder = output / (f"eval_{checkpoint.parent.name}_{checkpoint.stem}_{split}" + (f"_tta_{tta}" if tta else ""))
     errors_file = folder / "report" / "errors.json"
     fresh = errors_file.exists() and errors_file.stat().st_mtime > checkpoint.stat().st_mtime
     if not (reuse and fresh):  # else: this checkpoint was evaluated there
@@ -137,6 +137,8 @@ def main() -> None:
                         "(none: no comparison)")  # fmt: skip
     parser.add_argument("--tta", default="flips", help="also evaluate best.pt with this test-time augmentation "
                         "(none: not)")  # fmt: skip
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides of the recipe "
+                        "(a variant of it; the section says which)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="read runs (ours and the YOLOs') and evaluations that "
                         "finished in --output instead of training them again")  # fmt: skip
@@ -149,7 +151,7 @@ def main() -> None:
     rows, runs, names = {}, {}, {}
     for amp in amps:
         folder = out / f"recipe_{amp}"
-        runs[amp] = train(RECIPE, [*dev, f"train.amp={amp}"], folder, args.reuse)
+        runs[amp] = train(RECIPE, [*dev, f"train.amp={amp}", *args.set], folder, args.reuse)
         names[amp] = _precision(folder) or PRECISION[amp]
         for name in ("best", "last"):
             rows[f"ours, the recipe, {names[amp]} ({name}.pt)"] = {
@@ -177,7 +179,7 @@ def main() -> None:
              f"of it ({sizes['val']['images']} tiles, {sizes['val']['boxes']} crowns) and on SOAP_061, another site "
              f"({sizes['val_soap']['boxes']} crowns). One class; from scratch (no pretrained weights); all scored by "
              f"our COCO evaluation and error decomposition (dAP50 loc: the AP50 lost to badly placed boxes). "
-             f"{machine_line()}.", "",
+             + (f"The recipe with `{' '.join(args.set)}`. " if args.set else "") + f"{machine_line()}.", "",
              "| detector | training (min) | AP | AP50 | AP75 | dAP50 loc | AP (other site) | AP50 (other site) | "
              "AP75 (other site) | dAP50 loc (other site) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

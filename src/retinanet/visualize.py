@@ -88,7 +88,10 @@ def plot_training_curves(log_jsonl: str | Path, path: str | Path) -> Path:
     ax_lr.set_xlabel("iteration")
     ax_lr.set_title("learning rate")
     if evals:
+        # every validation set's AP (data.extra_val's after their names), then the training images'
+        others = sorted({k.split("/")[1] for r in evals for k in r if k.count("/") == 2 and k.endswith("/AP")})
         for key, label in (("eval/AP", "validation AP"), ("eval/AP50", "validation AP50"),
+                           *((f"eval/{n}/AP", f"{n} AP") for n in others),
                            ("eval/train_AP", "training images' AP")):  # fmt: skip
             points = [(r["iter"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
             if points:

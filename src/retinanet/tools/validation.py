@@ -21,8 +21,6 @@ from retinanet.tools.report import report_dataset
 
 __all__ = ["FIRST", "metric_name", "selection_score", "validate", "validation_lines"]
 
-REPORTED = ("AP", "AP50", "AP75", "AR100")
-
 
 def metric_name(set_name: str, metric: str) -> str:
     """The key of `metric` of validation set `set_name`: the first set's plain, another's after its name."""
@@ -31,17 +29,17 @@ def metric_name(set_name: str, metric: str) -> str:
 
 def validate(model: RetinaNet, sets: Mapping[str, DetectionDataset], output: Path | None = None, amp: str = "none",
              report: bool = False, tta: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Metrics of `model` on every set (the first named FIRST): COCO AP, AP50, AP75, AR100 and per error type its
-    dAP50 ("dAP50_loc", ...), as floats under `metric_name`. With `output`: each set's evaluation files (detections,
-    metrics.json, PR curves) in output (the first) or output/<name>, and with `report` its report in report/
-    there. tta: test-time augmentation's views (retinanet.inference.tta)."""
+    """Metrics of `model` on every set (the first named FIRST): the COCO numbers (AP, AP50, AP75, ..., AR100 and
+    per_class_ap) and per error type its dAP50 ("dAP50_loc", ...), under `metric_name`. With `output`: each set's
+    evaluation files (detections, metrics.json, PR curves) in output (the first) or output/<name>, and with `report`
+    its report in report/ there. tta: test-time augmentation's views (retinanet.inference.tta)."""
     metrics: dict[str, Any] = {}
     for name, dataset in sets.items():
         folder = None if output is None else (output if name == FIRST else output / name)
         kept: dict[str, Any] = {}
         coco = evaluate_model(model, dataset, folder, amp=amp, keep=kept, tta=tta)
         errors = analyze_errors(kept["ground_truth"], kept["detections"])
-        values = {k: float(getattr(coco, k)) for k in REPORTED} | {f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}
+        values = coco.to_dict() | {f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}  # the 12 COCO numbers too
         metrics |= {metric_name(name, k): v for k, v in values.items()}
         if report and folder is not None:
             report_dataset(folder / "report", dataset, kept["ground_truth"], kept["detections"], coco,

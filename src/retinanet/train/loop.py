@@ -32,9 +32,9 @@ from retinanet import fastpath
 from retinanet.config import TrainConfig
 from retinanet.model import RetinaNet, load_checkpoint
 from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
+from retinanet.train.budget import TimeBudget
 from retinanet.train.distributed import check_batch_size, rank_and_world, resolve_device, wrap_for_ddp
 from retinanet.train.ema import build_ema, ema_state, load_ema_state
-from retinanet.train.budget import TimeBudget
 from retinanet.train.log import Progress, RunLog
 from retinanet.train.optim import build_optimizer, build_scheduler, fit_schedule
 from retinanet.train.resume import checkpoint_run, restore_rng, restore_run, seed_everything
