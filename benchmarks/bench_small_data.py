@@ -74,8 +74,14 @@ def _precision(output: Path) -> str | None:
 
 
 def _train_seconds(output: Path, wall: float) -> float:
-    """The training time the run's train.log reports (evaluation not counted; a resumed run's parts added up: the
-    last "trained iterations A..B" line and the ones it continued), else the command's wall time."""
+    """The training time the run's last.pt holds (train.minutes' account: evaluation not counted, every resumed
+    part added, an interrupted one included), else the one its train.log reports (the last "trained iterations
+    A..B" line and the ones it continued), else the command's wall time."""
+    last = output / "last.pt"
+    if last.is_file():
+        extra = torch.load(last, map_location="cpu", weights_only=False).get("extra") or {}
+        if extra.get("train_seconds"):
+            return float(extra["train_seconds"])
     notes = (output / "train.log").read_text().splitlines() if (output / "train.log").exists() else []
     parts = [line.split(" trained iterations ")[1] for line in notes if " trained iterations " in line]
     total, first = 0.0, None
