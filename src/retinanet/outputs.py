@@ -23,7 +23,7 @@ __all__ = ["DETECT_FILES", "RUN_FILES", "claim_detect_folder", "claim_run_folder
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.jsonl", "train.log", "training_curves.png", "skipped.json",
              "tb", "eval")  # fmt: skip
 # what `retinanet detect` writes, besides the drawings its detections.json names
-DETECT_FILES = ("detections.json", "results.json", "detections.csv", "skipped.json")
+DETECT_FILES = ("detections.json", "results.json", "detections.csv", "skipped.json", "labels")
 
 
 def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
@@ -55,9 +55,10 @@ def claim_run_folder(folder: str | Path, resume: str | Path | None, overwrite: b
     found = _run_files(folder)
     if found and resume is None and not overwrite:
         shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-        raise ValueError(f"{folder} holds a training run already ({shown}): continue it with --resume "
-                         f"{folder / 'last.pt'}, write to a new folder (--set train.output_dir=...), or replace it "
-                         "with --overwrite")  # fmt: skip
+        last = folder / "last.pt"
+        go_on = f"continue it with --resume {last}, " if last.is_file() else "it has no checkpoint to resume; "
+        raise ValueError(f"{folder} holds a training run already ({shown}): {go_on}write to a new folder "
+                         "(--set train.output_dir=...), or replace it with --overwrite")  # fmt: skip
     writable_folder(folder, "training run")
     return found if overwrite and resume is None else []
 

@@ -9,7 +9,7 @@ from retinanet.config.checked import Checked
 
 __all__ = ["AUGMENT_PRESETS", "EXTRA_VAL_KEYS", "FORMATS", "DataConfig"]
 
-FORMATS = ("synthetic", "coco", "voc", "csv")
+FORMATS = ("synthetic", "coco", "voc", "csv", "yolo")
 AUGMENT_PRESETS = ("flip", "top_down", "none")  # retinanet.data.augment.PRESETS
 
 
@@ -18,13 +18,14 @@ class DataConfig(Checked):
     """Where the images and boxes come from (their sizes in training and evaluation are the model's: ModelConfig).
 
     coco: train_images + train_annotations (val_images + val_annotations); voc: root + train_split (val_split);
-    csv: train_annotations (+ classes) and val_annotations; synthetic: no paths.
+    csv: train_annotations (+ classes) and val_annotations; yolo: root = the Ultralytics data.yaml (its train and val
+    images; train_images / val_images, a folder or a .txt list, in place of its entries); synthetic: no paths.
     """
 
     WHERE = "data config"
 
     format: str = "synthetic"
-    root: str | None = None  # VOC root (JPEGImages/, Annotations/, ImageSets/Main/)
+    root: str | None = None  # VOC root (JPEGImages/, Annotations/, ImageSets/Main/); YOLO: its data.yaml
     train_images: str | None = None
     train_annotations: str | None = None
     train_split: str = "trainval"

@@ -1,4 +1,4 @@
-"""The data layer: datasets (COCO, VOC, CSV, synthetic), transforms, collation and loaders, and the datasets of a
+"""The data layer: datasets (COCO, VOC, CSV, YOLO txt, synthetic), transforms, collation and loaders, and the datasets of a
 run's DataConfig (build_dataset).
 
 file -> dataset (checked ImageRecords; dataset[i] = (image, target)) -> transforms -> collate_detection ->
@@ -22,6 +22,7 @@ from retinanet.data.csv import CsvDetection
 from retinanet.data.synthetic import SHAPES, SyntheticShapes
 from retinanet.data.transforms import ResizeShortLong, eval_transforms, train_transforms
 from retinanet.data.voc import VOC_CLASSES, VocDetection
+from retinanet.data.yolo import YoloDetection
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -37,6 +38,7 @@ __all__ = [
     "ResizeShortLong",
     "SyntheticShapes",
     "VocDetection",
+    "YoloDetection",
     "build_dataset",
     "categories_config",
     "collate_detection",

@@ -13,6 +13,7 @@ from retinanet.data.csv import CsvDetection
 from retinanet.data.synthetic import SyntheticShapes
 from retinanet.data.transforms import eval_transforms, train_transforms
 from retinanet.data.voc import VocDetection
+from retinanet.data.yolo import YoloDetection, read_data_yaml
 
 __all__ = ["FIRST_VAL", "build_dataset", "categories_config", "val_dataset", "val_datasets", "with_training_augmentation"]
 
@@ -62,6 +63,10 @@ def _dataset(data: DataConfig, split: str, tf: Any, categories: list[dict[str, A
         _require(data, annotations=annotations, split=split)
         dataset = CsvDetection(annotations, data.classes, root=images, transforms=tf, skip_bad=data.skip_bad,
                                categories=None if data.classes else categories)  # fmt: skip
+    elif fmt == "yolo":
+        _require(data, root=data.root, split=split)
+        dataset = YoloDetection(data.root, "train" if is_train else "val", images=images, transforms=tf,
+                                skip_bad=data.skip_bad)  # fmt: skip
     else:
         _require(data, root=data.root, split=split)
         voc_split = data.train_split if is_train else data.val_split
@@ -86,7 +91,9 @@ def categories_config(model_cfg: ModelConfig, dataset: DetectionDataset) -> Mode
 
 def val_dataset(data: DataConfig, model: ModelConfig, categories: list[dict[str, Any]]) -> DetectionDataset | None:
     """The first validation set of `data` (val_*), or None where it names none."""
-    if data.format == "synthetic" or (data.format == "voc" and data.root) or data.val_annotations:
+    if data.format == "yolo" and data.root and not data.val_images and not read_data_yaml(data.root).get("val"):
+        return None  # a data.yaml without val images
+    if data.format == "synthetic" or (data.format in ("voc", "yolo") and data.root) or data.val_annotations:
         return build_dataset(data, model, "val", train_mode=False, categories=categories)
     return None
 
