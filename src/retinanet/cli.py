@@ -84,7 +84,8 @@ def _detect(args: argparse.Namespace) -> int:
     results = run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh, args.device,
                          skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine, tile=args.tile,
                          overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, csv_file=args.csv,
-                         draw=not args.no_draw, overwrite=args.overwrite, tta=args.tta,
+                         draw="none" if args.no_draw else args.draw, overwrite=args.overwrite, tta=args.tta,
+                         yolo_txt=args.yolo_txt,
                          **size_overrides(args.min_size, args.max_size))  # fmt: skip
     found = sum(len(r["detections"]) for r in results)
     print(f"{found} detections in {len(results)} images; detections.json, results.json (COCO) in {args.output}")
@@ -137,7 +138,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from retinanet.tools.inspection import summary_line
 
     result = run_inspect(load_run_config(args.config, args.set), args.output, args.split, args.augment,
-                         args.show_anchors, args.limit or None, args.only_missed)  # fmt: skip
+                         args.show_anchors, args.limit or None, args.only_missed, args.draw)  # fmt: skip
     print(summary_line(result))
     print(f"images/, stats.json, stats.png and inspect.json in {args.output}")
     return 0
@@ -274,7 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=4, help="images (or tiles) per forward pass")
     d.add_argument("--workers", type=int, default=2, help="processes decoding and resizing images (0: none)")
     d.add_argument("--csv", action="store_true", help="also write detections.csv in keras-retinanet's layout")
-    d.add_argument("--no-draw", action="store_true", help="write no annotated images")
+    d.add_argument("--yolo-txt", action="store_true", help="also write labels/NAME.txt in Ultralytics' layout "
+                   "(class cx cy w h score, fractions of the image)")  # fmt: skip
+    d.add_argument("--draw", choices=("auto", "labels", "boxes", "none"), default="auto", help="annotated images: "
+                   "boxes with their class and score (labels), boxes alone (boxes), none, or labels while they stay "
+                   "readable and boxes alone in dense scenes (auto)")  # fmt: skip
+    d.add_argument("--no-draw", action="store_true", help="write no annotated images (as --draw none)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier detection's files in the output "
                    "folder; without it such a folder is refused")  # fmt: skip
     _tta_option(d)
@@ -320,6 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--show-anchors", action="store_true", help="draw each box's positive anchors too")
     i.add_argument("--limit", type=int, default=64, help="most images drawn (0: all)")
     i.add_argument("--only-missed", action="store_true", help="draw only images with a box without a positive anchor")
+    i.add_argument("--draw", choices=("auto", "labels", "boxes"), default="auto", help="boxes with their labels, "
+                   "boxes alone, or labels while they stay readable (auto)")  # fmt: skip
 
     _analysis_parsers(sub)
     return p

@@ -41,6 +41,7 @@ from retinanet.inference import (
     Predictor,
     check_tta,
     categories_of,
+    draw_mode,
     evaluate_model,
     evaluate_predictions,
     image_files,
@@ -74,7 +75,7 @@ def run_eval(
     (retinanet.tools.report) in report/ there."""
     writable_folder(output, "evaluation")  # before the work, not after it
     check_tta(tta)
-    resolved, amp = resolve_device_and_amp(train_config(device=device, amp=amp))
+    resolved, amp = resolve_device_and_amp(train_config(device=device, amp=amp), flags=True)
     model = load_model(checkpoint, map_location=resolved, **model_overrides).to(resolved)
     known = categories_of(model) if model.config.class_names else None
     sets = val_datasets(data, model.config, known)
@@ -162,10 +163,11 @@ def run_anchors(cfg: RunConfig, output: str | Path, fit: bool = False, max_ancho
 
 
 def run_inspect(cfg: RunConfig, output: str | Path, split: str = "train", augment: bool = False,
-                show_anchors: bool = False, limit: int | None = 64, only_missed: bool = False) -> dict[str, Any]:
+                show_anchors: bool = False, limit: int | None = 64, only_missed: bool = False,
+                draw: str = "auto") -> dict[str, Any]:
     """`retinanet inspect`: the images of a split after the transforms (the training ones, random sizes and the
-    DataConfig's augmentation, with `augment`; else the evaluation resize), boxes coloured by their anchors, and the data's statistics
-    (retinanet.tools.inspection)."""
+    DataConfig's augmentation, with `augment`; else the evaluation resize), boxes coloured by their anchors (draw:
+    labelled, alone, or "auto"), and the data's statistics (retinanet.tools.inspection)."""
     if split not in ("train", "val"):
         raise ValueError(f"inspect: split must be 'train' or 'val', got {split!r}")
     torch.manual_seed(cfg.train.seed)  # the augmentations drawn are the same every time
@@ -176,7 +178,8 @@ def run_inspect(cfg: RunConfig, output: str | Path, split: str = "train", augmen
         raise ValueError("data config: no validation set to inspect (set data.val_annotations, or data.root for VOC)")
     if augment:
         with_training_augmentation(dataset, cfg.data, model_cfg)
-    return inspect_dataset(dataset, model_cfg, output, show_anchors=show_anchors, limit=limit, only_missed=only_missed)
+    return inspect_dataset(dataset, model_cfg, output, show_anchors=show_anchors, limit=limit, only_missed=only_missed,
+                           draw=draw)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,23 +188,26 @@ def run_detect(
     torchvision_weights: str | None = None, score_thresh: float = 0.3, device: str = "auto",
     min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False, onnx: str | Path | None = None,
     engine: str = "onnxruntime", tile: int | None = None, overlap: float = 0.2, batch_size: int = 4,
-    workers: int = 0, csv_file: bool = False, draw: bool = True, overwrite: bool = False, tta: str | None = None,
+    workers: int = 0, csv_file: bool = False, draw: bool | str = True, overwrite: bool = False,
+    tta: str | None = None, yolo_txt: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Detect objects in image files, folders, globs and list files (retinanet.inference) with a checkpoint of ours
     (resized as it was evaluated, or by min_size / max_size), torchvision's COCO weights by name, or an exported
-    ONNX file run by `engine`; in tiles of `tile` px when it is given. Writes an annotated PNG per image,
-    detections.json (every image: box XYXY pixels, score, label, category_id, name), results.json (COCO results)
-    and with csv_file detections.csv. An unreadable file stops the run naming it, or with skip_bad is reported and
-    skipped. An earlier detection's files in `output` are refused, or with `overwrite` removed first (retinanet.
-    outputs). tta: test-time augmentation's views (retinanet.inference.tta; PyTorch models only). Returns the
-    records of detections.json."""
+    ONNX file run by `engine`; in tiles of `tile` px when it is given. Writes an annotated PNG per image (draw:
+    True or "auto", "labels", "boxes"; False or "none": none),
+    detections.json (every image: box XYXY pixels, score, label, category_id, name), results.json (COCO results),
+    with csv_file detections.csv, and with yolo_txt labels/NAME.txt (Ultralytics' layout). An unreadable file
+    stops the run naming it, or with skip_bad is reported and skipped. An earlier detection's files in `output` are
+    refused, or with `overwrite` removed first (retinanet.outputs). tta: test-time augmentation's views
+    (retinanet.inference.tta; PyTorch models only). Returns the records of detections.json."""
     if sum(x is not None for x in (checkpoint, torchvision_weights, onnx)) != 1:
         raise ValueError("give one of: a checkpoint, torchvision weights by name, an ONNX file")
     if check_tta(tta) is not None and onnx is not None:
         raise ValueError("detect --tta runs the PyTorch model several times; it is not available with --onnx")
+    draw_mode(draw)  # a wrong mode stops us first
     files = image_files(inputs)
     claim_detect_folder(output, overwrite)
-    device = resolve_device(train_config(device=device))
+    device = resolve_device(train_config(device=device), flags=True)
     sizes = size_overrides(min_size, max_size)
     options = {"score_thresh": score_thresh, "tile": tile, "overlap": overlap, "batch_size": batch_size}
     if onnx is not None:
@@ -212,7 +218,8 @@ def run_detect(
     else:
         model, categories = load_torchvision_coco(torchvision_weights, **sizes)
         predictor = Predictor(model, categories, device=device, tta=tta, **options)
-    result = run_inference(predictor, files, output, batch_size, workers, skip_bad, csv_file, draw)
+    result = run_inference(predictor, files, output, batch_size, workers, skip_bad, csv_file, draw,
+                           yolo_txt=yolo_txt)  # fmt: skip
     return result.records
 
 

@@ -3,7 +3,7 @@ inference for large images, batch inference over files, folders, globs and list 
 on a whole dataset with their COCO evaluation; test-time augmentation for any of them."""
 
 from retinanet.inference.evaluation import evaluate_model, evaluate_predictions, predict_dataset
-from retinanet.inference.files import InferenceResult, image_files, run_inference, write_csv
+from retinanet.inference.files import InferenceResult, draw_mode, image_files, run_inference, write_csv, write_yolo_txt
 from retinanet.inference.predictor import (
     Prediction,
     Predictor,
@@ -25,6 +25,7 @@ __all__ = [
     "check_tta",
     "detect_resized",
     "detect_tiled",
+    "draw_mode",
     "evaluate_model",
     "evaluate_predictions",
     "image_files",
@@ -37,4 +38,5 @@ __all__ = [
     "run_inference",
     "tile_windows",
     "write_csv",
+    "write_yolo_txt",
 ]

@@ -16,7 +16,11 @@ Writes in the output folder:
                      image_ids of detections.json and the model's category ids
     detections.csv   (csv=True) keras-retinanet's layout, one box per line `path,x1,y1,x2,y2,class_name` in whole
                      pixels and `path,,,,,` for an image with no detections: readable back as training data
-    NAME.png         (draw=True) each image with its detections drawn
+    labels/NAME.txt  (yolo_txt=True) Ultralytics' prediction layout, one file per image (empty: no detections), one
+                     box per line `class cx cy w h score`: the class its 0-based index among the model's classes, the
+                     box's centre and size as fractions of the image's width and height
+    NAME.png         (draw) each image with its detections drawn: labelled while the labels stay readable ("auto"),
+                     or always ("labels"), or as boxes alone ("boxes")
 A file that cannot be read stops the run with its name, or with skip_bad is said in one line and left out of every
 output but detections.json and skipped.json, which name it.
 """
@@ -38,9 +42,10 @@ from tqdm import tqdm
 from retinanet.data.base import notice
 from retinanet.evaluate import coco_results
 from retinanet.inference.predictor import Prediction, Predictor, read_image
-from retinanet.visualize import save_detections_image
+from retinanet.visualize import DRAW_MODES, save_detections_image
 
-__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "image_files", "run_inference", "size_hints", "write_csv"]
+__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "draw_mode", "image_files", "run_inference", "size_hints", "write_csv",
+           "write_yolo_txt"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -126,6 +131,18 @@ class _ImageFiles(Dataset):
         return _Sample(index, path, prepared, scale, image if self.keep_image else None, size, None)
 
 
+def draw_mode(draw: bool | str) -> str | None:
+    """The drawing mode of a `draw` argument (True: "auto"; False or "none": no drawing; else one of
+    retinanet.visualize.DRAW_MODES), or a ValueError naming the choices."""
+    if draw is True or draw is False:
+        return "auto" if draw else None
+    if draw == "none":
+        return None
+    if draw not in DRAW_MODES:
+        raise ValueError(f"--draw {draw!r}: expected one of {[*DRAW_MODES, 'none']}")
+    return draw
+
+
 @dataclass
 class InferenceResult:
     """records: per image read, as in detections.json; skipped: the files left out, with why."""
@@ -142,8 +159,9 @@ def run_inference(
     workers: int = 0,
     skip_bad: bool = False,
     csv_file: bool = False,
-    draw: bool = True,
+    draw: bool | str = True,
     progress: bool = True,
+    yolo_txt: bool = False,
 ) -> InferenceResult:
     """Detect objects in every file with `predictor` (eager, or an engine's), batch_size images per forward pass
     (tiles per pass, with a tiling predictor), `workers` processes decoding and resizing; write the outputs of the
@@ -151,6 +169,8 @@ def run_inference(
     about and skipped."""
     files = [Path(f) for f in files]
     out = Path(output)
+    mode = draw_mode(draw)
+    draw = mode is not None
     tiled = predictor.tile is not None
     dataset = _ImageFiles(files, None if tiled else predictor.prepare_fn, keep_image=draw or tiled)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list,
@@ -173,11 +193,13 @@ def run_inference(
                 predictions.append(found)
                 if draw:
                     save_detections_image(out / names[sample.index], sample.image.float() / 255, found.boxes,
-                                          found.scores, found.labels, predictor.class_names)  # fmt: skip
+                                          found.scores, found.labels, predictor.class_names, mode)  # fmt: skip
             bar.update(len(batch))
     for line in size_hints(predictor, records):
         notice(line)
     _write_outputs(out, records, predictions, predictor.categories, csv_file, skipped)
+    if yolo_txt:
+        write_yolo_txt(out / "labels", records)
     return InferenceResult(records, skipped)
 
 
@@ -258,3 +280,24 @@ def write_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
                     rows.append([record["file"], x1, y1, x2, y2, d["name"]])
             writer.writerows(rows or [[record["file"], "", "", "", "", ""]])
     return path
+
+
+def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Ultralytics' prediction layout of `records` (as in detections.json) in `folder`: NAME.txt per image (its
+    file's stem; a stem met before gets _2, _3, ...), one detection per line `class cx cy w h score`, the class the
+    0-based label and the box as fractions of the image's size; an empty file for an image with no detections."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken: dict[str, int] = {}
+    for record in records:
+        stem = Path(record["file"]).stem
+        taken[stem] = taken.get(stem, 0) + 1
+        name = stem if taken[stem] == 1 else f"{stem}_{taken[stem]}"
+        width, height = record["width"], record["height"]
+        lines = []
+        for d in record["detections"]:
+            x1, y1, x2, y2 = d["box"]
+            cx, cy, w, h = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height
+            lines.append(f"{d['label']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {d['score']:.6f}\n")
+        (folder / f"{name}.txt").write_text("".join(lines))
+    return folder

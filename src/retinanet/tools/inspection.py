@@ -28,7 +28,7 @@ from retinanet.ops.anchors import anchor_generator
 from retinanet.ops.boxes import paired_iou
 from retinanet.ops.resize import padded_size
 from retinanet.tools.anchor_coverage import LOW_QUALITY, NONE, POSITIVE, box_status, training_boxes
-from retinanet.visualize import label_font, label_style, upscale_small
+from retinanet.visualize import DRAW_MODES, label_font, label_style, upscale_small, with_labels
 
 __all__ = ["dataset_statistics", "draw_inspection", "inspect_dataset", "plot_statistics", "summary_line"]
 
@@ -115,9 +115,10 @@ def plot_statistics(records: Sequence[Any], categories: Sequence[dict[str, Any]]
 
 
 def draw_inspection(image: Tensor, boxes: Tensor, status: Tensor, labels: Tensor, class_names: Sequence[str],
-                    best_iou: Tensor, crowd: Tensor | None = None,
-                    anchors_per_box: list[Tensor] | None = None) -> Tensor:  # fmt: skip
-    """The image with its boxes coloured by status.
+                    best_iou: Tensor, crowd: Tensor | None = None, anchors_per_box: list[Tensor] | None = None,
+                    mode: str = "auto") -> Tensor:  # fmt: skip
+    """The image with its boxes coloured by status; mode: with their labels ("labels"), boxes alone ("boxes"), or
+    labels while they stay readable (retinanet.visualize.labels_readable) and boxes alone in dense scenes ("auto").
 
     image: float [3, H, W] in [0, 1]; boxes [G, 4] XYXY pixels; status [G] (POSITIVE, LOW_QUALITY, NONE);
     labels [G]; best_iou [G]; crowd [C, 4] regions drawn grey; anchors_per_box: per box [M_g, 4] anchors drawn thin.
@@ -137,9 +138,15 @@ def draw_inspection(image: Tensor, boxes: Tensor, status: Tensor, labels: Tensor
     if len(boxes):
         text = [f"{_name(class_names, k)}" + ("" if s == POSITIVE else f" IoU {iou:.2f}")
                 for k, s, iou in zip(labels.tolist(), status.tolist(), best_iou.tolist())]  # fmt: skip
-        img = draw_bounding_boxes(img, boxes, labels=text, colors=[COLOURS[int(s)] for s in status], width=width + 1,
-                                  font=label_font(), font_size=label_style(tuple(img.shape[-2:]))[0],
-                                  label_colors="white", fill_labels=True)  # fmt: skip
+        colours = [COLOURS[int(s)] for s in status]
+        side = float((boxes[:, 2:] - boxes[:, :2]).min(1).values.median())
+        line = max(1, min(width + 1, round(side / 10)))  # lines thin enough not to hide small objects
+        if with_labels(mode, boxes, text, tuple(img.shape[-2:])):
+            img = draw_bounding_boxes(img, boxes, labels=text, colors=colours, width=line, font=label_font(),
+                                      font_size=label_style(tuple(img.shape[-2:]))[0], label_colors="white",
+                                      fill_labels=True)  # fmt: skip
+        else:
+            img = draw_bounding_boxes(img, boxes, colors=colours, width=line)
     return img
 
 
@@ -161,12 +168,16 @@ def _positive_anchors(found: Any, boxes: Tensor, fg_iou: float) -> list[Tensor]:
 
 
 def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anchors: bool = False,
-                    limit: int | None = 64, only_missed: bool = False) -> dict[str, Any]:  # fmt: skip
+                    limit: int | None = 64, only_missed: bool = False,
+                    draw: str = "auto") -> dict[str, Any]:  # fmt: skip
     """Write the drawn images of `dataset` (with its transforms) and its statistics under `output`.
 
     limit: at most this many images drawn (None: all); only_missed: draw only images that have a box without a
-    positive anchor. Returns {"statistics", "images": [{"file", "index", "size" (H, W as transformed), "boxes",
-    "positive", "low_quality_only", "no_anchor"}], "boxes_by_status"} (also written as output/inspect.json)."""
+    positive anchor; draw: how boxes are drawn (draw_inspection's mode). Returns {"statistics", "images": [{"file",
+    "index", "size" (H, W as transformed), "boxes", "positive", "low_quality_only", "no_anchor"}], "boxes_by_status"}
+    (also written as output/inspect.json)."""
+    if draw not in DRAW_MODES:
+        raise ValueError(f"inspect --draw {draw!r}: expected one of {list(DRAW_MODES)}")
     out = Path(output)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for old in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9]_*.png"):  # an earlier inspection's drawings
@@ -180,7 +191,7 @@ def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anc
     for index in range(len(dataset)):
         if limit is not None and len(written) >= limit:
             break
-        row = _inspect_one(dataset, index, cfg, generator, names, out / "images", show_anchors, only_missed)
+        row = _inspect_one(dataset, index, cfg, generator, names, out / "images", show_anchors, only_missed, draw)
         if row is not None:
             written.append(row)
             totals.update({k: row[k] for k in ("positive", "low_quality_only", "no_anchor")})
@@ -190,7 +201,7 @@ def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anc
 
 
 def _inspect_one(dataset: Any, index: int, cfg: ModelConfig, generator: Any, names: Sequence[str], folder: Path,
-                 show_anchors: bool, only_missed: bool) -> dict[str, Any] | None:  # fmt: skip
+                 show_anchors: bool, only_missed: bool, draw: str = "auto") -> dict[str, Any] | None:  # fmt: skip
     image, target = dataset[index]
     image = image.as_subclass(Tensor)
     all_boxes = target["boxes"].as_subclass(Tensor).float()
@@ -202,7 +213,8 @@ def _inspect_one(dataset: Any, index: int, cfg: ModelConfig, generator: Any, nam
     if only_missed and counts["positive"] == len(boxes):
         return None
     anchors = _positive_anchors(found, boxes, cfg.fg_iou) if show_anchors else None
-    drawn = draw_inspection(image, boxes, found.status, labels, names, found.best_iou, all_boxes[crowd], anchors)
+    drawn = draw_inspection(image, boxes, found.status, labels, names, found.best_iou, all_boxes[crowd], anchors,
+                            draw)  # fmt: skip
     record = dataset.records[index]
     stem = record.path.stem if record.path is not None else f"image{record.image_id}"
     path = folder / f"{index:05d}_{stem}.png"
