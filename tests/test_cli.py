@@ -95,6 +95,12 @@ def test_resume_from_cli_continues(tmp_path):
                  "--resume", str(run / "last.pt")]) == 0  # fmt: skip
     iters = [json.loads(x)["iter"] for x in (run / "log.jsonl").read_text().splitlines()]
     assert [i for i in iters][-1] == 4
+    # resumed again at its end: nothing to train, said as such
+    assert main(["train", "--set", *tiny_settings(), f"train.output_dir={run}", "train.max_iters=4",
+                 "--resume", str(run / "last.pt")]) == 0  # fmt: skip
+    log = (run / "train.log").read_text()
+    assert "nothing left to train: the checkpoint had reached iteration 4" in log
+    assert "trained iterations 5..4" not in log
 
 
 def _error(capsys) -> str:
@@ -318,6 +324,14 @@ def test_a_gpu_the_machine_lacks_is_one_line_before_anything_is_written(tmp_path
     assert _train(tmp_path, "train.device=cuda") == 2
     assert "device 'cuda' but this machine has no CUDA GPU" in _error(capsys)
     assert not (tmp_path / "run").exists()
+    # a command's --device is named as the user set it, not as a training config's key
+    assert _train(tmp_path, "train.max_iters=1") == 0
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "a.png")
+    assert main(["detect", str(tmp_path / "imgs"), "--checkpoint", str(tmp_path / "run" / "last.pt"), "--device", "cuda",
+                 "--output", str(tmp_path / "out")]) == 2  # fmt: skip
+    err = _error(capsys)
+    assert "use --device cpu" in err and "train.device" not in err and "train config" not in err
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys,

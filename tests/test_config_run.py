@@ -39,6 +39,13 @@ def test_type_errors_read_as_english():
         load_run_config(None, ["model.gamma=[1, 2]"])
 
 
+def test_a_type_error_names_the_declared_default_not_the_files_value(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  max_iters: 1234\n")
+    with pytest.raises(ValueError, match=r"max_iters = 'abc' is not an integer \(the default is 90000\)"):
+        load_run_config(config, ["train.max_iters=abc"])
+
+
 @pytest.mark.parametrize("item, message", [
     ("train.grad_clip=abc", r"train: grad_clip = 'abc' is not a number or null \(the default is None\)"),
     ("model.backbone_weights=5", r"model: backbone_weights = 5 is not a string or null"),

@@ -138,3 +138,14 @@ def test_validation_set_without_classes_file_takes_the_training_label_map(tmp_pa
     train = build_dataset(data, model, "train", train_mode=True)
     val = val_dataset(data, model, train.categories)
     assert val.categories == train.categories and val.records[0].labels.tolist() == [2]
+
+
+def test_a_problem_met_twice_is_said_once(tmp_path: Path, capsys) -> None:
+    # the same annotations read for training and validation: each skipped box is said once, and kept by both
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (20, 16)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "ann.csv").write_text("img/a.png,1,2,11,9,dog\nimg/a.png,5,5,2,2,dog\n")
+    first = CsvDetection(tmp_path / "ann.csv", skip_bad=True)
+    second = CsvDetection(tmp_path / "ann.csv", skip_bad=True)
+    assert len(first.skipped) == len(second.skipped) == 1
+    assert capsys.readouterr().err.count("skipped a box") == 1

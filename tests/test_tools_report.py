@@ -150,3 +150,19 @@ def test_the_report_says_what_to_try_for_each_costly_error_type(tmp_path):
     text = page.read_text()
     assert 'id="what-to-try"' in text and "model.box_loss: giou" in text
     assert set(json.loads((tmp_path / "errors.json").read_text())["what_to_try"]) == set(advice)
+
+
+def test_the_report_gives_every_ap_in_one_unit_and_no_nan(tmp_path):
+    import re
+
+    gt = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [40, 40, 60, 60]]), "labels": torch.zeros(2, dtype=torch.long)}]
+    dets = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [44, 44, 70, 70]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.zeros(2, dtype=torch.long)}]  # fmt: skip
+    errors = analyze_errors(gt, dets)
+    page = write_report(tmp_path, [ReportImage("a.png", (100, 100), None, np.zeros((100, 100, 3), np.uint8))], gt,
+                        dets, ["tree", "car"], errors)  # fmt: skip  (car: no objects, an AP not defined)
+    html_text = page.read_text().split('<script id="data"')[0]
+    assert not re.search(r"\bnan\b", html_text, re.IGNORECASE)
+    assert "a fraction from 0 to 1" in html_text
+    shown = [x for x in re.findall(r">([-\d.]+)(?: AP50)?<", html_text) if x not in ("-",)]
+    assert shown and all(0.0 <= float(x) <= 1.0 for x in shown), shown  # no 83.54 beside 0.835

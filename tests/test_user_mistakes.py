@@ -75,6 +75,24 @@ def test_a_new_run_into_an_existing_run_folder_is_refused_and_overwrite_replaces
     assert [json.loads(x)["iter"] for x in (run / "log.jsonl").read_text().splitlines() if "lr" in x] == [1]
 
 
+def test_a_training_set_smaller_than_a_batch_is_said_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_run(run, "data.synthetic_train_images=3", "train.batch_size=4")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "the training set has 3 image(s), fewer than one batch of train.batch_size = 4" in line
+    assert "train.batch_size=3" in line
+    assert not run.exists()  # the next run is not refused for a half-made folder
+
+
+def test_a_run_folder_without_a_checkpoint_names_no_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {}\n")
+    assert main(["train", *tiny_run(run, "train.max_iters=1")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "holds a training run already" in line and "--resume" not in line and "no checkpoint" in line
+
+
 def _tiny_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
     model = build_model("retinanet_tiny", num_classes=1, min_size=64, max_size=64, class_names=("box",))

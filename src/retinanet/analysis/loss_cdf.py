@@ -256,7 +256,7 @@ def run_loss_cdf(
 ) -> LossCdf:
     """The `retinanet analyze loss-cdf` job: a checkpoint's model over the validation set of DataConfig `data`
     (resized as the checkpoint's model config says), written by `write_loss_cdf` to `output`."""
-    device = resolve_device(train_config(device=device))
+    device = resolve_device(train_config(device=device), flags=True)
     model = load_model(checkpoint, map_location=device).to(device)
     known = categories_of(model) if model.config.class_names else None
     dataset = build_dataset(data, model.config, "val", train_mode=False, categories=known)

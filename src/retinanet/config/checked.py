@@ -54,7 +54,7 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "config
     for k, v in overrides.items():
         if isinstance(v, list):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        values[k] = _checked(where, k, v, hints[k], getattr(config, k))
+        values[k] = _checked(where, k, v, hints[k], _default(config, k))
     out = dataclasses.replace(config, **values)
     if hasattr(out, "check"):
         out.check(where)
@@ -66,14 +66,24 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _checked(where: str, key: str, value: Any, hint: Any, current: Any) -> Any:
+def _default(config: Any, key: str) -> Any:
+    """The declared default of field `key` of dataclass `config` (not the value a config file gave it), or
+    dataclasses.MISSING where it has none."""
+    field = next(f for f in fields(config) if f.name == key)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _checked(where: str, key: str, value: Any, hint: Any, default: Any) -> Any:
     """`value` (integers made floats where the field is a float) if it is of the field's type `hint`, else a
-    ValueError naming the key, the value and the kind expected."""
+    ValueError naming the key, the value, the kind expected and the field's declared default."""
     ok, value = _of_type(value, hint)
     if not ok:
         shown = list(value) if isinstance(value, tuple) else value
-        default = list(current) if isinstance(current, tuple) else current
-        raise ValueError(f"{where}: {key} = {shown!r} is not {_kind(hint)} (the default is {default!r})")
+        default = list(default) if isinstance(default, tuple) else default
+        said = "" if default is dataclasses.MISSING else f" (the default is {default!r})"
+        raise ValueError(f"{where}: {key} = {shown!r} is not {_kind(hint)}{said}")
     return value
 
 

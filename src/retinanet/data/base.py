@@ -158,8 +158,14 @@ def report_bad(problems: Sequence[Skip], skip_bad: bool) -> list[Skip]:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise DatasetError(problems[0].reason + more)
     for p in problems:
-        notice(f"skipped {'a box' if p.box else 'an image'}: {p.reason}")
+        line = f"skipped {'a box' if p.box else 'an image'}: {p.reason}"
+        if line not in _SAID:  # a file read twice (the same annotations for training and validation) is said once
+            _SAID.add(line)
+            notice(line)
     return list(problems)
+
+
+_SAID: set[str] = set()  # the skip lines this process has said
 
 
 def image_header(path: Path, where: str) -> tuple[int, int]:

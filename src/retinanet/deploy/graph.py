@@ -214,7 +214,7 @@ def export_onnx(
     d = cfg.size_divisible
     if image_size is not None and (len(image_size) != 2 or any(s < d or s % d for s in image_size)):
         raise ValueError(f"image size {tuple(image_size)}: height and width must be multiples of {d} (the model's "
-                         "size_divisible), at least {d}")  # fmt: skip
+                         f"size_divisible), at least {d}")  # fmt: skip
     graph = InferenceGraph(_exportable_copy(model)).eval()
     height, width = image_size or (2 * d * 4, 3 * d * 4)  # any example size: the dims are marked dynamic
     images = torch.rand(2, 3, height, width)

@@ -187,7 +187,7 @@ def _error_chart(errors: ErrorAnalysis) -> str:
         w = (width - left - 110) * errors.dap[k]["50"] / top
         rows.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{k} ({errors.counts[k]})</text>'
                     f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{COLOURS[k]}"/>'
-                    f'<text x="{left + w + 6:.1f}" y="{y + 17}">{100 * errors.dap[k]["50"]:.2f} AP</text>')  # fmt: skip
+                    f'<text x="{left + w + 6:.1f}" y="{y + 17}">{_number(errors.dap[k]["50"])} AP50</text>')  # fmt: skip
     height = 20 + len(ERROR_TYPES) * (bar_h + 8)
     return (f'<svg id="error-chart" width="{width}" height="{height}" font-size="13" font-family="sans-serif" '
             f'role="img" aria-label="AP lost to each error type">{"".join(rows)}</svg>')  # fmt: skip
@@ -216,10 +216,10 @@ def what_to_try(errors: ErrorAnalysis) -> list[tuple[str, float, str]]:
 
 
 def _advice(errors: ErrorAnalysis) -> str:
-    items = "".join(f"<li><b>{k}</b> ({100 * cost:.1f} AP50): {html.escape(text)}</li>"
+    items = "".join(f"<li><b>{k}</b> (costs {cost:.3f} AP50): {html.escape(text)}</li>"
                     for k, cost, text in what_to_try(errors))  # fmt: skip
     if not items:
-        return f'<p id="what-to-try">No error type costs {100 * COSTLY:.0f} AP50 point or more.</p>'
+        return f'<p id="what-to-try">No error type costs {COSTLY:.2f} AP50 or more.</p>'
     return f'<h3>What to try</h3><ul id="what-to-try">{items}</ul>'
 
 
@@ -242,7 +242,7 @@ def _tables(class_names: Sequence[str], errors: ErrorAnalysis, metrics: CocoMetr
                  "<th>best-F1 threshold</th><th>best F1</th><th>P / R / F1 at the threshold</th>"
                  f"<th>costliest error</th></tr>{''.join(rows)}</table>")  # fmt: skip
     size_rows = "".join(f"<tr><td>{s}</td><td>{_number(v['ap50'])}</td>"
-                        + "".join(f"<td>{100 * v['dap'][k]:.2f}</td>" for k in ERROR_TYPES) + "</tr>"
+                        + "".join(f"<td>{_number(v['dap'][k])}</td>" for k in ERROR_TYPES) + "</tr>"
                         for s, v in errors.per_size.items())  # fmt: skip
     parts.append("<h2>By object size</h2><table><tr><th>size</th><th>AP50</th>"
                  + "".join(f"<th>dAP {k}</th>" for k in ERROR_TYPES) + f"</tr>{size_rows}</table>")  # fmt: skip
@@ -257,10 +257,10 @@ def _page(data: dict, class_names: Sequence[str], errors: ErrorAnalysis, metrics
         curves = f'<h2>Precision-recall curves</h2><img id="pr" alt="PR curves" src="data:image/png;base64,{encoded}">'
     legend = "".join(f'<span class="key"><i style="background:{c}"></i>{k}: {MEANING[k]}</span>'
                      for k, c in COLOURS.items())  # fmt: skip
-    dap = " ".join(f"{k} {100 * errors.dap[k]['avg']:.2f}" for k in ERROR_TYPES)
+    dap = " ".join(f"{k} {_number(errors.dap[k]['avg'])}" for k in ERROR_TYPES)
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     return _TEMPLATE.format(
-        ap50=100 * errors.ap["50"], apavg=100 * errors.ap["avg"], chart=_error_chart(errors) + _advice(errors),
+        ap50=_number(errors.ap["50"]), apavg=_number(errors.ap["avg"]), chart=_error_chart(errors) + _advice(errors),
         dap_avg=dap,
         tables=_tables(class_names, errors, metrics, best), curves=curves, legend=legend, data=payload, script=_SCRIPT,
     )  # fmt: skip
@@ -278,7 +278,8 @@ height: 12px; margin-right: 4px; vertical-align: middle; }}
 #controls {{ position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid #ddd; z-index: 1; }}
 </style></head><body>
 <h1>Detection report</h1>
-<p>AP at IoU 0.5 (TIDE's): {ap50:.2f}; averaged over IoU 0.5:0.95: {apavg:.2f}.</p>
+<p>Every AP in this report is a fraction from 0 to 1 ("-": not defined). AP at IoU 0.5 (TIDE's): {ap50};
+averaged over IoU 0.5:0.95: {apavg}.</p>
 <h2>Errors: the AP each type costs (TIDE, IoU 0.5), with its count</h2>
 {chart}
 <p>Averaged over IoU 0.5:0.95, dAP: {dap_avg}.</p>

@@ -88,32 +88,34 @@ def gather(obj: Any, world: int) -> list[Any]:
     return gathered
 
 
-def resolve_device_and_amp(cfg: TrainConfig) -> tuple[torch.device, str]:
+def resolve_device_and_amp(cfg: TrainConfig, flags: bool = False) -> tuple[torch.device, str]:
     """The device and the precision to run in ("none", "bf16", "fp16"; amp "auto" resolved by measurement, or the
     cache's choice). A training run makes this choice in `train` instead (fastpath.begin_run), once for all its
-    processes."""
-    device = resolve_device(cfg)
+    processes. flags: errors name the command's --device and --amp (else train.device and train.amp)."""
+    device = resolve_device(cfg, flags)
     return device, fastpath.choose_amp(cfg.amp, device)
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
+def resolve_device(cfg: TrainConfig, flags: bool = False) -> torch.device:
     """The device to run on; a ValueError for one this machine lacks, or for a precision it cannot run (measures
-    nothing)."""
+    nothing). flags: the errors name the command's --device and --amp, as the user set them (else the config's
+    train.device and train.amp)."""
     name = cfg.device
+    said, device_key, amp_key = ("", "--device ", "--amp ") if flags else ("train config: ", "train.device=", "train.amp=")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train config: device {name!r} but this machine has no CUDA GPU that torch can use; set "
-                         "train.device=cpu (or auto)")  # fmt: skip
+        raise ValueError(f"{said}device {name!r} but this machine has no CUDA GPU that torch can use; use "
+                         f"{device_key}cpu (or auto)")  # fmt: skip
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # init_distributed pinned this process's GPU
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"train config: amp='fp16' needs a CUDA device, got {device}; use amp='none' on a CPU")
+        raise ValueError(f"{said}amp 'fp16' needs a CUDA device, got {device}; use {amp_key}none on a CPU")
     try:
         fastpath.check_amp(cfg.amp, device)
     except ValueError as exc:
-        raise ValueError(f"train config: {exc}") from None
+        raise ValueError(f"{said}{exc}") from None
     return device
 
 

@@ -211,8 +211,12 @@ class _Run:
                        self.rank, self.world, self.fast, ema_state(self.ema), self.best, spent)  # fmt: skip
 
     def finish(self, reached: int, seconds: float, eval_seconds: float) -> None:
-        self.log.note(f"trained iterations {self.start + 1}..{reached} in {seconds:.1f} s (evaluation not counted: "
-                      f"{eval_seconds:.1f} s)", echo=False)  # fmt: skip
+        if reached > self.start:
+            self.log.note(f"trained iterations {self.start + 1}..{reached} in {seconds:.1f} s (evaluation not "
+                          f"counted: {eval_seconds:.1f} s)", echo=False)  # fmt: skip
+        else:  # a resumed run that had already ended
+            self.log.note(f"nothing left to train: the checkpoint had reached iteration {self.start}, the run's end "
+                          "(raise train.max_iters or train.minutes to train on)")  # fmt: skip
         self.log.note(f"at the end: {self.fast.describe()}", echo=False)  # with the classes met after the start
         self.log.close()
         fastpath.end_run()

@@ -57,6 +57,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     model = build_from_config(cfg.model)
     init_lines = _init_weights(model, resume)
     per_process = cfg.train.batch_size // world
+    check_enough_images(len(train_set), per_process, world, cfg.train.batch_size)
     loader = make_loader(train_set, per_process, shuffle=True, num_workers=workers,
                          seed=cfg.train.seed, distributed=world > 1, drop_last=True)  # fmt: skip
     if rank == 0:  # the run will start: now its folder is written
@@ -164,6 +165,17 @@ def write_skipped(out: Path, datasets: dict[str, DetectionDataset | None]) -> No
                for skip in ds.skipped]  # fmt: skip
     if skipped:
         (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+
+
+def check_enough_images(images: int, per_process: int, world: int, batch_size: int) -> None:
+    """One line, before anything is written, for a training set that cannot fill one batch (whole batches only:
+    the loader drops a last, smaller one), with both numbers and a batch size that works."""
+    if images // world >= per_process:
+        return
+    fits = max(1, images // world) * world
+    share = f" ({images // world} per process of {world})" if world > 1 else ""
+    raise ValueError(f"the training set has {images} image(s){share}, fewer than one batch of train.batch_size = "
+                     f"{batch_size}: add images, or set train.batch_size={fits}")  # fmt: skip
 
 
 def check_learnable(cfg: RunConfig, train_set: DetectionDataset) -> None:
