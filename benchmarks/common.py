@@ -133,3 +133,17 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + f"\n\n{section}\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def untrained_tiny(folder: Path, size: int) -> Path:
+    """last.pt of retinanet_tiny at `size` px trained for one iteration on the synthetic shapes (in `folder`, made
+    once): a model for benchmarks of reading, tiling and memory, where accuracy is not measured."""
+    from retinanet.cli import main as cli
+
+    checkpoint = folder / "last.pt"
+    if not checkpoint.exists():
+        assert cli(["train", "--set", "model.preset=retinanet_tiny", f"model.min_size={size}", f"model.max_size={size}",
+                    "data.synthetic_train_images=8", "data.synthetic_val_images=2", "data.synthetic_image_size=128",
+                    "train.max_iters=1", "train.batch_size=2", "train.num_workers=0", f"train.output_dir={folder}",
+                    "--overwrite"]) == 0  # fmt: skip
+    return checkpoint

@@ -78,12 +78,17 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
                  "--overwrite"]) == 2  # fmt: skip
     assert "broken.png" in _error(capsys)
+    # the failed run left the earlier detection whole: --overwrite replaces files only once new ones are written
+    assert json.loads((out / "detections.json").read_text()) == result and (out / "img0.png").exists()
     assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
                  "--skip-bad", "--overwrite"]) == 0  # fmt: skip
     assert "broken.png" in capsys.readouterr().err
     result = json.loads((out / "detections.json").read_text())
     assert [(Path(r["file"]).name, "skipped" in r) for r in result] == [("img0.png", False), ("img1.png", False),
                                                                         ("broken.png", True)]  # fmt: skip
+    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
+                 "--skip-bad", "--overwrite", "--no-draw"]) == 0  # fmt: skip
+    assert not (out / "img0.png").exists()  # the earlier drawings, not written again, are gone
     assert main(["detect", str(tmp_path / "nothing.png"), "--checkpoint", str(run / "last.pt")]) == 2
     assert "nothing.png" in _error(capsys)
 

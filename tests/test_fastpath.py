@@ -23,6 +23,9 @@ def cache(tmp_path, monkeypatch):
     fresh = Cache()
     monkeypatch.setattr(fastpath, "_CACHE", fresh)
     monkeypatch.setattr(fastpath, "_RUN", None)
+    monkeypatch.setattr(fastpath, "_CHECKED", set())
+    monkeypatch.setattr(fastpath, "NOTES", [])
+    monkeypatch.setattr(fastpath, "busy_processes", lambda *a, **k: 0)  # a quiet machine, whatever else runs
     return tmp_path / "fastpaths.json"
 
 
@@ -289,3 +292,87 @@ def test_a_shared_run_gives_classes_met_later_the_default_without_measuring(cach
     monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "winograd"})
     with torch.no_grad():  # inference (rank 0's evaluation) is measured by the one process that runs it
         assert _algorithm(x.detach(), w) == "winograd"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cached choices that stay true
+
+
+def _poison_layout(model, images, record):
+    key = fastpath._model_class(model, images, True)
+    fastpath._CACHE.put("memory_format", key, record)
+    return key
+
+
+def test_a_poisoned_layout_is_measured_again_and_the_log_says_so(cache, monkeypatch):
+    model, (images, targets) = _tiny(), _batch()
+    # the cache says contiguous is twice as fast; the machine says the opposite
+    key = _poison_layout(model, images, {"choice": "contiguous", "channels_last_ms": 10.0, "contiguous_ms": 5.0})
+    calls = []
+
+    def probe(model, images, targets, rounds=fastpath.ROUNDS):
+        calls.append(rounds)
+        return {"choice": "channels_last", "channels_last_ms": 5.0, "contiguous_ms": 10.0}
+
+    monkeypatch.setattr(fastpath, "_probe_layouts", probe)
+    assert fastpath.tune(model, images, targets) == "channels_last"
+    assert calls == [1, fastpath.ROUNDS]  # a one-round check, then the full measurement
+    assert _records(cache, "memory_format")[key]["choice"] == "channels_last"
+    (note,) = fastpath.NOTES
+    assert "measured again" in note and "quick check" in note and "contiguous" in note
+    run, lines = fastpath.begin_run(_tiny(), None, "none", "cpu")  # a run's log takes the notes
+    fastpath.end_run()
+    assert note in lines and not fastpath.NOTES
+
+
+def test_a_quiet_machine_keeps_its_cached_choice_without_measuring_again(cache, monkeypatch):
+    model, (images, targets) = _tiny(), _batch()
+    _poison_layout(model, images, {"choice": "channels_last", "channels_last_ms": 5.0, "contiguous_ms": 6.0,
+                                   "busy": 0})  # fmt: skip
+    calls = []
+
+    def probe(model, images, targets, rounds=fastpath.ROUNDS):
+        calls.append(rounds)
+        return {"choice": "channels_last", "channels_last_ms": 5.5, "contiguous_ms": 6.2}
+
+    monkeypatch.setattr(fastpath, "_probe_layouts", probe)
+    assert fastpath.tune(model, images, targets) == "channels_last"
+    assert fastpath.tune(_tiny(), images, targets) == "channels_last"
+    assert calls == [1] and not fastpath.NOTES  # one quick check per process, and it agreed
+
+
+def test_a_choice_measured_on_a_busy_machine_is_measured_again_when_it_is_quiet(cache, monkeypatch):
+    x, w = _conv_input(grad=True)
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "winograd", "direct_ms": 9.0,
+                                                               "winograd_ms": 3.0})  # fmt: skip
+    monkeypatch.setattr(fastpath, "busy_processes", lambda *a, **k: 2)
+    assert _algorithm(x, w) == "winograd"
+    ((key, record),) = _records(cache, "conv3x3").items()
+    assert record["busy"] == 2  # how busy the machine was is kept with the choice
+    # still busy: the record stands
+    monkeypatch.setattr(fastpath, "_CACHE", Cache())
+    monkeypatch.setattr(fastpath, "_CHECKED", set())
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: pytest.fail("probed while still busy"))
+    assert _algorithm(x, w) == "winograd"
+    # quiet now: measured again, and said
+    monkeypatch.setattr(fastpath, "_CACHE", Cache())
+    monkeypatch.setattr(fastpath, "_CHECKED", set())
+    monkeypatch.setattr(fastpath, "busy_processes", lambda *a, **k: 0)
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "direct", "direct_ms": 3.0, "winograd_ms": 4.0})
+    assert _algorithm(x, w) == "direct"
+    assert _records(cache, "conv3x3")[key] == {"choice": "direct", "direct_ms": 3.0, "winograd_ms": 4.0, "busy": 0}
+    assert "while 2 other process(es) computed" in fastpath.NOTES[0]
+
+
+def test_the_fastpaths_command_shows_and_resets_the_cache(cache, capsys):
+    from retinanet.cli import main
+
+    fastpath._CACHE.put("amp", "conv 256->256 n2 64x64 train", {"choice": "bf16", "none_ms": 20.0, "bf16_ms": 5.0,
+                                                                "busy": 1})  # fmt: skip
+    assert main(["fastpaths"]) == 0
+    out = capsys.readouterr().out
+    assert str(cache) in out and "amp: 1 shape class(es)" in out
+    assert "train: bf16 (bf16 5 ms, none 20 ms); measured while 1 other process(es) computed" in out
+    assert main(["fastpaths", "--reset"]) == 0
+    assert "forgot the 1 measured choices" in capsys.readouterr().out
+    assert main(["fastpaths"]) == 0 and "no measured choices yet" in capsys.readouterr().out

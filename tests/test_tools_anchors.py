@@ -187,6 +187,31 @@ def test_coverage_lines_warn_below_95_percent():
     assert len(coverage_lines(good)) == 1
 
 
+# 3 x 3 boxes centred 2 px off the P3 and P5 grid points and far from P4's: no anchor shape could reach IoU 0.5 at
+# this size (the same-size anchor on the nearest point overlaps 1 x 1 px), so fitting anchors cannot help them
+TINY = torch.tensor([[16.5, 16.5, 19.5, 19.5], [16.5, 48.5, 19.5, 51.5]])
+
+
+def test_boxes_too_small_for_the_grid_are_told_to_grow_the_image_not_to_fit_anchors():
+    cfg = model_config("retinanet_tiny", **HAND)
+    cov = coverage(training_boxes([_record(TINY), _record(BOXES[:1])], cfg), cfg)
+    assert cov.reachable.tolist() == [False, False, True]
+    warning = coverage_lines(cov)[1]
+    assert "too small for any anchor on the grid at this image size" in warning and "model.min_size" in warning
+    assert "proposes a size" in warning
+
+
+def test_fit_proposes_a_larger_image_size_where_anchors_alone_cannot_cover(tmp_path):
+    cfg = model_config("retinanet_tiny", **HAND)
+    summary = write_report([_record(TINY), _record(BOXES[:1])], cfg, tmp_path, fit=True)
+    larger = summary["larger_size"]
+    assert larger["coverage"] > summary["fitted_coverage"] and larger["factor"] > 1
+    assert larger["overrides"]["min_size"] == 32 * round(64 * larger["factor"] / 32)
+    text = (tmp_path / "anchors_fit.yaml").read_text()
+    assert yaml.safe_load(text)["model"] == summary["overrides"]  # the proposal stays a comment
+    assert "# objects too small for the anchor grid at this size" in text and "#   min_size:" in text
+
+
 
 
 @pytest.mark.slow

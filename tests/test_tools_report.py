@@ -127,6 +127,13 @@ def test_the_page_in_a_real_browser(trained, tmp_path):
         after = page.inner_text("#counts")
         page.eval_on_selector("#threshold", "e => { e.value = 0.99; e.dispatchEvent(new Event('input')); }")
         high = page.inner_text("#counts")
+        page.locator("#gallery .card svg").first.click()  # an image opens over the page, and zooms
+        assert page.locator("#zoom").is_visible()
+        width = page.locator("#zoom-view svg").bounding_box()["width"]
+        page.click("#zoom-in")
+        assert page.locator("#zoom-view svg").bounding_box()["width"] > 1.5 * width
+        page.keyboard.press("Escape")
+        assert not page.locator("#zoom").is_visible()
         browser.close()
     assert not problems, problems
     assert "TP" in after and before != after != high  # moving the threshold changes the counts
@@ -164,5 +171,8 @@ def test_the_report_gives_every_ap_in_one_unit_and_no_nan(tmp_path):
     html_text = page.read_text().split('<script id="data"')[0]
     assert not re.search(r"\bnan\b", html_text, re.IGNORECASE)
     assert "a fraction from 0 to 1" in html_text
+    # a gallery image opens over the page at full size and larger, its boxes' lines kept thin
+    page_text = page.read_text()
+    assert 'id="zoom"' in page_text and "openZoom(c)" in page_text and "non-scaling-stroke" in page_text
     shown = [x for x in re.findall(r">([-\d.]+)(?: AP50)?<", html_text) if x not in ("-",)]
     assert shown and all(0.0 <= float(x) <= 1.0 for x in shown), shown  # no 83.54 beside 0.835

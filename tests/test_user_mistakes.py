@@ -75,6 +75,25 @@ def test_a_new_run_into_an_existing_run_folder_is_refused_and_overwrite_replaces
     assert [json.loads(x)["iter"] for x in (run / "log.jsonl").read_text().splitlines() if "lr" in x] == [1]
 
 
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_keeps_the_last_one(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def full_after_the_first(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 1:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_the_first)
+    assert main(["train", *tiny_run(run, "train.max_iters=4", "train.checkpoint_every=2")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"cannot write {run}{os.sep}" in line and ".pt (No space left on device)" in line and "GB free in" in line
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["iteration"] == 2  # whole
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_a_training_set_smaller_than_a_batch_is_said_before_anything_is_written(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *tiny_run(run, "data.synthetic_train_images=3", "train.batch_size=4")]) == 2
@@ -250,8 +269,8 @@ def test_a_large_image_without_tiles_and_a_full_cap_get_a_hint(tmp_path, capsys)
     Image.fromarray((np.random.default_rng(0).random((600, 640, 3)) * 255).astype(np.uint8)).save(path)
     run_inference(Predictor(model, score_thresh=0.0), [path], tmp_path / "out", workers=0, draw=False, progress=False)
     err = capsys.readouterr().err
-    assert "far larger than the model's 64-64 px" in err and "--tile 64" in err
-    assert "have 5 detections, the model's cap" in err
+    assert "larger than the model's 64-64 px were shrunk to it" in err and "--tile 64" in err
+    assert "reached the model's cap of 5 detections" in err
 
 
 def test_labels_stay_readable_on_large_images():

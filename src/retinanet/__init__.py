@@ -12,9 +12,16 @@ are loaded when first used, so that `import retinanet` (and `retinanet --help`) 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from retinanet import moved
+
+# OpenMP threads that wait for work sleep instead of spinning (before torch loads its OpenMP runtime, which reads
+# this once): two processes on the same cores (a training and an evaluation, two ablation cells, a detection server
+# beside a notebook) then share them, 1.7x the time of one alone for two trainings on 2 cores, where spinning
+# threads took 7.5x (benchmarks/bench_shared_cores.py); one alone was no slower. OMP_WAIT_POLICY=ACTIVE restores it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

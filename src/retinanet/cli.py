@@ -77,6 +77,28 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fastpaths(args: argparse.Namespace) -> int:
+    from retinanet.machine import Cache, cache_key
+
+    cache = Cache()
+    if args.reset:
+        count = cache.reset()
+        print(f"forgot the {count} measured choices of this machine ({cache_key()}) in {cache.path()}: each is "
+              "measured again at its first use")  # fmt: skip
+        return 0
+    mine = cache.mine()
+    print(f"{cache.path() or 'no cache file (RETINANET_CACHE_DIR=off)'}, this machine: {cache_key()}")
+    if not mine:
+        print("no measured choices yet")
+    for kind, records in sorted(mine.items()):
+        print(f"{kind}: {len(records)} shape class(es)")
+        for key, r in sorted(records.items()):
+            figures = ", ".join(f"{k[:-3]} {v:.3g} ms" for k, v in r.items() if k.endswith("_ms"))
+            busy = f"; measured while {r['busy']} other process(es) computed" if r.get("busy") else ""
+            print(f"  {key}: {r['choice']}" + (f" ({figures})" if figures else "") + busy)
+    return 0
+
+
 def _detect(args: argparse.Namespace) -> int:
     from retinanet.config import size_overrides
     from retinanet.jobs import run_detect
@@ -85,7 +107,8 @@ def _detect(args: argparse.Namespace) -> int:
                          skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine, tile=args.tile,
                          overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, csv_file=args.csv,
                          draw="none" if args.no_draw else args.draw, overwrite=args.overwrite, tta=args.tta,
-                         yolo_txt=args.yolo_txt,
+                         yolo_txt=args.yolo_txt, max_detections=args.max_detections,
+                         allow_large=args.allow_large_images,
                          **size_overrides(args.min_size, args.max_size))  # fmt: skip
     found = sum(len(r["detections"]) for r in results)
     print(f"{found} detections in {len(results)} images; detections.json, results.json (COCO) in {args.output}")
@@ -101,6 +124,7 @@ def _export(args: argparse.Namespace) -> int:
 
     int8 = load_run_config(args.calibration) if args.int8 else None
     thresh = {"score_thresh": args.score_thresh} if args.score_thresh is not None else {}
+    thresh |= {"detections_per_image": args.max_detections} if args.max_detections is not None else {}
     overrides = {**size_overrides(args.min_size, args.max_size), **thresh}
     report = run_export(args.checkpoint, args.output, args.opset, args.image_size, args.check_images, int8,
                         args.calibration_images, **overrides)  # fmt: skip
@@ -228,7 +252,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = _command(sub, "train", _train, "train a model (config YAML + overrides); torchrun for several processes")
     _config_options(t)
-    t.add_argument("--resume", help="checkpoint to continue from exactly")
+    t.add_argument("--resume", help="checkpoint to continue from exactly, or auto: the output folder's last.pt where "
+                   "there is one, else a fresh run (for torchrun --max-restarts and preemptible nodes)")  # fmt: skip
     t.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder (its "
                    "files are removed once this run's checks pass); without it such a folder is refused")  # fmt: skip
     t.add_argument("--skip-bad", action="store_true", help="drop bad images and boxes instead of stopping "
@@ -281,6 +306,11 @@ def _parser() -> argparse.ArgumentParser:
                    "boxes with their class and score (labels), boxes alone (boxes), none, or labels while they stay "
                    "readable and boxes alone in dense scenes (auto)")  # fmt: skip
     d.add_argument("--no-draw", action="store_true", help="write no annotated images (as --draw none)")
+    d.add_argument("--allow-large-images", action="store_true", help="decode whole an image past Pillow's "
+                   "decompression-bomb limit that cannot be read by windows (TIFFs are, with rasterio: the geo "
+                   "extra); its memory is then width x height x 3 bytes")  # fmt: skip
+    d.add_argument("--max-detections", type=int, default=None, help="the cap of detections per image (per tile with "
+                   "--tile) in place of the model's (model.detections_per_image, 100 by default)")  # fmt: skip
     d.add_argument("--overwrite", action="store_true", help="replace an earlier detection's files in the output "
                    "folder; without it such a folder is refused")  # fmt: skip
     _tta_option(d)
@@ -302,6 +332,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--calibration", help="with --int8: the run config whose validation (else training) images "
                    "calibrate the INT8 ranges")  # fmt: skip
     x.add_argument("--calibration-images", type=int, default=200, help="most calibration images")
+    x.add_argument("--max-detections", type=int, default=None, help="the graph's cap of detections per image "
+                   "(default: the model's)")  # fmt: skip
     x.add_argument("--score-thresh", type=float, default=None, help="the least score the graph keeps (default: the "
                    "checkpoint's score_thresh); a predictor of the file cannot go below it")  # fmt: skip
     _size_options(x)
@@ -328,6 +360,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--only-missed", action="store_true", help="draw only images with a box without a positive anchor")
     i.add_argument("--draw", choices=("auto", "labels", "boxes"), default="auto", help="boxes with their labels, "
                    "boxes alone, or labels while they stay readable (auto)")  # fmt: skip
+
+    c = _command(sub, "fastpaths", _fastpaths, "the fast paths this machine measured (layouts, convolution "
+                 "algorithms, precision), with their figures; --reset forgets them")  # fmt: skip
+    c.add_argument("--reset", action="store_true", help="forget this machine's measured choices")
 
     _analysis_parsers(sub)
     return p

@@ -30,16 +30,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-__all__ = [
-    "CocoMetrics",
-    "coco_ground_truth",
-    "coco_results",
-    "save_coco_results",
-    "evaluate_coco",
-    "plot_pr_curves",
-    "evaluate_voc",
-    "average_precision",
-]
+__all__ = ["CocoMetrics", "average_precision", "coco_ground_truth", "coco_results", "evaluate_coco", "evaluate_voc",
+           "max_dets_for", "plot_pr_curves", "save_coco_results"]
 
 Target = Mapping[str, Any]
 Category = Mapping[str, Any]
@@ -233,6 +225,8 @@ class CocoMetrics:
         """JSON-ready summary: the 12 numbers and {"per_class_ap": {name: AP}} (arrays left out)."""
         summary: dict[str, Any] = dict(zip(self.STAT_NAMES, self.stats))
         summary["per_class_ap"] = dict(self.per_class_ap)
+        if self.max_dets_list[-1] != 100:  # AR100 and every AP then count this many detections per image
+            summary["max_dets"] = self.max_dets_list[-1]
         return summary
 
 
@@ -272,6 +266,11 @@ def _summary_stats(eval_result: dict[str, Any], params: Any, max_dets: int) -> l
     ars = [recall[:, :, a["all"], m[d]] for d in (1, 10, max_dets)]
     ars += [recall[:, :, a[s], m[max_dets]] for s in ("small", "medium", "large")]
     return [_mean_defined(s) for s in aps + ars]
+
+
+def max_dets_for(gts: Sequence[Target], least: int = 100) -> int:
+    """The detections per image an evaluation counts: COCO's 100, or the most objects an image holds (dense scenes)."""
+    return max([least, *(len(g["boxes"]) for g in gts)])
 
 
 def evaluate_coco(gts: Sequence[Target], detections: Sequence[Target], categories: Sequence[Category],

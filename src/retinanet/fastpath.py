@@ -17,7 +17,9 @@ MARGIN in every one of ROUNDS interleaved rounds, so that timing noise on a busy
 figures (the median of each option) are kept with the choice, for the logs.
 
 Choices are cached per machine (retinanet.machine: in memory and in a JSON file that processes share safely), so
-that a machine measures a shape class once.
+that a machine measures a shape class once, with how busy it was. A cached choice measured while other processes
+computed is measured again once the machine is quiet, and a layout or precision whose one-round check disagrees
+with its figures by more than RECHECK is measured again; NOTES (and a run's log) say so.
 
 A training run makes its choices once, at its first batch (`begin_run`): in a distributed run rank 0 measures and
 every process takes rank 0's choices before DDP wraps the model, and a training shape class first met later takes
@@ -41,12 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from retinanet.machine import Cache, CpuInfo, cpu_info, machine_id
+from retinanet.machine import Cache, CpuInfo, busy_processes, cpu_info, machine_id
 
 __all__ = [
     "CpuInfo",
     "MARGIN",
     "MEMORY_FORMATS",
+    "NOTES",
     "ROUNDS",
     "RunFastPaths",
     "begin_run",
@@ -73,6 +76,10 @@ MARGIN = 0.95
 ROUNDS = 3
 DEFAULTS = {"conv3x3": "direct", "memory_format": "channels_last", "amp": "none"}
 _CACHE = Cache()
+# a cached record whose one-round check is more than this many times away from its figures is measured again
+RECHECK = 1.5
+NOTES: list[str] = []  # what this process measured again, and why: begin_run puts them in the run's log
+_CHECKED: set[tuple[str, str]] = set()  # the cached records this process has checked
 
 
 
@@ -184,14 +191,20 @@ def begin_run(
         run.origin = f"rank 0's, shared with {world} processes" + (" (from the checkpoint)" if reuse else "")
         _RUN = run
     model.use_memory_format(run.memory_format)
+    lines += NOTES
+    NOTES.clear()
     return run, lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _choose(kind: str, key: str, measure: Callable[[], dict[str, Any]], lockstep: bool) -> dict[str, Any]:
+def _choose(kind: str, key: str, measure: Callable[..., dict[str, Any]], lockstep: bool,
+            recheck: bool = False) -> dict[str, Any]:  # fmt: skip
     """The record of a choice: the run's (if one is in progress and holds it), else the cache's, else measured.
     lockstep: a training choice every process of a distributed run makes alike; met after a shared run's start,
-    it takes the default without a probe."""
+    it takes the default without a probe. A cached record is measured again (once per process, said in a note)
+    where `_stale` finds it untrue: measured while other processes computed, now that the machine is quiet; or,
+    with `recheck` (measure(rounds) then also gives a one-round check), where a quick check disagrees with its
+    figures. A new record keeps how busy the machine was."""
     run = _RUN
     record = run.records.get(kind, {}).get(key) if run is not None else None
     if record is None:
@@ -199,13 +212,40 @@ def _choose(kind: str, key: str, measure: Callable[[], dict[str, Any]], lockstep
             record = {"choice": DEFAULTS[kind], "measured": False}
         else:
             record = _CACHE.get(kind, key)
+            if record is not None and (kind, key) not in _CHECKED:
+                _CHECKED.add((kind, key))
+                why = _stale(record, measure if recheck else None)
+                if why:
+                    NOTES.append(f"fast paths: the cached {kind} choice for {key} ({record['choice']}) was measured "
+                                 f"again: {why}")  # fmt: skip
+                    record = None
             if record is None:
-                record = measure()
+                record = {**measure(), "busy": busy_processes()}
                 _CACHE.put(kind, key, record)
         if run is not None:
             run.records.setdefault(kind, {})[key] = record
     _CACHE.used.setdefault(kind, {})[key] = record
     return record
+
+
+def _stale(record: dict[str, Any], quick: Callable[..., dict[str, Any]] | None) -> str | None:
+    """Why a cached record no longer holds, or None: it was measured while other processes computed and the machine
+    is quiet now; or a one-round check (quick(1)) puts the two options' ratio more than RECHECK times away from the
+    record's figures."""
+    busy = record.get("busy", 0)
+    if busy and busy_processes() == 0:
+        return f"it was measured while {busy} other process(es) computed, and the machine is quiet now"
+    figures = {k[:-3]: v for k, v in record.items() if k.endswith("_ms")}
+    if quick is None or len(figures) != 2 or record.get("choice") not in figures:
+        return None
+    chosen = record["choice"]
+    other = next(name for name in figures if name != chosen)
+    now = {k[:-3]: v for k, v in quick(1).items() if k.endswith("_ms")}
+    was, found = figures[other] / figures[chosen], now[other] / now[chosen]
+    if abs(math.log(found / was)) <= math.log(RECHECK):
+        return None
+    return (f"a quick check ({chosen} {now[chosen]:.3g} ms, {other} {now[other]:.3g} ms) is more than {RECHECK:g}x "
+            f"away from its figures ({chosen} {figures[chosen]:.3g} ms, {other} {figures[other]:.3g} ms)")
 
 
 def _compare(default: str, other: str, run: Callable[[str], object], rounds: int = ROUNDS) -> dict[str, Any]:
@@ -300,8 +340,9 @@ def tune(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | No
         model.use_memory_format("channels_last")
         return "channels_last"
     training = targets is not None
-    measure = lambda: _probe_layouts(model, images, targets)  # noqa: E731
-    choice = _choose("memory_format", _model_class(model, images, training), measure, lockstep=training)["choice"]
+    measure = lambda rounds=ROUNDS: _probe_layouts(model, images, targets, rounds)  # noqa: E731
+    choice = _choose("memory_format", _model_class(model, images, training), measure, lockstep=training,
+                     recheck=True)["choice"]  # fmt: skip
     model.use_memory_format(choice)
     return choice
 
@@ -316,7 +357,8 @@ def _model_class(model: Any, images: list[Tensor], training: bool) -> str:
             f"~{positions:.0f}px conv {cfg.conv_algorithm} {'train' if training else 'infer'}")  # fmt: skip
 
 
-def _probe_layouts(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> dict[str, Any]:
+def _probe_layouts(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | None,
+                   rounds: int = ROUNDS) -> dict[str, Any]:  # fmt: skip
     """The model's inference or training step (loss and backward) in each layout (`_compare`), on a copy (the
     class's own methods: what an instance may have patched is not timed) that computes its loss on this process
     alone, with the random state put back."""
@@ -337,7 +379,7 @@ def _probe_layouts(model: Any, images: list[Tensor], targets: list[dict[str, Ten
 
     probe.train(targets is not None)
     try:
-        return _compare("channels_last", "contiguous", run)
+        return _compare("channels_last", "contiguous", run, rounds)
     finally:
         torch.set_rng_state(rng)
 
@@ -369,10 +411,10 @@ def choose_amp(amp: str, device: torch.device | str) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type != "cpu" or not cpu_info().native_bf16:
         return "none"
-    return _choose("amp", "conv 256->256 n2 64x64 train", _probe_bf16, lockstep=False)["choice"]
+    return _choose("amp", "conv 256->256 n2 64x64 train", _probe_bf16, lockstep=False, recheck=True)["choice"]
 
 
-def _probe_bf16() -> dict[str, Any]:
+def _probe_bf16(rounds: int = ROUNDS) -> dict[str, Any]:
     """A head convolution's forward and backward in float32 and under bf16 autocast (`_compare`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 256, 64, 64, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -384,7 +426,7 @@ def _probe_bf16() -> dict[str, Any]:
         y.float().sum().backward()
 
     with torch.enable_grad():
-        return _compare("none", "bf16", step)
+        return _compare("none", "bf16", step, rounds)
 
 
 # ----------------------------------------------------------------------------------------------------------------

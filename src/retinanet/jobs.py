@@ -36,7 +36,7 @@ from retinanet.deploy import (
     sample_images,
     verify_export,
 )
-from retinanet.evaluate import CocoMetrics
+from retinanet.evaluate import CocoMetrics, max_dets_for
 from retinanet.inference import (
     Predictor,
     check_tta,
@@ -49,7 +49,7 @@ from retinanet.inference import (
     run_inference,
 )
 from retinanet.model import RetinaNet, load_model
-from retinanet.outputs import claim_detect_folder, writable_folder
+from retinanet.outputs import claim_detect_folder, remove_stale, writable_folder
 from retinanet.tools import anchor_report
 from retinanet.tools.errors import analyze_errors
 from retinanet.tools.inspection import inspect_dataset
@@ -126,7 +126,7 @@ def run_report(detections: str | Path, annotations: str | Path, output: str | Pa
         shown.append(ReportImage(record.path.name, (record.height, record.width), record.path if readable else None,
                                  None if readable else np.full((record.height, record.width, 3), 235, np.uint8)))
     metrics = evaluate_predictions(gts, dets, categories, Path(output))
-    errors = analyze_errors(gts, dets)
+    errors = analyze_errors(gts, dets, max_dets=max_dets_for(gts))
     return write_report(output, shown, gts, dets, [c["name"] for c in categories], errors, metrics,
                         Path(output) / "pr_curves.png")  # fmt: skip
 
@@ -189,26 +189,33 @@ def run_detect(
     min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False, onnx: str | Path | None = None,
     engine: str = "onnxruntime", tile: int | None = None, overlap: float = 0.2, batch_size: int = 4,
     workers: int = 0, csv_file: bool = False, draw: bool | str = True, overwrite: bool = False,
-    tta: str | None = None, yolo_txt: bool = False,
+    tta: str | None = None, yolo_txt: bool = False, max_detections: int | None = None, allow_large: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Detect objects in image files, folders, globs and list files (retinanet.inference) with a checkpoint of ours
     (resized as it was evaluated, or by min_size / max_size), torchvision's COCO weights by name, or an exported
     ONNX file run by `engine`; in tiles of `tile` px when it is given. Writes an annotated PNG per image (draw:
-    True or "auto", "labels", "boxes"; False or "none": none),
-    detections.json (every image: box XYXY pixels, score, label, category_id, name), results.json (COCO results),
-    with csv_file detections.csv, and with yolo_txt labels/NAME.txt (Ultralytics' layout). An unreadable file
-    stops the run naming it, or with skip_bad is reported and skipped. An earlier detection's files in `output` are
-    refused, or with `overwrite` removed first (retinanet.outputs). tta: test-time augmentation's views
-    (retinanet.inference.tta; PyTorch models only). Returns the records of detections.json."""
+    True or "auto", "labels", "boxes"; False or "none": none), detections.json (every image: box XYXY pixels,
+    score, label, category_id, name), results.json (COCO results), with csv_file detections.csv, and with yolo_txt
+    labels/NAME.txt (Ultralytics' layout). An unreadable file stops the run naming it, or with skip_bad is reported
+    and skipped. An earlier detection's files in `output` are refused, or with `overwrite` replaced: kept until
+    this detection has written its own (retinanet.outputs). tta: test-time augmentation's views
+    (retinanet.inference.tta; PyTorch models only). max_detections: the model's cap of detections per image (per
+    tile, in tiles), in place of its own. allow_large: decode whole an image past Pillow's limit that cannot be
+    read by windows (retinanet.inference.rasters). Returns the records of detections.json."""
     if sum(x is not None for x in (checkpoint, torchvision_weights, onnx)) != 1:
         raise ValueError("give one of: a checkpoint, torchvision weights by name, an ONNX file")
     if check_tta(tta) is not None and onnx is not None:
         raise ValueError("detect --tta runs the PyTorch model several times; it is not available with --onnx")
     draw_mode(draw)  # a wrong mode stops us first
+    if max_detections is not None and onnx is not None:
+        raise ValueError("--max-detections: an ONNX graph keeps the cap it was exported with; export the checkpoint "
+                         "again with --max-detections")  # fmt: skip
+    if max_detections is not None and max_detections < 1:
+        raise ValueError(f"--max-detections {max_detections}: expected a positive number of detections per image")
     files = image_files(inputs)
-    claim_detect_folder(output, overwrite)
+    earlier = claim_detect_folder(output, overwrite)
     device = resolve_device(train_config(device=device), flags=True)
-    sizes = size_overrides(min_size, max_size)
+    sizes = size_overrides(min_size, max_size) | ({"detections_per_image": max_detections} if max_detections else {})
     options = {"score_thresh": score_thresh, "tile": tile, "overlap": overlap, "batch_size": batch_size}
     if onnx is not None:
         predictor: Predictor = OnnxPredictor(onnx, engine, **sizes, **options)
@@ -219,7 +226,8 @@ def run_detect(
         model, categories = load_torchvision_coco(torchvision_weights, **sizes)
         predictor = Predictor(model, categories, device=device, tta=tta, **options)
     result = run_inference(predictor, files, output, batch_size, workers, skip_bad, csv_file, draw,
-                           yolo_txt=yolo_txt)  # fmt: skip
+                           yolo_txt=yolo_txt, allow_large=allow_large)  # fmt: skip
+    remove_stale(earlier, result.written)  # the earlier detection's files that this one did not write again
     return result.records
 
 

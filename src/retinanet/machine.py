@@ -25,7 +25,7 @@ try:  # POSIX file locks; without them (Windows) concurrent writers may lose ent
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["CACHE_VERSION", "Cache", "CpuInfo", "cache_key", "cpu_info", "machine_id"]
+__all__ = ["CACHE_VERSION", "Cache", "CpuInfo", "busy_processes", "cache_key", "cpu_info", "machine_id"]
 
 CACHE_VERSION = 2  # 2: choices by repeated rounds against a margin (version 1's single timings are measured again)
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 instructions
@@ -122,6 +122,23 @@ class Cache:
             self.loaded_from = path
         return self.memory.get(kind, {}).get(key)
 
+    def mine(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """This machine's records in the file, {kind: {shape class: record}} ({} without a file)."""
+        path = self.path()
+        return self._read_file(path)["machines"].get(cache_key(), {}) if path is not None else {}
+
+    def reset(self) -> int:
+        """Forget this machine's records (in memory and in the file; other machines' stay); how many there were."""
+        self.memory.clear()
+        path = self.path()
+        if path is None or not path.exists():
+            return 0
+        with _locked(path):
+            data = self._read_file(path)
+            count = sum(len(v) for v in data["machines"].pop(cache_key(), {}).values())
+            _write_json(path, data)
+        return count
+
     def put(self, kind: str, key: str, record: dict[str, Any]) -> None:
         self.memory.setdefault(kind, {})[key] = record
         path = self.path()
@@ -132,15 +149,49 @@ class Cache:
             with _locked(path):  # read, merge and replace as one step: no writer loses another's entries
                 data = self._read_file(path)
                 data["machines"].setdefault(cache_key(), {}).setdefault(kind, {})[key] = record
-                fd, tmp = tempfile.mkstemp(prefix=".fastpaths.", suffix=".tmp", dir=path.parent)
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(data, f, indent=1, sort_keys=True)
-                    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                _write_json(path, data)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".fastpaths.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def busy_processes(samples: int = 3, interval: float = 0.02) -> int:
+    """How many other processes are computing on this machine now: those running (state R) that are neither this
+    process nor its children (its data workers), the least over `samples` looks `interval` s apart (a brief task is
+    not a load). 0 where /proc cannot tell (not Linux)."""
+    import time
+
+    if not Path("/proc/self/stat").exists():
+        return 0
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        running, parents = set(), {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                pid = int(stat.parent.name)
+                parents[pid] = int(fields[1])
+                if fields[0] == "R":
+                    running.add(pid)
+        own = {os.getpid()}
+        grew = True
+        while grew:  # this process's descendants
+            more = {pid for pid, parent in parents.items() if parent in own} - own
+            own |= more
+            grew = bool(more)
+        counts.append(len(running - own))
+    return min(counts)
 
 
 @contextlib.contextmanager

@@ -1,29 +1,32 @@
 """Output folders: checked for writing before any work, and never holding two runs' files mixed.
 
 A training run refuses a folder that holds another run unless told to continue it (--resume) or to replace it
-(--overwrite), which removes that run's files first (only those: a user's other files stay). `detect` does the
-same with a previous detection's files. Every check happens before anything is computed or written, and fails in
+(--overwrite), which removes that run's files once the new run's checks have passed (only those: a user's other
+files stay). `detect --overwrite` keeps a previous detection's files until the new one has written its own, then
+removes those it did not write again. Files are written atomically (atomic_write): a failed write leaves the
+previous file whole and says so in one line, with the folder's free space. Every check happens before anything is computed or written, and fails in
 one line that says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
-__all__ = ["DETECT_FILES", "RUN_FILES", "claim_detect_folder", "claim_run_folder", "remove", "strict_json",
-           "writable_folder"]  # fmt: skip
+__all__ = ["DETECT_FILES", "RUN_FILES", "WriteError", "atomic_write", "claim_detect_folder", "claim_run_folder",
+           "remove", "remove_stale", "strict_json", "writable_folder", "write_error"]  # fmt: skip
 
 # what a training run writes in its folder (iter_*.pt too, with keep_all_checkpoints)
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.jsonl", "train.log", "training_curves.png", "skipped.json",
              "tb", "eval")  # fmt: skip
 # what `retinanet detect` writes, besides the drawings its detections.json names
-DETECT_FILES = ("detections.json", "results.json", "detections.csv", "skipped.json", "labels")
+DETECT_FILES = ("detections.json", "results.json", "detections.csv", "skipped.json", "labels", "detections.geojson")
 
 
 def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
@@ -63,22 +66,37 @@ def claim_run_folder(folder: str | Path, resume: str | Path | None, overwrite: b
     return found if overwrite and resume is None else []
 
 
-def claim_detect_folder(folder: str | Path, overwrite: bool) -> Path:
-    """The output folder of `retinanet detect`, ready to write: a previous detection's files there are refused
-    unless `overwrite`, which removes them (its drawings included) first, so that the folder holds one detection."""
+def claim_detect_folder(folder: str | Path, overwrite: bool) -> list[Path]:
+    """Check the output folder of `retinanet detect`: a previous detection's files there are refused unless
+    `overwrite`; writable. Returns the previous detection's files (its drawings included), which stay until the new
+    detection has written its own: `remove_stale` then takes away those it did not write again."""
     folder = Path(folder)
     previous = folder / "detections.json"
     if previous.exists() and not overwrite:
         raise ValueError(f"{folder} holds the results of an earlier detection (detections.json): write to a new "
                          "folder (--output ...) or replace them with --overwrite")  # fmt: skip
-    if previous.exists():
-        drawings = []
-        try:
-            drawings = [folder / r["drawing"] for r in json.loads(previous.read_text()) if r.get("drawing")]
-        except (OSError, ValueError, TypeError, KeyError):
-            pass  # an unreadable list: its own files go, the drawings stay
-        remove([p for p in [*drawings, *(folder / name for name in DETECT_FILES)] if p.exists()])
-    return writable_folder(folder, "detections")
+    writable_folder(folder, "detections")
+    if not previous.exists():
+        return []
+    drawings = []
+    try:
+        drawings = [folder / r["drawing"] for r in json.loads(previous.read_text()) if r.get("drawing")]
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # an unreadable list: its own files are replaced, the drawings stay
+    return [p for p in [*drawings, *(folder / name for name in DETECT_FILES)] if p.exists()]
+
+
+def remove_stale(paths: list[Path], written: list[Path]) -> None:
+    """Remove the files of `paths` (and those inside its folders) that are not among `written`: what an earlier
+    detection wrote and this one did not write again. A folder left empty goes too."""
+    keep = {Path(p).resolve() for p in written}
+    for path in paths:
+        if path.is_dir():
+            remove_stale(sorted(path.iterdir()), written)
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when nothing is left in it
+        elif path.exists() and path.resolve() not in keep:
+            remove([path])
 
 
 def _run_files(folder: Path) -> list[Path]:
@@ -95,6 +113,57 @@ def remove(paths: list[Path]) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         except OSError as exc:
             raise ValueError(f"{path}: cannot remove the earlier run's file to overwrite it ({exc.strerror or exc})")
+
+
+class WriteError(ValueError):
+    """A file that could not be written (a full disk, a quota, a folder gone); the previous file is whole."""
+
+
+def write_error(path: str | Path, exc: OSError) -> WriteError:
+    """One line for a failed write: the file, why, and the free space of its folder."""
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free in {folder}"
+    except OSError:
+        free = f"{folder} cannot be read"
+    return WriteError(f"cannot write {path} ({exc.strerror or exc}); {free}. The previous file there, if any, is "
+                      "whole: free some space (or write elsewhere) and run again")  # fmt: skip
+
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], None]) -> Path:
+    """Write `data` (text, bytes, or a function that writes to a binary file) to `path` through a temporary file in
+    the same folder, flushed to disk and renamed over `path`: a reader (or a crash) sees the old file or the new
+    one, never half of one. A write that fails leaves the old file whole and raises WriteError (write_error)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise write_error(path, exc) from None
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # persist the rename itself (POSIX; not possible on Windows)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
 
 
 def strict_json(value: Any, **dumps: Any) -> str:

@@ -42,7 +42,7 @@ from retinanet.analysis.plots import write_text_atomic
 from retinanet.analysis.tables import collect_results, render_table
 from retinanet.config import RunConfig, apply_overrides
 from retinanet.data.build import FIRST_VAL, build_dataset, val_datasets
-from retinanet.evaluate import evaluate_coco
+from retinanet.evaluate import evaluate_coco, max_dets_for
 from retinanet.inference.evaluation import predict_dataset
 from retinanet.inference.predictor import categories_of
 from retinanet.tools.errors import ERROR_TYPES, analyze_errors
@@ -164,9 +164,9 @@ def _evaluate(model, cfg: RunConfig, amp: str) -> dict[str, Any]:
     start = time.perf_counter()
     gts, dets = predict_dataset(model, val, amp=amp)
     seconds = time.perf_counter() - start
-    metrics = evaluate_coco(gts, dets, val.categories)
+    metrics = evaluate_coco(gts, dets, val.categories, max_dets=max_dets_for(gts))
     keep = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
-    errors = analyze_errors(gts, dets)
+    errors = analyze_errors(gts, dets, max_dets=max_dets_for(gts))
     values = {k: float(getattr(metrics, k)) for k in keep} | {f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}
     values |= validate(model, sets, amp=amp)
     values = {k: None if math.isnan(v) else v for k, v in values.items()}  # undefined (no such objects): null

@@ -72,6 +72,9 @@ class TrainConfig(Checked):
     checkpoint_minutes: float | None = 10.0  # also a checkpoint when this much time has passed since the last
     keep_all_checkpoints: bool = False  # also keep iter_0005000.pt etc. beside last.pt
     output_dir: str = "runs/retinanet"
+    # "auto": continue from output_dir/last.pt when there is one, else start fresh (a job restarted by torchrun
+    # --max-restarts, or resubmitted on a preemptible node, picks up where it stopped); or a checkpoint's path
+    resume: str | None = None
     num_workers: int | None = None  # DataLoader processes; None: min(4, cores - 1); more than the cores are capped
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
 

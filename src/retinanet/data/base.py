@@ -179,7 +179,11 @@ def image_header(path: Path, where: str) -> tuple[int, int]:
         with path.open("rb") as f:
             f.seek(max(path.stat().st_size - 1024, 0))
             tail = f.read()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{where}: image {path} is past Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} "
+                           "megapixels (a guard against decompression bombs): cut it into tiles to train on it "
+                           "(`retinanet detect --tile N --allow-large-images` detects in it whole)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{where}: cannot read image {path}: {e}") from e
     if (fmt == "PNG" and b"IEND" not in tail[-64:]) or (fmt == "JPEG" and b"\xff\xd9" not in tail):
         raise DatasetError(f"{where}: image {path} is truncated (the {fmt} file ends before its last marker)")

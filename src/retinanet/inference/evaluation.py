@@ -10,7 +10,14 @@ import torch
 
 from retinanet import fastpath
 from retinanet.data import DetectionDataset, make_loader
-from retinanet.evaluate import CocoMetrics, evaluate_coco, evaluate_voc, plot_pr_curves, save_coco_results
+from retinanet.evaluate import (
+    CocoMetrics,
+    evaluate_coco,
+    evaluate_voc,
+    max_dets_for,
+    plot_pr_curves,
+    save_coco_results,
+)
 from retinanet.inference.predictor import detect_resized
 from retinanet.model import RetinaNet
 from retinanet.outputs import strict_json
@@ -62,7 +69,7 @@ def evaluate_predictions(gts: list[dict], dets: list[dict], categories: list[dic
                          output: Path | None = None) -> CocoMetrics:  # fmt: skip
     """COCO metrics of detections against their ground truth (as predict_dataset gives them), and with `output` the
     files of `evaluate_model`."""
-    metrics = evaluate_coco(gts, dets, categories)
+    metrics = evaluate_coco(gts, dets, categories, max_dets=max_dets_for(gts))
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         save_coco_results(dets, categories, output / "detections.json")

@@ -19,6 +19,7 @@ Writes in the output folder:
     labels/NAME.txt  (yolo_txt=True) Ultralytics' prediction layout, one file per image (empty: no detections), one
                      box per line `class cx cy w h score`: the class its 0-based index among the model's classes, the
                      box's centre and size as fractions of the image's width and height
+    detections.geojson  (georeferenced rasters) every detection as a polygon in the raster's CRS and map coordinates
     NAME.png         (draw) each image with its detections drawn: labelled while the labels stay readable ("auto"),
                      or always ("labels"), or as boxes alone ("boxes")
 A file that cannot be read stops the run with its name, or with skip_bad is said in one line and left out of every
@@ -31,7 +32,7 @@ import csv
 import glob
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -42,6 +43,8 @@ from tqdm import tqdm
 from retinanet.data.base import notice
 from retinanet.evaluate import coco_results
 from retinanet.inference.predictor import Prediction, Predictor, read_image
+from retinanet.inference.rasters import Raster, image_pixels, is_large, open_raster, write_geojson
+from retinanet.outputs import atomic_write
 from retinanet.visualize import DRAW_MODES, save_detections_image
 
 __all__ = ["IMAGE_SUFFIXES", "InferenceResult", "draw_mode", "image_files", "run_inference", "size_hints", "write_csv",
@@ -108,6 +111,7 @@ class _Sample(NamedTuple):
     image: Tensor | None
     size_hw: tuple[int, int] | None
     error: str | None
+    large: bool = False  # past Pillow's limit: not decoded here, read by windows in the main process
 
 
 class _ImageFiles(Dataset):
@@ -122,6 +126,9 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> _Sample:
         path = self.files[index]
+        if is_large(path):
+            width, height = image_pixels(path) or (0, 0)
+            return _Sample(index, path, None, None, None, (height, width), None, large=True)
         try:
             image = read_image(path)
         except ValueError as exc:
@@ -145,10 +152,12 @@ def draw_mode(draw: bool | str) -> str | None:
 
 @dataclass
 class InferenceResult:
-    """records: per image read, as in detections.json; skipped: the files left out, with why."""
+    """records: per image read, as in detections.json; skipped: the files left out, with why; written: every file
+    the run wrote."""
 
     records: list[dict[str, Any]]
     skipped: list[tuple[str, str]]
+    written: list[Path] = field(default_factory=list)
 
 
 def run_inference(
@@ -162,11 +171,14 @@ def run_inference(
     draw: bool | str = True,
     progress: bool = True,
     yolo_txt: bool = False,
+    allow_large: bool = False,
 ) -> InferenceResult:
     """Detect objects in every file with `predictor` (eager, or an engine's), batch_size images per forward pass
     (tiles per pass, with a tiling predictor), `workers` processes decoding and resizing; write the outputs of the
     module docstring to `output`. An unreadable file raises a ValueError naming it, or with skip_bad is warned
-    about and skipped."""
+    about and skipped. An image past Pillow's limit is read by windows (retinanet.inference.rasters: TIFFs with
+    rasterio; other formats decoded whole where `allow_large` says so); it is not drawn, and a georeferenced one
+    also goes to detections.geojson in map coordinates."""
     files = [Path(f) for f in files]
     out = Path(output)
     mode = draw_mode(draw)
@@ -179,47 +191,89 @@ def run_inference(
     records: list[dict[str, Any]] = []
     predictions: list[Prediction] = []
     skipped: list[tuple[str, str]] = []
+    rasters: dict[str, Raster] = {}
+    written: list[Path] = []
     with tqdm(total=len(files), unit="image", desc="detect", disable=not progress) as bar:
         for batch in loader:
-            good = [s for s in batch if s.error is None]
-            for s in batch:
+            good = [s for s in batch if s.error is None and not s.large]
+            found_in = dict(zip((s.index for s in good), _predict(predictor, good, tiled)))
+            for s in batch:  # in input order
+                if s.large:
+                    try:
+                        raster = open_raster(s.path, allow_large)
+                    except ValueError as exc:
+                        s = s._replace(error=str(exc))
+                    else:
+                        found_in[s.index] = predictor.predict_raster(raster)
+                        raster.close()
+                        rasters[str(s.path)] = raster
                 if s.error is not None:
                     if not skip_bad:
                         raise ValueError(s.error)
                     notice(f"skipped an image: {s.error}")
                     skipped.append((str(s.path), s.error))
-            for sample, found in zip(good, _predict(predictor, good, tiled)):
-                records.append(_record(sample, found, len(records) + 1, names[sample.index] if draw else None))
+                    continue
+                found = found_in[s.index]
+                drawn = draw and not s.large  # an image too large to decode is not drawn
+                records.append(_record(s, found, len(records) + 1, names[s.index] if drawn else None))
                 predictions.append(found)
-                if draw:
-                    save_detections_image(out / names[sample.index], sample.image.float() / 255, found.boxes,
-                                          found.scores, found.labels, predictor.class_names, mode)  # fmt: skip
+                if drawn:
+                    written.append(save_detections_image(out / names[s.index], s.image.float() / 255, found.boxes,
+                                                         found.scores, found.labels, predictor.class_names, mode))
             bar.update(len(batch))
+    if draw and rasters:
+        notice(f"{len(rasters)} image(s) past Pillow's limit were detected but not drawn (e.g. "
+               f"{Path(next(iter(rasters))).name})")
     for line in size_hints(predictor, records):
         notice(line)
-    _write_outputs(out, records, predictions, predictor.categories, csv_file, skipped)
+    written += _write_outputs(out, records, predictions, predictor.categories, csv_file, skipped)
     if yolo_txt:
-        write_yolo_txt(out / "labels", records)
-    return InferenceResult(records, skipped)
+        written += write_yolo_txt(out / "labels", records)
+    written += [p for p in [write_geojson(out / "detections.geojson", records, rasters)] if p is not None]
+    return InferenceResult(records, skipped, written)
 
 
-def size_hints(predictor: Predictor, records: list[dict[str, Any]], far: float = 3.0) -> list[str]:
-    """One-line hints for results that the model's size limited: images far larger (`far` times, on the longer
-    side) than what the model resizes them to, without tiles; and images whose detections reached the model's cap.
-    """
+SHRINK_HINT = 1.5  # an image (or tile) shrunk by more than this to the model's size gets a line naming --tile
+
+
+def shrink_factor(height: int, width: int, min_size: int, max_size: int) -> float:
+    """How many times an image of this size is shrunk by the model's resize (shorter side to min_size, longer at
+    most max_size); below 1 where it is enlarged."""
+    return 1.0 / min(min_size / min(height, width), max_size / max(height, width))
+
+
+def size_hints(predictor: Predictor, records: list[dict[str, Any]], shrunk: float = SHRINK_HINT) -> list[str]:
+    """One-line hints for results that the model's size limited: images, or tiles, shrunk by more than `shrunk`
+    times to the model's size (small objects vanish when shrunk), with the --tile that keeps them at the model's
+    scale; images, or tiles, whose detections reached the model's cap. Tiles are named only where they would
+    help (an image shrunk to the model's size)."""
     cfg, lines = predictor.config, []
+    cap = cfg.detections_per_image
     if predictor.tile is None:
-        large = [r for r in records if max(r["width"], r["height"]) > far * cfg.max_size]
+        large = [r for r in records if shrink_factor(r["height"], r["width"], cfg.min_size, cfg.max_size) > shrunk]
         if large:
             r = large[0]
-            lines.append(f"hint: {len(large)} image(s) far larger than the model's {cfg.min_size}-{cfg.max_size} px "
-                         f"(e.g. {Path(r['file']).name}, {r['width']}x{r['height']}) were shrunk to it, and small "
-                         f"objects vanish when shrunk: detect them in tiles with --tile {cfg.max_size}")  # fmt: skip
-    capped = [r for r in records if len(r["detections"]) >= cfg.detections_per_image]
-    if capped:
-        lines.append(f"hint: {len(capped)} image(s) have {cfg.detections_per_image} detections, the model's cap "
-                     f"(e.g. {Path(capped[0]['file']).name}): more objects may be there; detect in tiles (--tile) or "
-                     "raise model.detections_per_image")  # fmt: skip
+            factor = shrink_factor(r["height"], r["width"], cfg.min_size, cfg.max_size)
+            lines.append(f"hint: {len(large)} image(s) larger than the model's {cfg.min_size}-{cfg.max_size} px were "
+                         f"shrunk to it (e.g. {Path(r['file']).name}, {r['width']}x{r['height']}, {factor:.1f}x), "
+                         "and small objects vanish when shrunk: detect them in tiles with "
+                         f"--tile {cfg.min_size}")  # fmt: skip
+        capped = [r for r in records if len(r["detections"]) >= cap]
+        if capped:
+            tiles = any(shrink_factor(r["height"], r["width"], cfg.min_size, cfg.max_size) > 1 for r in capped)
+            tiles_or = f"detect in tiles (--tile {cfg.min_size}) or " if tiles else ""
+            lines.append(f"warning: {len(capped)} image(s) reached the model's cap of {cap} detections (e.g. "
+                         f"{Path(capped[0]['file']).name}): more objects may be there; {tiles_or}raise the cap "
+                         "with --max-detections")  # fmt: skip
+        return lines
+    factor = shrink_factor(predictor.tile, predictor.tile, cfg.min_size, cfg.max_size)
+    if factor > shrunk:
+        lines.append(f"hint: tiles of {predictor.tile} px were shrunk {factor:.1f}x to the model's {cfg.min_size}-"
+                     f"{cfg.max_size} px, and small objects vanish when shrunk: --tile {cfg.min_size} keeps them at "
+                     "the model's scale")  # fmt: skip
+    if predictor.capped_tiles:
+        lines.append(f"warning: {predictor.capped_tiles} tile(s) reached the model's cap of {cap} detections per "
+                     "tile: more objects may be there; raise the cap with --max-detections, or use smaller tiles")
     return lines
 
 
@@ -251,17 +305,19 @@ def _drawing_names(files: list[Path]) -> list[str]:
 
 
 def _write_outputs(out: Path, records: list[dict[str, Any]], predictions: list[Prediction],
-                   categories: list[dict[str, Any]], csv_file: bool, skipped: list[tuple[str, str]]) -> None:  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+                   categories: list[dict[str, Any]], csv_file: bool, skipped: list[tuple[str, str]]) -> list[Path]:  # fmt: skip
+    """The JSON outputs (and the CSV), each written atomically; the files written."""
     left_out = [{"file": f, "skipped": reason, "detections": []} for f, reason in skipped]
-    (out / "detections.json").write_text(json.dumps(records + left_out, indent=1))
+    written = [atomic_write(out / "detections.json", json.dumps(records + left_out, indent=1))]
     if skipped:
-        (out / "skipped.json").write_text(json.dumps([{"file": f, "reason": r} for f, r in skipped], indent=1))
+        written.append(atomic_write(out / "skipped.json", json.dumps([{"file": f, "reason": r} for f, r in skipped],
+                                                                     indent=1)))  # fmt: skip
     per_image = [{"image_id": r["image_id"], "boxes": p.boxes, "scores": p.scores, "labels": p.labels}
                  for r, p in zip(records, predictions)]  # fmt: skip
-    (out / "results.json").write_text(json.dumps(coco_results(per_image, categories)))
+    written.append(atomic_write(out / "results.json", json.dumps(coco_results(per_image, categories))))
     if csv_file:
-        write_csv(out / "detections.csv", records)
+        written.append(write_csv(out / "detections.csv", records))
+    return written
 
 
 def write_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
@@ -282,13 +338,15 @@ def write_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
-def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> Path:
+def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> list[Path]:
     """Ultralytics' prediction layout of `records` (as in detections.json) in `folder`: NAME.txt per image (its
     file's stem; a stem met before gets _2, _3, ...), one detection per line `class cx cy w h score`, the class the
-    0-based label and the box as fractions of the image's size; an empty file for an image with no detections."""
+    0-based label and the box as fractions of the image's size; an empty file for an image with no detections.
+    Returns the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     taken: dict[str, int] = {}
+    written = []
     for record in records:
         stem = Path(record["file"]).stem
         taken[stem] = taken.get(stem, 0) + 1
@@ -300,4 +358,5 @@ def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> Path:
             cx, cy, w, h = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height
             lines.append(f"{d['label']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {d['score']:.6f}\n")
         (folder / f"{name}.txt").write_text("".join(lines))
-    return folder
+        written.append(folder / f"{name}.txt")
+    return written

@@ -32,7 +32,8 @@ from retinanet import fastpath
 from retinanet.config import ModelConfig, size_overrides
 from retinanet.data.base import to_rgb
 from retinanet.data.transforms import eval_transforms
-from retinanet.inference.tiling import detect_tiled, tile_windows
+from retinanet.inference.rasters import Raster
+from retinanet.inference.tiling import detect_tiled, detect_windows, tile_windows
 from retinanet.inference.tta import check_tta, predict_views
 from retinanet.model import RetinaNet, load_model
 from retinanet.ops.postprocess import Detections
@@ -202,6 +203,7 @@ class Predictor:
         self.batch_size = batch_size
         self.score_thresh = score_thresh if score_thresh is not None else config.score_thresh
         self.tile, self.overlap = tile, overlap
+        self.capped_tiles = 0  # tiles whose detections reached the model's cap (config.detections_per_image)
 
     @property
     def class_names(self) -> list[str]:
@@ -229,7 +231,7 @@ class Predictor:
                              f"detects at: make the predictor with score_thresh={thresh}")  # fmt: skip
         sources = sources or [None] * len(images)
         if self.tile is not None:
-            dets = [detect_tiled(image, self.detect_images, self.tile, self.overlap, self.batch_size, thresh)
+            dets = [detect_tiled(image, self._detect_counting_caps, self.tile, self.overlap, self.batch_size, thresh)
                     for image in images]  # fmt: skip
         else:
             dets = self.detect_images(images)
@@ -244,6 +246,22 @@ class Predictor:
     def prepare(self, image: Tensor) -> tuple[Tensor, tuple[float, float]]:
         """The network input of one [3, H, W] image and its scale: `prepare_image` with this model's sizes."""
         return prepare_image(image, self.config, self.model_resizes)
+
+    def predict_raster(self, raster: Raster, score_thresh: float | None = None) -> Prediction:
+        """The Prediction of an image read by windows (retinanet.inference.rasters): tile by tile with a tiling
+        predictor, memory bounded by the tile batch; else read whole and resized to the model's size."""
+        thresh = self.score_thresh if score_thresh is None else score_thresh
+        if self.tile is None:
+            return self.predict_tensors([raster.read_all()], [str(raster.path)], score_thresh)[0]
+        found = detect_windows(raster.read, (raster.height, raster.width), self._detect_counting_caps, self.tile,
+                               self.overlap, self.batch_size, thresh)  # fmt: skip
+        return self.to_prediction(found, (raster.height, raster.width), str(raster.path), thresh)
+
+    def _detect_counting_caps(self, tiles: list[Tensor]) -> list[Detections]:
+        """detect_images, counting the tiles whose detections reach the model's cap in capped_tiles."""
+        found = self.detect_images(tiles)
+        self.capped_tiles += sum(len(d.scores) >= self.config.detections_per_image for d in found)
+        return found
 
     def detect_images(self, images: list[Tensor]) -> list[Detections]:
         """Detections of [3, H, W] images (uint8, or float in [0, 1]) in their own pixels, in one forward pass."""

@@ -24,7 +24,8 @@ box is >= 0.5, with the union as the box) also joins a partial box to a whole on
 a class one of which mostly covers the other, across tiles and within one: neighbouring objects in dense scenes.
 
 Memory: tiles are views of the uint8 image; only a batch of tiles is resized and made float, so the memory used
-beyond the decoded uint8 image is bounded by batch_size x tile size, however large the image.
+beyond the decoded uint8 image is bounded by batch_size x tile size, however large the image. An image too large
+to decode whole is read a batch of windows at a time (detect_windows, retinanet.inference.rasters).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torchvision.ops import box_iou
 
 from retinanet.ops.postprocess import Detections
 
-__all__ = ["Window", "tile_windows", "detect_tiled", "merge_tiles"]
+__all__ = ["Window", "detect_tiled", "detect_windows", "merge_tiles", "tile_windows"]
 
 DetectFn = Callable[[list[Tensor]], list[Detections]]
 
@@ -88,11 +89,29 @@ def detect_tiled(
     up to batch_size tiles at a time. Detections under score_thresh are dropped before merging (see the module
     docstring for match_iou and border_margin). Returns Detections by decreasing score."""
     height, width = image.shape[-2:]
+    return detect_windows(lambda w: image[:, w.y0 : w.y1, w.x0 : w.x1], (int(height), int(width)), detect, tile,
+                          overlap, batch_size, score_thresh, match_iou, border_margin)  # fmt: skip
+
+
+def detect_windows(
+    read: Callable[[Window], Tensor],
+    size_hw: tuple[int, int],
+    detect: DetectFn,
+    tile: int,
+    overlap: float = 0.2,
+    batch_size: int = 4,
+    score_thresh: float = 0.0,
+    match_iou: float = 0.5,
+    border_margin: float = 4.0,
+) -> Detections:
+    """detect_tiled of an image given by a reader of its windows, read(window) -> [3, h, w] (a raster read window
+    by window: retinanet.inference.rasters), so that only a batch of tiles is ever in memory."""
+    height, width = size_hw
     windows = tile_windows(height, width, tile, overlap)
     per_tile: list[Detections] = []
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        found = detect([image[:, w.y0 : w.y1, w.x0 : w.x1] for w in chunk])
+        found = detect([read(w) for w in chunk])
         for d, w in zip(found, chunk):
             keep = d.scores >= score_thresh
             offset = torch.tensor([w.x0, w.y0, w.x0, w.y0], dtype=d.boxes.dtype)

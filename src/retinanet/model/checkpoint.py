@@ -3,11 +3,8 @@ carries. Training writes them (retinanet.train); evaluation, the predictor, expo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +15,7 @@ from torch import nn
 from retinanet import fastpath
 from retinanet.config import ModelConfig, TrainConfig, apply_overrides
 from retinanet.model.detector import RetinaNet, build_from_config
+from retinanet.outputs import atomic_write
 
 __all__ = ["FORMAT_VERSION", "load_checkpoint", "load_model", "model_weights", "rng_state", "save_checkpoint",
            "saved_model_config", "set_rng_state"]  # fmt: skip
@@ -74,24 +72,9 @@ def save_checkpoint(
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself (POSIX; not possible on Windows)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """torch.save through retinanet.outputs.atomic_write: the previous checkpoint stays whole if the write fails
+    (a full disk: one line naming the folder and its free space)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:

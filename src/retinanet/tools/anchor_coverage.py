@@ -239,6 +239,7 @@ class Coverage:
     dropped: int
     crowd: int
     fg_iou: float
+    reachable: Tensor | None = None  # [N] bool: some anchor shape could reach fg_iou at this size (`reachable`)
 
     @property
     def num_boxes(self) -> int:
@@ -295,13 +296,35 @@ class Coverage:
 
 
 def coverage_lines(found: Coverage, least: float = 0.95) -> list[str]:
-    """The training log's lines: the coverage, and below `least` a warning that names the tool that fixes it."""
+    """The training log's lines: the coverage, and below `least` a warning that names what fixes it: anchors that
+    fit (`retinanet anchors --fit`) where anchors of other shapes would cover the boxes, a larger image size where
+    most uncovered boxes are too small for the anchor grid at this size (anchors already fitted, or tiny objects)."""
     lines = [found.describe()]
-    if found.value is not None and found.value < least:
-        lines.append(f"warning: {100 * (1 - found.value):.1f}% of the training boxes have no anchor at IoU >= "
-                     f"{found.fg_iou:g} (training learns a box from such anchors); `retinanet anchors --config "
+    if found.value is None or found.value >= least:
+        return lines
+    missed = found.status != POSITIVE
+    small = float((~found.reachable[missed]).float().mean()) if found.reachable is not None else 0.0
+    what = f"{100 * (1 - found.value):.1f}% of the training boxes have no anchor at IoU >= {found.fg_iou:g}"
+    if small >= 0.5:
+        lines.append(f"warning: {what}, and {100 * small:.0f}% of those are too small for any anchor on the grid at "
+                     "this image size (no anchor shape would reach it): raise model.min_size and max_size, or train "
+                     "on smaller tiles; `retinanet anchors --config RUN.yaml --output DIR --fit` proposes a size")  # fmt: skip
+    else:
+        lines.append(f"warning: {what} (training learns a box from such anchors); `retinanet anchors --config "
                      "RUN.yaml --output DIR --fit` shows which and proposes anchors that fit the data")  # fmt: skip
     return lines
+
+
+def reachable(box_set: BoxSet, generator: AnchorGenerator, fg_iou: float) -> Tensor:
+    """[N] bool per box of `box_set`: whether an anchor of the box's own shape, centred on the nearest point of some
+    level's grid, reaches fg_iou. False for a box too small for the grid at this size (a 6 px object on a stride-8
+    grid): no fitted anchor can match it, a larger image size can."""
+    offsets = GridOffsets.of(box_set, generator)
+    if not len(offsets.wh):
+        return torch.zeros(0, dtype=torch.bool)
+    wh = offsets.wh[:, None, :]  # [N, 1, 2]
+    inter = (wh - offsets.d).clamp(min=0).prod(-1)  # [N, L]: same-size boxes offset by d
+    return (inter / (2 * wh.prod(-1) - inter)).max(1).values >= fg_iou
 
 
 @one_thread()
@@ -316,7 +339,7 @@ def coverage(box_set: BoxSet, cfg: ModelConfig) -> Coverage:
         best_iou=torch.cat(best) if best else torch.zeros(0),
         status=torch.cat(status) if status else torch.zeros(0, dtype=torch.int64),
         wh=boxes[:, 2:] - boxes[:, :2], images=box_set.images, dropped=box_set.dropped, crowd=box_set.crowd,
-        fg_iou=cfg.fg_iou,
+        fg_iou=cfg.fg_iou, reachable=reachable(box_set, generator, cfg.fg_iou),
     )  # fmt: skip
 
 

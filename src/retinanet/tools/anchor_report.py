@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from retinanet.config import ModelConfig
+from retinanet.config import ModelConfig, apply_overrides
 from retinanet.ops.anchors import AnchorGenerator, anchor_generator
 from retinanet.tools.anchor_coverage import (
     LOW_QUALITY,
@@ -64,6 +64,14 @@ def write_report(records: Sequence[Any], cfg: ModelConfig, output: str | Path, f
             header += (f"# anchors per location {before} -> {after}: a model started (model.init_from) from one with "
                        f"{before} starts its final layers again\n")  # fmt: skip
         text = yaml.safe_dump({"model": overrides}, sort_keys=False, default_flow_style=None)
+        larger = fit_size(records, cfg, max_anchors) if fitted.value is not None and fitted.value < LEAST else None
+        if larger is not None:
+            summary["larger_size"] = larger
+            text += (f"# objects too small for the anchor grid at this size: at {larger['factor']:g}x the image size "
+                     f"(about {larger['factor'] ** 2:.1f}x the compute) anchors fitted there cover "
+                     f"{_percent(larger['coverage'])}; in place of the above:\n")
+            dump = yaml.safe_dump({"model": larger["overrides"]}, sort_keys=False, default_flow_style=None)
+            text += "".join(f"# {line}" for line in dump.splitlines(keepends=True))
         (out / "anchors_fit.yaml").write_text(header + text)
     summary["seconds"] = round(time.perf_counter() - tic, 2)
     if found.num_boxes:
@@ -71,6 +79,32 @@ def write_report(records: Sequence[Any], cfg: ModelConfig, output: str | Path, f
     out.mkdir(parents=True, exist_ok=True)
     (out / "anchors.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+LEAST = 0.95  # a coverage below this is worth a larger image size
+SIZE_FACTORS = (1.5, 2.0, 3.0, 4.0)
+
+
+def fit_size(records: Sequence[Any], cfg: ModelConfig, max_anchors: int = 9) -> dict[str, Any] | None:
+    """Where fitted anchors leave boxes uncovered because they are too small for the grid: the smallest of
+    SIZE_FACTORS times the image size (model.min_size, max_size and train_min_sizes, to multiples of
+    size_divisible) at which anchors fitted there cover LEAST of the boxes (or the best of them), as {"factor",
+    "coverage", "overrides"}; None where no larger size gains a point of coverage."""
+    best, start = None, coverage(training_boxes(records, cfg), cfg).value or 0.0
+    d = cfg.size_divisible
+    for factor in SIZE_FACTORS:
+        sizes = {"min_size": d * round(cfg.min_size * factor / d), "max_size": d * round(cfg.max_size * factor / d),
+                 "train_min_sizes": [d * round(t * factor / d) for t in cfg.train_min_sizes]}  # fmt: skip
+        larger = apply_overrides(cfg, sizes)
+        boxes = training_boxes(records, larger)
+        layout = fit_anchors(boxes, larger, max_anchors=max_anchors).layout
+        value = coverage(boxes, layout.apply(larger)).value or 0.0
+        if best is None or value > best["coverage"]:
+            overrides = {k: v for k, v in sizes.items() if v or k != "train_min_sizes"} | layout.overrides(larger)
+            best = {"factor": factor, "coverage": value, "overrides": overrides}
+        if value >= LEAST:
+            break
+    return best if best is not None and best["coverage"] >= start + 0.01 else None
 
 
 def summary_lines(summary: dict[str, Any], output: Path) -> list[str]:
@@ -81,6 +115,12 @@ def summary_lines(summary: dict[str, Any], output: Path) -> list[str]:
         lines += _coverage_lines("fitted", summary["fitted"])
         lines.append(f"the fitted anchors, to paste into the config (also {output / 'anchors_fit.yaml'}):")
         lines.append(yaml.safe_dump({"model": summary["overrides"]}, sort_keys=False, default_flow_style=None).rstrip())
+    if "larger_size" in summary:
+        larger = summary["larger_size"]
+        lines.append(f"objects too small for the anchor grid at this size: at {larger['factor']:g}x the image size "
+                     f"(about {larger['factor'] ** 2:.1f}x the compute) anchors fitted there cover "
+                     f"{_percent(larger['coverage'])} (or train on tiles {larger['factor']:g}x smaller):")  # fmt: skip
+        lines.append(yaml.safe_dump({"model": larger["overrides"]}, sort_keys=False, default_flow_style=None).rstrip())
     lines.append(f"anchors.json and anchors.png in {output} ({summary['seconds']} s)")
     return lines
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from retinanet.data.base import to_rgb
-from retinanet.evaluate import CocoMetrics
+from retinanet.evaluate import CocoMetrics, max_dets_for
 from retinanet.outputs import strict_json
 from retinanet.tools.errors import ERROR_TYPES, ErrorAnalysis, analyze_errors
 
@@ -168,7 +168,7 @@ def report_dataset(output: str | Path, dataset: Any, ground_truth: Sequence[dict
         name = record.path.name if record.path is not None else f"image {record.image_id}"
         pixels = None if record.path is not None else np.asarray(dataset.load_image(i))
         images.append(ReportImage(name, size, record.path, pixels))
-    errors = errors or analyze_errors(ground_truth, detections)
+    errors = errors or analyze_errors(ground_truth, detections, max_dets=max_dets_for(ground_truth))
     return write_report(output, images, ground_truth, detections, dataset.category_names, errors, metrics, pr_curves)
 
 
@@ -276,6 +276,9 @@ height: 12px; margin-right: 4px; vertical-align: middle; }}
 #gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }} .card {{ border: 1px solid #ddd; padding: 4px; }}
 .card svg {{ display: block; max-width: 480px; height: auto; }} .card p {{ margin: 2px 0; font-size: 12px; }}
 #controls {{ position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid #ddd; z-index: 1; }}
+.card svg {{ cursor: zoom-in; }} #zoom {{ position: fixed; inset: 0; background: rgba(20, 20, 20, 0.92); overflow: auto;
+display: none; z-index: 2; padding-top: 44px; }} #zoom.open {{ display: block; }} #zoom svg {{ max-width: none; }}
+#zoom-bar {{ position: fixed; top: 6px; left: 12px; z-index: 3; color: #fff; }}
 </style></head><body>
 <h1>Detection report</h1>
 <p>Every AP in this report is a fraction from 0 to 1 ("-": not defined). AP at IoU 0.5 (TIDE's): {ap50};
@@ -290,6 +293,9 @@ value="0.3"></label> <b id="threshold-value">0.30</b> &nbsp; <span id="counts"><
 &nbsp; <button id="prev">previous</button> <span id="page"></span> <button id="next">next</button></div>
 <p>{legend}</p>
 <div id="gallery"></div>
+<div id="zoom"><div id="zoom-bar"><button id="zoom-in">+</button> <button id="zoom-out">-</button>
+<button id="zoom-close">close</button> <span id="zoom-name"></span> (keys: + - Esc; scroll to move)</div>
+<div id="zoom-view"></div></div>
 <script id="data" type="application/json">{data}</script>
 <script>{script}</script>
 </body></html>
@@ -315,6 +321,7 @@ function svgBox(b, colour, dashed, title) {
   r.setAttribute('x', b[0]); r.setAttribute('y', b[1]);
   r.setAttribute('width', Math.max(b[2] - b[0], 1)); r.setAttribute('height', Math.max(b[3] - b[1], 1));
   r.setAttribute('fill', 'none'); r.setAttribute('stroke', colour); r.setAttribute('stroke-width', 2);
+  r.setAttribute('vector-effect', 'non-scaling-stroke');  // lines stay thin when zoomed
   if (dashed) r.setAttribute('stroke-dasharray', '4 3');
   const t = document.createElementNS('http://www.w3.org/2000/svg', 'title'); t.textContent = title; r.appendChild(t);
   return r;
@@ -336,6 +343,7 @@ function card(c, t) {
     if (d[6] !== 'tp') errors++;
     svg.appendChild(svgBox(d, D.colours[d[6]], false, `${d[6]}: ${D.classes[d[5]]} ${d[4]}`));
   }
+  svg.addEventListener('click', () => openZoom(c));
   div.appendChild(svg);
   const p = document.createElement('p'); p.textContent = `${c.name}: ${errors} errors at this threshold`;
   div.appendChild(p);
@@ -357,7 +365,30 @@ function render() {
   const gallery = document.getElementById('gallery');
   gallery.replaceChildren(...D.gallery.slice(page * PAGE, (page + 1) * PAGE).map(c => card(c, t)));
 }
-document.getElementById('threshold').addEventListener('input', render);
+// an image of the gallery at full size and larger (a dense scene's small objects), over the page
+let zoomed = null, scale = 1;
+function openZoom(c) {
+  zoomed = c; scale = Math.max(1, Math.min(8, Math.floor(1600 / Math.max(c.w, c.h))));
+  drawZoom(); document.getElementById('zoom').classList.add('open');
+}
+function drawZoom() {
+  if (!zoomed) return;
+  const svg = card(zoomed, threshold()).querySelector('svg');
+  svg.setAttribute('width', zoomed.w * scale); svg.setAttribute('height', zoomed.h * scale);
+  svg.style.cursor = 'default';
+  document.getElementById('zoom-view').replaceChildren(svg);
+  document.getElementById('zoom-name').textContent = `${zoomed.name} at ${Math.round(scale * 100)}%`;
+}
+function closeZoom() { zoomed = null; document.getElementById('zoom').classList.remove('open'); }
+function zoomBy(f) { scale = Math.max(0.25, Math.min(16, scale * f)); drawZoom(); }
+document.getElementById('zoom-in').addEventListener('click', () => zoomBy(2));
+document.getElementById('zoom-out').addEventListener('click', () => zoomBy(0.5));
+document.getElementById('zoom-close').addEventListener('click', closeZoom);
+document.addEventListener('keydown', e => {
+  if (!zoomed) return;
+  if (e.key === 'Escape') closeZoom(); else if (e.key === '+' || e.key === '=') zoomBy(2); else if (e.key === '-') zoomBy(0.5);
+});
+document.getElementById('threshold').addEventListener('input', () => { render(); drawZoom(); });
 document.getElementById('prev').addEventListener('click', () => { page--; render(); });
 document.getElementById('next').addEventListener('click', () => { page++; render(); });
 render();

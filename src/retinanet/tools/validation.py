@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from retinanet.data import FIRST_VAL as FIRST
 from retinanet.data import DetectionDataset
+from retinanet.evaluate import max_dets_for
 from retinanet.inference import evaluate_model
 from retinanet.model import RetinaNet
 from retinanet.tools.errors import ERROR_TYPES, analyze_errors
@@ -38,7 +39,8 @@ def validate(model: RetinaNet, sets: Mapping[str, DetectionDataset], output: Pat
         folder = None if output is None else (output if name == FIRST else output / name)
         kept: dict[str, Any] = {}
         coco = evaluate_model(model, dataset, folder, amp=amp, keep=kept, tta=tta)
-        errors = analyze_errors(kept["ground_truth"], kept["detections"])
+        gts = kept["ground_truth"]
+        errors = analyze_errors(gts, kept["detections"], max_dets=max_dets_for(gts))
         values = coco.to_dict() | {f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}  # the 12 COCO numbers too
         metrics |= {metric_name(name, k): v for k, v in values.items()}
         if report and folder is not None:

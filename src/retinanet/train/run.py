@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,9 +12,10 @@ from typing import Any
 import torch
 
 from retinanet import fastpath
-from retinanet.config import PRESETS, RunConfig, TrainConfig, save_run_config
+from retinanet.config import PRESETS, ModelConfig, RunConfig, TrainConfig, apply_overrides, save_run_config
 from retinanet.data import DetectionDataset, build_dataset, categories_config, eval_transforms, make_loader, val_datasets
 from retinanet.inference import evaluate_model
+from retinanet.machine import busy_processes
 from retinanet.model import RetinaNet, build_from_config, load_checkpoint
 from retinanet.outputs import claim_run_folder, remove
 from retinanet.tools.anchor_coverage import coverage, coverage_lines, training_boxes
@@ -41,11 +44,13 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
     rank, world = rank_and_world()
     out = Path(cfg.train.output_dir)
+    resume, overwrite, resume_line = resolve_resume(resume or cfg.train.resume, out, overwrite)
     earlier = claim_run_folder(out, resume, overwrite) if rank == 0 else []
     device = resolve_device(cfg.train)  # a device or precision this machine lacks stops us first
     train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
     check_learnable(cfg, train_set)
     cfg.model = categories_config(cfg.model, train_set)
+    cfg.model, cap_line = detection_cap(cfg.model, train_set)
     val_sets = val_datasets(cfg.data, cfg.model, train_set.categories) if evaluate else {}
     val_set = next(iter(val_sets.values()), None)
     if val_sets:  # a best_weights naming no validation set stops the run here
@@ -66,7 +71,8 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         write_skipped(out, {"train": train_set, **val_sets})
         boxes = training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
         precision = fastpath.choose_amp(cfg.train.amp, device)  # rank 0's choice: the one every process will take
-        for line in [_summary(cfg, train_set, val_sets, device, workers, precision), workers_warning, *init_lines,
+        summary = _summary(cfg, train_set, val_sets, device, workers, precision)
+        for line in [resume_line, summary, busy_line(), workers_warning, cap_line, *init_lines,
                      *coverage_lines(coverage(boxes, model.config))]:  # fmt: skip
             if line:
                 print(line, flush=True)
@@ -165,6 +171,45 @@ def write_skipped(out: Path, datasets: dict[str, DetectionDataset | None]) -> No
                for skip in ds.skipped]  # fmt: skip
     if skipped:
         (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+
+
+def busy_line() -> str | None:
+    """One line where other processes compute on this machine as the run starts (None where it is quiet)."""
+    others = busy_processes()
+    if not others:
+        return None
+    return (f"the machine is busy: {others} other process(es) computing on its {os.cpu_count()} cores. This run "
+            "shares them (its threads wait without spinning), so it runs slower than alone; the fast paths it "
+            "measures now are measured again once the machine is quiet")
+
+
+def resolve_resume(resume: str | Path | None, out: Path, overwrite: bool) -> tuple[Path | None, bool, str | None]:
+    """(the checkpoint to resume from, whether the folder's earlier files are replaced, the line that says what
+    "auto" chose). resume "auto": out/last.pt where it exists, else a fresh run; the files of an earlier start that
+    saved no checkpoint are then replaced (nothing of it is lost)."""
+    if resume is None or str(resume) != "auto":
+        return (Path(resume) if resume is not None else None), overwrite, None
+    last = out / "last.pt"
+    if last.is_file():
+        return last, overwrite, f"resume auto: continuing from {last}"
+    return None, True, f"resume auto: no checkpoint in {out}, a fresh run"
+
+
+def detection_cap(model: ModelConfig, train_set: DetectionDataset) -> tuple[ModelConfig, str | None]:
+    """The model config with its cap of detections per image raised where a training image holds more objects than
+    it (left at its default: a dense scene would otherwise be capped in every evaluation and detection), and the
+    line that says so (or that an explicit cap is below the data); (model, None) where the cap holds them all."""
+    most = max((int((~r.iscrowd).sum()) for r in train_set.records), default=0)
+    cap = model.detections_per_image
+    if most <= cap:
+        return model, None
+    if cap != ModelConfig.detections_per_image:
+        return model, (f"warning: a training image holds {most} objects, more than model.detections_per_image = "
+                       f"{cap}: evaluation and detection stop at {cap} per image")  # fmt: skip
+    raised = 100 * math.ceil(1.5 * most / 100)
+    return apply_overrides(model, {"detections_per_image": raised}), (
+        f"detection cap: a training image holds {most} objects, more than the default model.detections_per_image "
+        f"= {cap}: raised to {raised} (set the key to choose)")
 
 
 def check_enough_images(images: int, per_process: int, world: int, batch_size: int) -> None:
