@@ -58,7 +58,7 @@ def test_an_image_past_the_limit_names_the_option_then_is_detected_in_tiles(tmp_
                                                                            capsys):  # fmt: skip
     images = tmp_path / "imgs"
     images.mkdir()
-    Image.fromarray(_pixels(150, 200)).save(images / "big.png")  # 30,000 px, past the 10,000 px limit
+    Image.fromarray(_pixels(150, 200)).save(images / "big.png")  # 30,000 px, past the 20,000 px Pillow refuses
     Image.fromarray(_pixels(64, 64, 1)).save(images / "small.png")
     assert is_large(images / "big.png") and not is_large(images / "small.png")
     out = tmp_path / "out"

@@ -11,6 +11,7 @@
     retinanet demo [--output runs/demo]
     retinanet anchors --config run.yaml --output runs/anchors [--fit]   (which boxes the anchors miss; anchors that fit)
     retinanet inspect --config run.yaml --output runs/inspect [--split val] [--augment] [--show-anchors]
+    retinanet fastpaths [--reset]                            (this machine's measured fast paths, with their figures)
     retinanet analyze loss-curves --output docs/figures       (Figures 1, 5, 6 of the paper: PNG and CSV)
     retinanet analyze examples --p 0.95 0.05 0.99 0.01         (CE, balanced CE and FL at each p)
     retinanet analyze loss-cdf --checkpoint runs/x/last.pt --config run.yaml --output runs/x/loss_cdf  (Figure 4)

@@ -180,7 +180,7 @@ def image_header(path: Path, where: str) -> tuple[int, int]:
             f.seek(max(path.stat().st_size - 1024, 0))
             tail = f.read()
     except Image.DecompressionBombError:
-        raise DatasetError(f"{where}: image {path} is past Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} "
+        raise DatasetError(f"{where}: image {path} is past Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} "
                            "megapixels (a guard against decompression bombs): cut it into tiles to train on it "
                            "(`retinanet detect --tile N --allow-large-images` detects in it whole)") from None
     except (OSError, SyntaxError, ValueError) as e:

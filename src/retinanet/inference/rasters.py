@@ -1,7 +1,7 @@
 """Images too large to decode whole (orthomosaics, sky surveys): read window by window for tiled detection, in
 memory bounded by the tile batch, and their georeferencing kept.
 
-Pillow refuses an image past `PIL.Image.MAX_IMAGE_PIXELS` (about 179 megapixels by default) as a possible
+Pillow refuses an image past twice `PIL.Image.MAX_IMAGE_PIXELS` (about 179 megapixels by default) as a possible
 decompression bomb. Such an image is read here:
 - TIFF and GeoTIFF (and GDAL's other rasters: .jp2, .img, .vrt), window by window with rasterio (the `geo` extra:
   `pip install "retinanet[geo]"`): the memory is that of one batch of tiles. A georeferenced raster keeps its CRS
@@ -15,6 +15,7 @@ every tile is scaled alike), as retinanet.data.base.to_rgb scales a small image 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import warnings
@@ -30,9 +31,10 @@ from torch import Tensor
 from retinanet.data.base import to_rgb
 from retinanet.inference.tiling import Window
 
-__all__ = ["GDAL_SUFFIXES", "Raster", "image_pixels", "is_large", "open_raster", "write_geojson"]
+__all__ = ["GDAL_SUFFIXES", "Raster", "image_pixels", "is_large", "open_raster", "pixel_limit", "write_geojson"]
 
 GDAL_SUFFIXES = {".tif", ".tiff", ".jp2", ".img", ".vrt"}
+GDAL_CACHE_MB = 64  # GDAL's cache of decoded blocks while a raster is read: a few rows of tiles, not the image
 RANGE_SIDE = 1024  # the decimated copy that sets a 16-bit raster's range: at most this many px on its longer side
 
 
@@ -71,9 +73,15 @@ def image_pixels(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
+def pixel_limit() -> int | None:
+    """The most pixels Pillow decodes: twice Image.MAX_IMAGE_PIXELS (past it Pillow refuses the image as a possible
+    decompression bomb; past MAX_IMAGE_PIXELS itself it only warns); None where the limit is lifted."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is not None else None
+
+
 def is_large(path: str | Path) -> bool:
-    """Whether the image is past Pillow's limit (Image.MAX_IMAGE_PIXELS), so that Pillow would refuse it."""
-    limit = Image.MAX_IMAGE_PIXELS
+    """Whether the image is past Pillow's limit (`pixel_limit`), so that Pillow would refuse it."""
+    limit = pixel_limit()
     size = image_pixels(path)
     return limit is not None and size is not None and size[0] * size[1] > limit
 
@@ -91,7 +99,7 @@ def open_raster(path: str | Path, allow_large: bool = False) -> Raster:
         by_windows = (" or install rasterio (pip install \"retinanet[geo]\") to read it by windows in little memory"
                       if gdal else "")  # fmt: skip
         raise ValueError(f"{path}: {width}x{height} px ({width * height / 1e6:.0f} megapixels) is past Pillow's limit "
-                         f"of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (a guard against decompression bombs): "
+                         f"of {(pixel_limit() or 0) / 1e6:.0f} megapixels (a guard against decompression bombs): "
                          f"allow it with --allow-large-images (decoded whole: about {gb:.1f} GB of memory)"
                          f"{by_windows}")  # fmt: skip
     with _no_pixel_limit(), Image.open(path) as im:
@@ -103,6 +111,10 @@ def _rasterio_raster(path: Path) -> Raster:
     import rasterio
     from rasterio.windows import Window as RioWindow
 
+    _fixed_mmap_threshold()
+
+    env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)  # GDAL's block cache, else 5% of the machine's memory
+    env.__enter__()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NotGeoreferencedWarning
         src = rasterio.open(path)
@@ -123,7 +135,8 @@ def _rasterio_raster(path: Path) -> Raster:
     t = src.transform
     return Raster(path, int(src.height), int(src.width), read,
                   crs=src.crs.to_string() if georeferenced else None,
-                  transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None, close=src.close)  # fmt: skip
+                  transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None,
+                  close=lambda: (src.close(), env.__exit__(None, None, None)))  # fmt: skip
 
 
 def _range(src: Any, bands: Sequence[int]) -> tuple[float, float]:
@@ -166,6 +179,19 @@ def write_geojson(path: str | Path, records: list[dict[str, Any]], rasters: dict
     path = Path(path)
     path.write_text(json.dumps(collection))
     return path
+
+
+def _fixed_mmap_threshold() -> None:
+    """glibc's malloc raises its mmap threshold as large blocks are freed, and then serves them from the heap: with
+    GDAL's block reads between the model's batches, the heap then grew by 35 MB a second over a 400-megapixel raster
+    (a 6 GB peak). A fixed threshold (128 kB, M_MMAP_THRESHOLD) keeps large blocks in mmap, returned when freed: the
+    memory stays at one batch of tiles. Not glibc: nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 def _has_rasterio() -> bool:
