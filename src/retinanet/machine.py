@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from retinanet.outputs import WriteError, atomic_write
 
 try:  # POSIX file locks; without them (Windows) concurrent writers may lose entries, never corrupt the file
     import fcntl
@@ -144,7 +146,7 @@ class Cache:
         path = self.path()
         if path is None:
             return
-        with contextlib.suppress(OSError):  # a read-only home must not stop training: the choice stays in memory
+        with contextlib.suppress(OSError, WriteError):  # a read-only home must not stop training: kept in memory
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(path):  # read, merge and replace as one step: no writer loses another's entries
                 data = self._read_file(path)
@@ -153,23 +155,13 @@ class Cache:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".fastpaths.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True))  # readers see the old file or the new one
 
 
 def busy_processes(samples: int = 3, interval: float = 0.02) -> int:
     """How many other processes are computing on this machine now: those running (state R) that are neither this
     process nor its children (its data workers), the least over `samples` looks `interval` s apart (a brief task is
     not a load). 0 where /proc cannot tell (not Linux)."""
-    import time
-
     if not Path("/proc/self/stat").exists():
         return 0
     counts = []

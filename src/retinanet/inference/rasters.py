@@ -115,9 +115,13 @@ def _rasterio_raster(path: Path) -> Raster:
 
     env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)  # GDAL's block cache, else 5% of the machine's memory
     env.__enter__()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NotGeoreferencedWarning
-        src = rasterio.open(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning
+            src = rasterio.open(path)
+    except BaseException:
+        env.__exit__(None, None, None)
+        raise
     bands = [1, 1, 1] if src.count < 3 else [1, 2, 3]
     dtype = np.dtype(src.dtypes[0])
     scale = None if dtype == np.uint8 else _range(src, bands)
