@@ -42,8 +42,17 @@ def init_distributed() -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, rank=rank, world_size=world)  # MASTER_ADDR/PORT from torchrun
+        dist.init_process_group(backend, store=_attempt_store(rank, world), rank=rank, world_size=world)
     return rank, world, local_rank
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The store at torchrun's MASTER_ADDR/PORT, its keys prefixed by the restart attempt
+    (TORCHELASTIC_RESTART_COUNT). torchrun's agent keeps one store across restarts (the shared rendezvous store), so
+    the keys of a killed attempt are still there: a restarted rank could read a dead rank's Gloo address before
+    the new one replaces it, and fail to connect ("Connection refused") or wait for a peer that is gone."""
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+    return dist.PrefixStore(f"retinanet/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def launched_slot(forget: bool = False) -> tuple[int, int, int] | None:
