@@ -120,6 +120,7 @@ def _kill_and_resume(tmp_path: Path, torchrun, output) -> None:
     ckpt = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 8
     assert "resume auto: continuing from" in (killed / "train.log").read_text()
+    assert "1 thread (OMP_NUM_THREADS=1) per process" in (killed / "train.log").read_text()  # torchrun's setting kept
     assert _iterations(killed) == list(range(1, 9))  # the iterations since the checkpoint redone, once in the log
     # the same data order and weights as the run that was never killed
     assert _losses(killed) == pytest.approx(_losses(whole), rel=1e-3)

@@ -407,8 +407,10 @@ def _analysis_parsers(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])  # the command as typed, for the tables' footers
+    from retinanet.machine import set_threads
     from retinanet.train import NonFiniteLossError, TrainingInterrupted
 
+    set_threads()  # every command: OMP_NUM_THREADS, or the cores shared among torchrun's processes
     try:
         return args.handler(args)
     except NonFiniteLossError as exc:

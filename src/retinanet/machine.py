@@ -27,7 +27,18 @@ try:  # POSIX file locks; without them (Windows) concurrent writers may lose ent
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["CACHE_VERSION", "Cache", "CpuInfo", "busy_processes", "cache_key", "cpu_info", "machine_id"]
+__all__ = [
+    "CACHE_VERSION",
+    "Cache",
+    "CpuInfo",
+    "busy_processes",
+    "cache_key",
+    "cpu_info",
+    "machine_id",
+    "set_threads",
+    "thread_budget",
+    "usable_cores",
+]
 
 CACHE_VERSION = 2  # 2: choices by repeated rounds against a margin (version 1's single timings are measured again)
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 instructions
@@ -184,6 +195,38 @@ def busy_processes(samples: int = 3, interval: float = 0.02) -> int:
             grew = bool(more)
         counts.append(len(running - own))
     return min(counts)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), else the machine's."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_budget() -> tuple[int, str]:
+    """The intra-op threads this process takes, and why: OMP_NUM_THREADS where it is set (by the user, or by torchrun
+    for its ranks: respected as it is); else the usable cores shared among the processes torchrun started on this
+    machine (LOCAL_WORLD_SIZE), so that together they do not oversubscribe the cores. Data workers take one thread
+    each (torch's DataLoader sets it)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), f"OMP_NUM_THREADS={omp}"
+    cores = usable_cores()
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    if processes == 1:
+        return cores, f"the {cores} usable cores"
+    return max(1, cores // processes), f"{cores} usable cores shared by {processes} processes"
+
+
+def set_threads() -> str:
+    """Set this process's intra-op threads to its `thread_budget`; the budget in words ("2 threads (...)"). Call at
+    the start of a command, before anything is measured (the fast paths' cache is keyed by the thread count)."""
+    threads, why = thread_budget()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return f"{threads} thread{'s' if threads > 1 else ''} ({why})"
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ from retinanet.data.build import FIRST_VAL, build_dataset, val_datasets
 from retinanet.evaluate import evaluate_coco, max_dets_for
 from retinanet.inference.evaluation import predict_dataset
 from retinanet.inference.predictor import categories_of
+from retinanet.machine import set_threads
 from retinanet.tools.errors import ERROR_TYPES, analyze_errors
 from retinanet.tools.validation import validate
 from retinanet.train.distributed import launched_slot
@@ -315,6 +316,7 @@ def run_grids(
     the validation set built once, before any cell trains; a cell's error other than a non-finite loss stops the
     grid (its lock is released; run again to go on). minutes: every cell trains for this long (equal time)."""
     output = Path(output)
+    set_threads()  # torchrun's ranks (or OMP_NUM_THREADS) share the cores: none oversubscribes them
     rank, world, local_rank = _process_slot()
     planned = [_on_own_gpu(p, local_rank) for g in grids for p in plan_grid(g, base, output, minutes)]
     unknown = sorted(set(only or ()) - {p.cell.name for p in planned})

@@ -15,7 +15,7 @@ from retinanet import fastpath
 from retinanet.config import PRESETS, ModelConfig, RunConfig, TrainConfig, apply_overrides, save_run_config
 from retinanet.data import DetectionDataset, build_dataset, categories_config, eval_transforms, make_loader, val_datasets
 from retinanet.inference import evaluate_model
-from retinanet.machine import busy_processes
+from retinanet.machine import busy_processes, set_threads
 from retinanet.model import RetinaNet, build_from_config, load_checkpoint
 from retinanet.outputs import claim_run_folder, remove
 from retinanet.tools.anchor_coverage import coverage, coverage_lines, training_boxes
@@ -41,6 +41,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     refused unless `resume` continues it or `overwrite` replaces it), the config, every image's header and boxes,
     the checkpoint to resume from, the device and precision. The model is built after seeding, so that a run is a
     function of its config and seed."""
+    threads = set_threads()  # before anything is measured: torchrun's ranks share the cores
     init_distributed()  # joins the process group when launched by torchrun; a no-op otherwise
     rank, world = rank_and_world()
     out = Path(cfg.train.output_dir)
@@ -71,7 +72,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         write_skipped(out, {"train": train_set, **val_sets})
         boxes = training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
         precision = fastpath.choose_amp(cfg.train.amp, device)  # rank 0's choice: the one every process will take
-        summary = _summary(cfg, train_set, val_sets, device, workers, precision)
+        summary = _summary(cfg, train_set, val_sets, device, workers, precision, threads)
         for line in [resume_line, summary, busy_line(), workers_warning, cap_line, *init_lines,
                      *coverage_lines(coverage(boxes, model.config))]:  # fmt: skip
             if line:
@@ -118,8 +119,8 @@ def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
 
 
 def _summary(cfg: RunConfig, train_set: DetectionDataset, val_sets: dict[str, DetectionDataset], device: torch.device,
-             workers: int, precision: str) -> str:  # fmt: skip
-    """One line saying what the run will do."""
+             workers: int, precision: str, threads: str = "") -> str:  # fmt: skip
+    """One line saying what the run will do; threads: this process's intra-op threads, in words."""
     t, m = cfg.train, cfg.model
     epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
     val = ", ".join(f"{len(v)} ({k})" for k, v in val_sets.items())
@@ -132,7 +133,8 @@ def _summary(cfg: RunConfig, train_set: DetectionDataset, val_sets: dict[str, De
     return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
             f"{length}; images resized to shorter side {m.min_size}, longer at most {m.max_size}{sizes}; "
             f"{cfg.preset} {m.backbone}; lr {t.lr:g} ({t.optimizer}), {t.schedule().describe()}; device {device}, "
-            f"{_precision(t.amp, precision)}, {workers} data workers; output {t.output_dir}")
+            f"{_precision(t.amp, precision)}, {workers} data workers"
+            f"{', ' + threads + ' per process' if threads and device.type == 'cpu' else ''}; output {t.output_dir}")
 
 
 def _precision(asked: str, chosen: str) -> str:
