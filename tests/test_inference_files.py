@@ -147,3 +147,22 @@ def test_detect_command_with_batches_workers_csv_and_tiles(tmp_path, capsys):
     assert "3 images" in capsys.readouterr().out
     assert main(["detect", str(tmp_path / "in"), "--checkpoint", str(checkpoint), "--tile", "0"]) == 2
     assert "tile must be at least 1 px" in capsys.readouterr().err
+
+
+def test_outputs_are_streamed_as_json_writes_them_and_a_failed_run_leaves_the_earlier_files_whole(tmp_path):
+    folder = tmp_path / "images"
+    files = [_save(folder, f"im{i}.png", seed=i) for i in range(3)]
+    out = tmp_path / "out"
+    predictor = Predictor(_tiny(), score_thresh=0.2)
+    result = run_inference(predictor, files, out, batch_size=1, csv_file=True, yolo_txt=True, draw=False,
+                           progress=False)  # fmt: skip
+    listed, coco = (out / "detections.json").read_text(), (out / "results.json").read_text()
+    assert listed == json.dumps(json.loads(listed), indent=1) and coco == json.dumps(json.loads(coco))
+    assert result.images == 3 and result.detections == sum(len(r["detections"]) for r in result.records) > 0
+    assert len(json.loads(coco)) == result.detections
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    broken = folder / "zz_broken.png"  # the last file: the three before it are streamed when the run fails
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match="zz_broken.png"):
+        run_inference(predictor, [*files, broken], out, batch_size=1, csv_file=True, draw=False, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # and no temporary file left

@@ -104,15 +104,15 @@ def _detect(args: argparse.Namespace) -> int:
     from retinanet.config import size_overrides
     from retinanet.jobs import run_detect
 
-    results = run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh, args.device,
+    result = run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh, args.device,
                          skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine, tile=args.tile,
                          overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, csv_file=args.csv,
                          draw="none" if args.no_draw else args.draw, overwrite=args.overwrite, tta=args.tta,
                          yolo_txt=args.yolo_txt, max_detections=args.max_detections,
                          allow_large=args.allow_large_images,
                          **size_overrides(args.min_size, args.max_size))  # fmt: skip
-    found = sum(len(r["detections"]) for r in results)
-    print(f"{found} detections in {len(results)} images; detections.json, results.json (COCO) in {args.output}")
+    print(f"{result.detections} detections in {result.images} images; detections.json, results.json (COCO) in "
+          f"{args.output}")
     return 0
 
 

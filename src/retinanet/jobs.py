@@ -46,6 +46,7 @@ from retinanet.inference import (
     evaluate_predictions,
     image_files,
     read_image,
+    InferenceResult,
     run_inference,
 )
 from retinanet.model import RetinaNet, load_model
@@ -190,7 +191,7 @@ def run_detect(
     engine: str = "onnxruntime", tile: int | None = None, overlap: float = 0.2, batch_size: int = 4,
     workers: int = 0, csv_file: bool = False, draw: bool | str = True, overwrite: bool = False,
     tta: str | None = None, yolo_txt: bool = False, max_detections: int | None = None, allow_large: bool = False,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> InferenceResult:  # fmt: skip
     """Detect objects in image files, folders, globs and list files (retinanet.inference) with a checkpoint of ours
     (resized as it was evaluated, or by min_size / max_size), torchvision's COCO weights by name, or an exported
     ONNX file run by `engine`; in tiles of `tile` px when it is given. Writes an annotated PNG per image (draw:
@@ -201,7 +202,7 @@ def run_detect(
     this detection has written its own (retinanet.outputs). tta: test-time augmentation's views
     (retinanet.inference.tta; PyTorch models only). max_detections: the model's cap of detections per image (per
     tile, in tiles), in place of its own. allow_large: decode whole an image past Pillow's limit that cannot be
-    read by windows (retinanet.inference.rasters). Returns the records of detections.json."""
+    read by windows (retinanet.inference.rasters). Returns the InferenceResult (its counts; records read back)."""
     if sum(x is not None for x in (checkpoint, torchvision_weights, onnx)) != 1:
         raise ValueError("give one of: a checkpoint, torchvision weights by name, an ONNX file")
     if check_tta(tta) is not None and onnx is not None:
@@ -228,7 +229,7 @@ def run_detect(
     result = run_inference(predictor, files, output, batch_size, workers, skip_bad, csv_file, draw,
                            yolo_txt=yolo_txt, allow_large=allow_large)  # fmt: skip
     remove_stale(earlier, result.written)  # the earlier detection's files that this one did not write again
-    return result.records
+    return result
 
 
 def run_export(

@@ -17,9 +17,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
-__all__ = ["DETECT_FILES", "RUN_FILES", "WriteError", "atomic_write", "claim_detect_folder", "claim_run_folder",
+__all__ = ["DETECT_FILES", "JsonList", "RUN_FILES", "WriteError", "atomic_stream", "atomic_write", "claim_detect_folder", "claim_run_folder",
            "remove", "remove_stale", "strict_json", "writable_folder", "write_error"]  # fmt: skip
 
 # what a training run writes in its folder (iter_*.pt too, with keep_all_checkpoints)
@@ -134,16 +134,27 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Non
     """Write `data` (text, bytes, or a function that writes to a binary file) to `path` through a temporary file in
     the same folder, flushed to disk and renamed over `path`: a reader (or a crash) sees the old file or the new
     one, never half of one. A write that fails leaves the old file whole and raises WriteError (write_error)."""
+    with atomic_stream(path) as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_stream(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` piece by piece (results streamed as they are computed, never all in memory),
+    through a temporary file in the same folder that becomes `path` when the block ends (flushed to disk, renamed
+    over it); an error in the block leaves the old file whole and the temporary one removed. A failed write raises
+    WriteError (write_error)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
+            yield f
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
         os.replace(tmp, path)
@@ -163,7 +174,26 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Non
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    return path
+
+
+class JsonList:
+    """A JSON list written item by item to a binary file, byte for byte as json.dumps(items, indent=indent) would
+    write it whole (indent None: on one line): a long list never held in memory."""
+
+    def __init__(self, file: IO[bytes], indent: int | None = None):
+        self.file, self.indent, self.count = file, indent, 0
+
+    def add(self, item: Any) -> None:
+        if self.indent is None:
+            text = ("[" if self.count == 0 else ", ") + json.dumps(item)
+        else:
+            pad = " " * self.indent  # a newline inside a JSON string is escaped: every raw one starts a line
+            text = ("[\n" if self.count == 0 else ",\n") + pad + json.dumps(item, indent=self.indent).replace("\n", "\n" + pad)
+        self.file.write(text.encode())
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.write(b"[]" if self.count == 0 else (b"]" if self.indent is None else b"\n]"))
 
 
 def strict_json(value: Any, **dumps: Any) -> str:

@@ -28,13 +28,14 @@ output but detections.json and skipped.json, which name it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import IO, Any, Callable, NamedTuple, Sequence
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -44,11 +45,11 @@ from retinanet.data.base import notice
 from retinanet.evaluate import coco_results
 from retinanet.inference.predictor import Prediction, Predictor, read_image
 from retinanet.inference.rasters import Raster, image_pixels, is_large, open_raster, write_geojson
-from retinanet.outputs import atomic_write
+from retinanet.outputs import JsonList, atomic_stream, atomic_write
 from retinanet.visualize import DRAW_MODES, save_detections_image
 
-__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "draw_mode", "image_files", "run_inference", "size_hints", "write_csv",
-           "write_yolo_txt"]
+__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "csv_rows", "draw_mode", "image_files", "run_inference", "size_hints",
+           "write_csv", "write_yolo_txt"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -152,12 +153,21 @@ def draw_mode(draw: bool | str) -> str | None:
 
 @dataclass
 class InferenceResult:
-    """records: per image read, as in detections.json; skipped: the files left out, with why; written: every file
-    the run wrote."""
+    """output: the folder written; skipped: the files left out, with why; written: every file the run wrote;
+    images, detections: how many images were read and how many detections they hold. `records` (as in
+    detections.json) is read back from the file when asked for: a run keeps no image's detections in memory."""
 
-    records: list[dict[str, Any]]
+    output: Path
     skipped: list[tuple[str, str]]
     written: list[Path] = field(default_factory=list)
+    images: int = 0
+    detections: int = 0
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Per image read, in input order, as in detections.json (the files skip_bad left out are not among them)."""
+        found = json.loads((self.output / "detections.json").read_text(encoding="utf-8"))
+        return [r for r in found if "skipped" not in r]
 
 
 def run_inference(
@@ -178,7 +188,11 @@ def run_inference(
     module docstring to `output`. An unreadable file raises a ValueError naming it, or with skip_bad is warned
     about and skipped. An image past Pillow's limit is read by windows (retinanet.inference.rasters: TIFFs with
     rasterio; other formats decoded whole where `allow_large` says so); it is not drawn, and a georeferenced one
-    also goes to detections.geojson in map coordinates."""
+    also goes to detections.geojson in map coordinates.
+
+    The outputs are streamed: each image's detections go to the files as soon as they are found, and memory stays
+    flat over any number of images. Each file is written under a temporary name and takes its own name only when
+    every image is done: a run that fails leaves an earlier detection's files whole."""
     files = [Path(f) for f in files]
     out = Path(output)
     mode = draw_mode(draw)
@@ -188,12 +202,13 @@ def run_inference(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list,
                         persistent_workers=False)  # fmt: skip
     names = _drawing_names(files)
-    records: list[dict[str, Any]] = []
-    predictions: list[Prediction] = []
-    skipped: list[tuple[str, str]] = []
+    result = InferenceResult(out, [])
+    sizes: list[dict[str, Any]] = []  # per image: file, width, height and its number of detections, for the hints
     rasters: dict[str, Raster] = {}
-    written: list[Path] = []
-    with tqdm(total=len(files), unit="image", desc="detect", disable=not progress) as bar:
+    raster_records: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as streams, tqdm(total=len(files), unit="image", desc="detect",
+                                                 disable=not progress) as bar:  # fmt: skip
+        outputs = _Outputs(streams, out, predictor.categories, csv_file, yolo_txt)
         for batch in loader:
             good = [s for s in batch if s.error is None and not s.large]
             found_in = dict(zip((s.index for s in good), _predict(predictor, good, tiled)))
@@ -211,26 +226,78 @@ def run_inference(
                     if not skip_bad:
                         raise ValueError(s.error)
                     notice(f"skipped an image: {s.error}")
-                    skipped.append((str(s.path), s.error))
+                    result.skipped.append((str(s.path), s.error))
                     continue
-                found = found_in[s.index]
+                found = found_in.pop(s.index)
                 drawn = draw and not s.large  # an image too large to decode is not drawn
-                records.append(_record(s, found, len(records) + 1, names[s.index] if drawn else None))
-                predictions.append(found)
+                record = _record(s, found, result.images + 1, names[s.index] if drawn else None)
+                outputs.add(record, found)
+                result.images += 1
+                result.detections += len(record["detections"])
+                sizes.append({**{k: record[k] for k in ("file", "width", "height")}, "detections": len(found.scores)})
+                if s.large:
+                    raster_records.append(record)
                 if drawn:
-                    written.append(save_detections_image(out / names[s.index], s.image.float() / 255, found.boxes,
-                                                         found.scores, found.labels, predictor.class_names, mode))
+                    result.written.append(save_detections_image(out / names[s.index], s.image.float() / 255,
+                                                                found.boxes, found.scores, found.labels,
+                                                                predictor.class_names, mode))  # fmt: skip
             bar.update(len(batch))
+        result.written += outputs.finish(result.skipped)
     if draw and rasters:
         notice(f"{len(rasters)} image(s) past Pillow's limit were detected but not drawn (e.g. "
                f"{Path(next(iter(rasters))).name})")
-    for line in size_hints(predictor, records):
+    for line in size_hints(predictor, sizes):
         notice(line)
-    written += _write_outputs(out, records, predictions, predictor.categories, csv_file, skipped)
-    if yolo_txt:
-        written += write_yolo_txt(out / "labels", records)
-    written += [p for p in [write_geojson(out / "detections.geojson", records, rasters)] if p is not None]
-    return InferenceResult(records, skipped, written)
+    result.written += [p for p in [write_geojson(out / "detections.geojson", raster_records, rasters)] if p is not None]
+    return result
+
+
+class _Outputs:
+    """The files of a detection, each written as the images come (retinanet.outputs.atomic_stream: under a
+    temporary name until the run's end); labels/NAME.txt are written whole, one per image."""
+
+    def __init__(self, streams: contextlib.ExitStack, out: Path, categories: list[dict[str, Any]], csv_file: bool,
+                 yolo_txt: bool):  # fmt: skip
+        self.out, self.categories = out, categories
+        self.detections = JsonList(streams.enter_context(atomic_stream(out / "detections.json")), indent=1)
+        self.results = JsonList(streams.enter_context(atomic_stream(out / "results.json")))
+        self.csv = csv.writer(_Text(streams.enter_context(atomic_stream(out / "detections.csv")))) if csv_file else None
+        self.yolo = _YoloTxt(out / "labels") if yolo_txt else None
+
+    def add(self, record: dict[str, Any], found: Prediction) -> None:
+        self.detections.add(record)
+        one = {"image_id": record["image_id"], "boxes": found.boxes, "scores": found.scores, "labels": found.labels}
+        for row in coco_results([one], self.categories):
+            self.results.add(row)
+        if self.csv is not None:
+            self.csv.writerows(csv_rows(record))
+        if self.yolo is not None:
+            self.yolo.add(record)
+
+    def finish(self, skipped: list[tuple[str, str]]) -> list[Path]:
+        """Close the lists (detections.json ends with the files left out); the files the run writes. They take
+        their names when the caller's ExitStack closes."""
+        for file, reason in skipped:
+            self.detections.add({"file": file, "skipped": reason, "detections": []})
+        self.detections.close()
+        self.results.close()
+        written = [self.out / "detections.json", self.out / "results.json"]
+        if skipped:
+            written.append(atomic_write(self.out / "skipped.json", json.dumps([{"file": f, "reason": r}
+                                                                               for f, r in skipped], indent=1)))
+        if self.csv is not None:
+            written.append(self.out / "detections.csv")
+        return written + (self.yolo.written if self.yolo is not None else [])
+
+
+class _Text:
+    """A binary file as the text file csv.writer wants (UTF-8, no newline translation)."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file = file
+
+    def write(self, text: str) -> int:
+        return self.file.write(text.encode("utf-8"))
 
 
 SHRINK_HINT = 1.5  # an image (or tile) shrunk by more than this to the model's size gets a line naming --tile
@@ -242,8 +309,13 @@ def shrink_factor(height: int, width: int, min_size: int, max_size: int) -> floa
     return 1.0 / min(min_size / min(height, width), max_size / max(height, width))
 
 
+def _count(record: dict[str, Any]) -> int:
+    found = record["detections"]
+    return found if isinstance(found, int) else len(found)
+
+
 def size_hints(predictor: Predictor, records: list[dict[str, Any]], shrunk: float = SHRINK_HINT) -> list[str]:
-    """One-line hints for results that the model's size limited: images, or tiles, shrunk by more than `shrunk`
+    """One-line hints (records: file, width, height, and detections: the image's, or their number) for results that the model's size limited: images, or tiles, shrunk by more than `shrunk`
     times to the model's size (small objects vanish when shrunk), with the --tile that keeps them at the model's
     scale; images, or tiles, whose detections reached the model's cap. Tiles are named only where they would
     help (an image shrunk to the model's size)."""
@@ -258,7 +330,7 @@ def size_hints(predictor: Predictor, records: list[dict[str, Any]], shrunk: floa
                          f"shrunk to it (e.g. {Path(r['file']).name}, {r['width']}x{r['height']}, {factor:.1f}x), "
                          "and small objects vanish when shrunk: detect them in tiles with "
                          f"--tile {cfg.min_size}")  # fmt: skip
-        capped = [r for r in records if len(r["detections"]) >= cap]
+        capped = [r for r in records if _count(r) >= cap]
         if capped:
             tiles = any(shrink_factor(r["height"], r["width"], cfg.min_size, cfg.max_size) > 1 for r in capped)
             tiles_or = f"detect in tiles (--tile {cfg.min_size}) or " if tiles else ""
@@ -304,38 +376,27 @@ def _drawing_names(files: list[Path]) -> list[str]:
     return names
 
 
-def _write_outputs(out: Path, records: list[dict[str, Any]], predictions: list[Prediction],
-                   categories: list[dict[str, Any]], csv_file: bool, skipped: list[tuple[str, str]]) -> list[Path]:  # fmt: skip
-    """The JSON outputs (and the CSV), each written atomically; the files written."""
-    left_out = [{"file": f, "skipped": reason, "detections": []} for f, reason in skipped]
-    written = [atomic_write(out / "detections.json", json.dumps(records + left_out, indent=1))]
-    if skipped:
-        written.append(atomic_write(out / "skipped.json", json.dumps([{"file": f, "reason": r} for f, r in skipped],
-                                                                     indent=1)))  # fmt: skip
-    per_image = [{"image_id": r["image_id"], "boxes": p.boxes, "scores": p.scores, "labels": p.labels}
-                 for r, p in zip(records, predictions)]  # fmt: skip
-    written.append(atomic_write(out / "results.json", json.dumps(coco_results(per_image, categories))))
-    if csv_file:
-        written.append(write_csv(out / "detections.csv", records))
-    return written
-
-
 def write_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    """keras-retinanet's annotation layout of `records` (as in detections.json): `path,x1,y1,x2,y2,class_name` per
-    box, in the whole pixels that contain it (keras-retinanet reads integers); `path,,,,,` for an image with no
-    detections (or only boxes of no width or height, which the layout cannot hold)."""
+    """keras-retinanet's annotation layout of `records` (as in detections.json): `csv_rows` of each."""
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         for record in records:
-            rows = []
-            for d in record["detections"]:
-                x1, y1 = (math.floor(v) for v in d["box"][:2])
-                x2, y2 = (math.ceil(v) for v in d["box"][2:])
-                if x2 > x1 and y2 > y1:
-                    rows.append([record["file"], x1, y1, x2, y2, d["name"]])
-            writer.writerows(rows or [[record["file"], "", "", "", "", ""]])
+            writer.writerows(csv_rows(record))
     return path
+
+
+def csv_rows(record: dict[str, Any]) -> list[list[Any]]:
+    """One image's rows in keras-retinanet's layout: `path,x1,y1,x2,y2,class_name` per box, in the whole pixels that
+    contain it (keras-retinanet reads integers); `path,,,,,` for an image with no detections (or only boxes of no
+    width or height, which the layout cannot hold)."""
+    rows = []
+    for d in record["detections"]:
+        x1, y1 = (math.floor(v) for v in d["box"][:2])
+        x2, y2 = (math.ceil(v) for v in d["box"][2:])
+        if x2 > x1 and y2 > y1:
+            rows.append([record["file"], x1, y1, x2, y2, d["name"]])
+    return rows or [[record["file"], "", "", "", "", ""]]
 
 
 def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> list[Path]:
@@ -343,20 +404,29 @@ def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> list[Pa
     file's stem; a stem met before gets _2, _3, ...), one detection per line `class cx cy w h score`, the class the
     0-based label and the box as fractions of the image's size; an empty file for an image with no detections.
     Returns the files written."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    taken: dict[str, int] = {}
-    written = []
+    writer = _YoloTxt(Path(folder))
     for record in records:
+        writer.add(record)
+    return writer.written
+
+
+class _YoloTxt:
+    """write_yolo_txt one image at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.taken, self.written = folder, {}, []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, record: dict[str, Any]) -> None:
         stem = Path(record["file"]).stem
-        taken[stem] = taken.get(stem, 0) + 1
-        name = stem if taken[stem] == 1 else f"{stem}_{taken[stem]}"
+        self.taken[stem] = self.taken.get(stem, 0) + 1
+        name = stem if self.taken[stem] == 1 else f"{stem}_{self.taken[stem]}"
         width, height = record["width"], record["height"]
         lines = []
         for d in record["detections"]:
             x1, y1, x2, y2 = d["box"]
             cx, cy, w, h = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height
             lines.append(f"{d['label']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {d['score']:.6f}\n")
-        (folder / f"{name}.txt").write_text("".join(lines))
-        written.append(folder / f"{name}.txt")
-    return written
+        path = self.folder / f"{name}.txt"
+        path.write_text("".join(lines))
+        self.written.append(path)

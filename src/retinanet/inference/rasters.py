@@ -30,6 +30,7 @@ from torch import Tensor
 
 from retinanet.data.base import to_rgb
 from retinanet.inference.tiling import Window
+from retinanet.outputs import atomic_write
 
 __all__ = ["GDAL_SUFFIXES", "Raster", "image_pixels", "is_large", "open_raster", "pixel_limit", "write_geojson"]
 
@@ -180,9 +181,7 @@ def write_geojson(path: str | Path, records: list[dict[str, Any]], rasters: dict
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if crss:  # RFC 7946 assumes WGS 84; a raster's own CRS is named as GDAL and QGIS read it
         collection["crs"] = {"type": "name", "properties": {"name": crss[0]}}
-    path = Path(path)
-    path.write_text(json.dumps(collection))
-    return path
+    return atomic_write(path, json.dumps(collection))
 
 
 def _fixed_mmap_threshold() -> None:
