@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: test test-avx2 test-fast demo bench clean
+.PHONY: test lint format test-avx2 test-fast demo bench clean
 
 # the numerics-heavy modules, run a second time with PyTorch's and oneDNN's kernels forced to AVX2 and one thread
 # per process: an AVX-512 Xeon then catches what an AVX2-only EPYC would (CI runs on either kind), and CI covers
@@ -22,9 +22,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# the formatter and the linter first (line length 120): a file ruff would change fails the run; `make format` fixes it
+LINTED := src tests benchmarks
+
 test: $(STAMP)
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-avx2
+
+lint: $(STAMP)
+	$(PY) -m ruff format --check --diff $(LINTED)
+	$(PY) -m ruff check $(LINTED)
+
+format: $(STAMP)
+	$(PY) -m ruff format $(LINTED)
+	$(PY) -m ruff check --fix $(LINTED)
 
 test-avx2: $(STAMP)
 	OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m "not slow" $(NUMERICS)

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section  # noqa: E402
 
-from retinanet.jobs import demo_config, run_demo  # noqa: E402
+from retinanet.commands.demo import demo_config, run_demo  # noqa: E402
 
 
 def main() -> None:

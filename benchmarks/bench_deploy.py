@@ -41,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import spread_scores, torchvision_model  # noqa: E402
 from common import interleaved_median_times, machine_line, write_section  # noqa: E402
 
-from retinanet import fastpath, from_torchvision  # noqa: E402
+from retinanet.runtime import fastpath, from_torchvision  # noqa: E402
 from retinanet.data import SyntheticShapes  # noqa: E402
 from retinanet.deploy.engines import OnnxPredictor
 from retinanet.deploy.graph import export_onnx
 from retinanet.deploy.parity import compare_detections  # noqa: E402
 from retinanet.deploy.quantize import int8_path, quantize_int8
-from retinanet.evaluate import evaluate_coco  # noqa: E402
+from retinanet.evaluation import evaluate_coco  # noqa: E402
 from retinanet.inference.predictor import Predictor, categories_of  # noqa: E402
 from retinanet.ops.postprocess import Detections  # noqa: E402
 
@@ -166,7 +166,7 @@ def int8_accuracy(workdir: Path, models: dict[str, tuple[Path, Path]]) -> str:
     run by ONNX Runtime and scored by our COCO evaluation; the INT8 model is calibrated on up to 200 of the
     config's validation images."""
     from retinanet.config import load_run_config
-    from retinanet.jobs import run_export
+    from retinanet.commands.export import run_export
 
     lines = ["| model, validation set | float32 AP | INT8 AP | float32 AP50 | INT8 AP50 |", "|---|---:|---:|---:|---:|"]
     for name, (checkpoint, config) in models.items():
@@ -204,7 +204,7 @@ def tile_model(args):
 
     path = Path(args.tile_checkpoint)
     if not path.is_file():
-        from retinanet.jobs import demo_config
+        from retinanet.commands.demo import demo_config
         from retinanet.train.run import run_train
 
         overrides = {"max_iters": 300, "checkpoint_every": 300} if args.quick else {}

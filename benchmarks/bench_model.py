@@ -6,7 +6,7 @@ backbone; ours freeze_at=2). Each model as its builder gives it: torchvision's v
 paper, from C5: a 3x3 conv on 2048 channels instead of 256, more work for ours), pads to 32 (as ours), uses an L1
 box loss (ours smooth L1) and keeps 300 detections (ours 100). Rows:
 - torchvision, float32;
-- ours with its defaults: the fast paths measured on this machine (retinanet.fastpath): the training row tuned
+- ours with its defaults: the fast paths measured on this machine (retinanet.runtime.fastpath): the training row tuned
   as the training loop tunes (its first batch), the inference row as the predictor does;
 - ours with each fixed setting of memory layout (channels-last, contiguous) x 3x3 convolution algorithm (torch's
   direct convolution everywhere, Winograd for every 3x3 stride-1 convolution): the defaults must be within 5% of
@@ -45,7 +45,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_median_times, peak_extra_cpu_bytes, peak_extra_cuda_bytes, write_section  # noqa: E402
 
-from retinanet import build_model, fastpath  # noqa: E402
+from retinanet import build_model  # noqa: E402
+from retinanet.runtime import fastpath  # noqa: E402
 
 
 def torchvision_model(num_classes: int, size: int) -> TVRetinaNet:
@@ -265,7 +266,7 @@ def main() -> None:
               + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()) + "."]  # fmt: skip
     if not with_bf16:
         lines += ["", f"No bf16 row: this CPU has no native bfloat16 ({fastpath.cpu_info().describe()}); emulated bf16 "
-                  "is refused by the training loop (retinanet.fastpath.check_amp)."]  # fmt: skip
+                  "is refused by the training loop (retinanet.runtime.fastpath.check_amp)."]  # fmt: skip
     if not args.skip_dense:
         lines += ["", dense_scene(dev, args.repeats)]
     text = "\n".join(lines)

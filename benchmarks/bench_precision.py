@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_section  # noqa: E402
 
-from retinanet import fastpath  # noqa: E402
-from retinanet.jobs import demo_config, run_demo  # noqa: E402
+from retinanet.runtime import fastpath  # noqa: E402
+from retinanet.commands.demo import demo_config, run_demo  # noqa: E402
 
 
 def main() -> None:

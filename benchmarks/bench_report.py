@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CHROMIUM_ARGS, chromium, write_section  # noqa: E402
 
-from retinanet.tools.errors import analyze_errors  # noqa: E402
-from retinanet.tools.report import ReportImage, write_report  # noqa: E402
+from retinanet.evaluation.errors import analyze_errors  # noqa: E402
+from retinanet.evaluation.report import ReportImage, write_report  # noqa: E402
 
 
 def synthetic_evaluation(images: int, per_image: int, classes: int = 5, size=(480, 640), seed: int = 0):

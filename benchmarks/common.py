@@ -86,7 +86,7 @@ def peak_extra_cuda_bytes(fn: Callable[[], object]) -> int:
 def machine_line() -> str:
     """The CPU by model and capability (what decides which kernels run: AVX-512 or AVX2, native bf16 or not), the
     GPU if any, Python and torch."""
-    from retinanet.fastpath import cpu_info
+    from retinanet.runtime.fastpath import cpu_info
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     family = next((line.split(":")[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -100,7 +100,7 @@ def machine_line() -> str:
 def cpu_kind() -> str:
     """The CPU kind a CPU figure holds on, as a section-name suffix: vendor and the capability of the kernels that
     ran ("intel-avx512", "amd-avx512", "amd-avx2" when forced to AVX2), so that each kind keeps its own figures."""
-    from retinanet.fastpath import cpu_info
+    from retinanet.runtime.fastpath import cpu_info
 
     info = cpu_info()
     vendor = "intel" if "Intel" in info.name else "amd" if "AMD" in info.name else "cpu"

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_trees  # noqa: E402
 
-from retinanet.evaluate import evaluate_coco  # noqa: E402
-from retinanet.tools.errors import ERROR_TYPES, analyze_errors  # noqa: E402
+from retinanet.evaluation import evaluate_coco  # noqa: E402
+from retinanet.evaluation.errors import ERROR_TYPES, analyze_errors  # noqa: E402
 
 IMAGE_SIZE = 416
 
@@ -86,8 +86,8 @@ def trained_yolo(output: Path) -> tuple[Path, float | None]:
 
 
 def evaluate_yolo(weights: Path, data: Path, split: str) -> dict[str, float]:
-    """COCO metrics (ours: retinanet.evaluate) of a YOLO model's detections on a development split, and the AP50
-    each error type costs (ours: retinanet.tools.errors), "dAP50_loc" etc."""
+    """COCO metrics (ours: retinanet.evaluation) of a YOLO model's detections on a development split, and the AP50
+    each error type costs (ours: retinanet.evaluation.errors), "dAP50_loc" etc."""
     from ultralytics import YOLO
 
     model = YOLO(str(weights))

@@ -1,7 +1,7 @@
 import os
 import tempfile
 
-# the fast paths' measurements (retinanet.fastpath) go to an empty folder of this test session, never the user's
+# the fast paths' measurements (retinanet.runtime.fastpath) go to an empty folder of this test session, never the user's
 # cache (nor one RETINANET_CACHE_DIR points at): no test depends on what a machine has measured before. Subprocesses
 # (the CLI, torchrun) inherit it.
 os.environ["RETINANET_CACHE_DIR"] = tempfile.mkdtemp(prefix="retinanet-test-cache-")

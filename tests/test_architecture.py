@@ -3,6 +3,7 @@ included, go only to its own layer or those below; there is no import cycle; no 
 module grows past 450 lines; the training loop fits on one screen."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -12,21 +13,21 @@ import retinanet
 PACKAGE = Path(retinanet.__file__).parent
 # lowest first; a module imports only from its own layer and those before it
 LAYERS = [
+    ("runtime", ["retinanet.runtime"]),
     ("config", ["retinanet.config"]),
     ("ops", ["retinanet.ops", "retinanet.losses"]),
-    ("services", ["retinanet.machine", "retinanet.fastpath", "retinanet.downloads", "retinanet.evaluate",
-                  "retinanet.visualize", "retinanet.outputs"]),
     ("model", ["retinanet.model"]),
     ("weights", ["retinanet.weights"]),
     ("data", ["retinanet.data"]),
     ("inference", ["retinanet.inference"]),
+    ("evaluation", ["retinanet.evaluation"]),
     ("tools", ["retinanet.tools"]),
     ("train", ["retinanet.train"]),
     ("deploy", ["retinanet.deploy"]),
     ("analysis", ["retinanet.analysis"]),
-    ("jobs", ["retinanet.jobs"]),
+    ("commands", ["retinanet.commands"]),
     ("cli", ["retinanet.cli"]),
-    ("package", ["retinanet.moved", "retinanet"]),  # the public face and the old paths: above everything
+    ("package", ["retinanet"]),  # the public face: above everything
 ]
 MAX_LINES = 450
 
@@ -70,7 +71,7 @@ def _imports(path: Path, module: str) -> list[tuple[int, str, str | None]]:
                 continue
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
-                if sub in MODULES:  # `from retinanet import fastpath`: the submodule itself
+                if sub in MODULES:  # `from retinanet.runtime import fastpath`: the submodule itself
                     found.append((node.lineno, sub, None))
                 else:
                     found.append((node.lineno, base, alias.name))
@@ -116,7 +117,7 @@ def test_no_private_name_crosses_a_module():
         for line, target, name in _imports(path, module):
             if name is not None and name.startswith("_"):
                 wrong.append(f"{module}:{line} imports {target}.{name}")
-        for node in ast.walk(tree):  # `from retinanet import fastpath as fp` ... fp._x
+        for node in ast.walk(tree):  # `from retinanet.runtime import fastpath as fp` ... fp._x
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for a in node.names:
                     full = a.name if isinstance(node, ast.Import) else f"{node.module}.{a.name}"
@@ -147,3 +148,22 @@ def test_the_training_loop_fits_on_one_screen():
     body = train.body[1:] if isinstance(train.body[0], ast.Expr) else train.body  # the docstring aside
     lines = body[-1].end_lineno - body[0].lineno + 1
     assert lines <= 60, f"train() is {lines} lines without its docstring"
+
+
+DOC = (PACKAGE.parent.parent / "docs" / "architecture.md").read_text()
+
+
+def test_every_module_the_architecture_document_names_exists():
+    named = set(re.findall(r"`((?:[a-z_]+/)+[a-z_]+)[.`]", DOC)) - {"tests/test_architecture"}
+    assert {"runtime/fastpath", "evaluation/coco", "ops/resize"} <= named
+    missing = sorted(n for n in named if "retinanet." + n.replace("/", ".") not in MODULES)
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
+
+
+def test_every_layer_folder_is_in_the_documents_picture_in_the_order_of_the_layers():
+    picture = DOC.split("```")[1]
+    drawn = [line.split()[0].rstrip("/").removesuffix(".py") for line in picture.strip().splitlines()]
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders <= set(drawn), f"layer folders the picture leaves out: {sorted(folders - set(drawn))}"
+    order = [name for name, _ in LAYERS if name in drawn]
+    assert drawn[::-1] == order, "the picture (top: the highest layer) and LAYERS disagree"

@@ -9,8 +9,8 @@ from PIL import Image
 
 from retinanet.cli import main
 from retinanet.config import ModelConfig
-from retinanet.evaluate import max_dets_for
-from retinanet.inference.evaluation import evaluate_predictions
+from retinanet.evaluation import max_dets_for
+from retinanet.evaluation.dataset import evaluate_predictions
 from retinanet.inference.files import size_hints
 from retinanet.train.run import detection_cap
 

@@ -225,7 +225,7 @@ def test_non_finite_loss_exit_code(tmp_path, capsys, monkeypatch):
 def test_demo_writes_its_outputs(tmp_path, capsys, monkeypatch):
     import dataclasses
 
-    from retinanet import jobs
+    from retinanet.commands import demo as jobs
 
     full = jobs.demo_config
 
@@ -341,7 +341,7 @@ def test_a_gpu_the_machine_lacks_is_one_line_before_anything_is_written(tmp_path
 
 def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys,
                                                                                               monkeypatch):
-    from retinanet import fastpath
+    from retinanet.runtime import fastpath
 
     avx2 = fastpath.CpuInfo("AMD EPYC (test)", "AVX2", None, frozenset({"avx2", "fma"}))
     monkeypatch.setattr(fastpath, "cpu_info", lambda: avx2)

@@ -9,7 +9,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet.evaluate import (
+from retinanet.evaluation import (
     CocoMetrics,
     average_precision,
     coco_ground_truth,

@@ -1,6 +1,7 @@
 """Fast paths chosen by measurement: probes (each from an empty cache), their cache per machine shared by processes,
 the margin over repeated rounds, the layout tuner, the bf16 rules, and a run's choices as facts of the run."""
 
+import copy
 import json
 import os
 import subprocess
@@ -9,11 +10,13 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from retinanet import build_model, fastpath
-from retinanet.fastpath import CpuInfo, RunFastPaths
-from retinanet.machine import Cache
-from retinanet.model.conv import winograd_conv3x3
+from retinanet import build_model
+from retinanet.runtime import fastpath
+from retinanet.runtime.fastpath import CpuInfo, RunFastPaths
+from retinanet.runtime.machine import Cache
+from retinanet.model.conv import Conv2d, winograd_conv3x3
 
 
 @pytest.fixture
@@ -22,7 +25,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RETINANET_CACHE_DIR", str(tmp_path))
     fresh = Cache()
     monkeypatch.setattr(fastpath, "_CACHE", fresh)
-    monkeypatch.setattr(fastpath, "_RUN", None)
     monkeypatch.setattr(fastpath, "_CHECKED", set())
     monkeypatch.setattr(fastpath, "NOTES", [])
     monkeypatch.setattr(fastpath, "busy_processes", lambda *a, **k: 0)  # a quiet machine, whatever else runs
@@ -34,8 +36,8 @@ def _conv_input(c=32, side=16, grad=False):
     return x, torch.randn(c, c, 3, 3) * 0.05
 
 
-def _algorithm(x, w):
-    return fastpath.conv3x3_algorithm(x, w, winograd_conv3x3)
+def _algorithm(x, w, run=None):
+    return fastpath.conv3x3_algorithm(x, w, winograd_conv3x3, run)
 
 
 def _records(cache_file, kind):
@@ -112,7 +114,7 @@ def test_cache_off_keeps_choices_in_memory_only(tmp_path, monkeypatch):
 WRITER = textwrap.dedent(
     """
     import sys
-    from retinanet import fastpath
+    from retinanet.runtime import fastpath
     name, count = sys.argv[1], int(sys.argv[2])
     for i in range(count):
         fastpath._CACHE.put("test", f"{name}-{i}", {"choice": "direct", "writer": name})
@@ -244,11 +246,10 @@ def test_a_run_measures_once_and_its_choices_travel_as_a_dict(cache, monkeypatch
                                                                 "contiguous_ms": 1.0})  # fmt: skip
     run, lines = fastpath.begin_run(model, _batch(), "none", "cpu")
     assert lines == [] and run.memory_format == "contiguous" and model.memory_format == "contiguous"
-    assert run.amp == "none" and run.machine == fastpath.machine_id() and fastpath.current_run() is run
+    assert run.amp == "none" and run.machine == fastpath.machine_id() and model.fast_paths is run
     assert "memory format contiguous (channels_last 2 ms, contiguous 1 ms" in run.describe()
     assert RunFastPaths.from_dict(run.to_dict()) == run
-    fastpath.end_run()
-    assert fastpath.current_run() is None
+    assert copy.deepcopy(model).fast_paths is run  # a copy of the model (its moving average) stays in the run
 
 
 def test_a_resumed_run_takes_its_checkpoints_choices_whatever_the_cache_holds(cache, monkeypatch):
@@ -261,13 +262,12 @@ def test_a_resumed_run_takes_its_checkpoints_choices_whatever_the_cache_holds(ca
     run, lines = fastpath.begin_run(model, _batch(), "none", "cpu", saved=saved)
     assert model.memory_format == "contiguous" and run.origin == "the checkpoint's" and lines == []
     x = torch.randn(2, 64, 8, 8, requires_grad=True).contiguous(memory_format=torch.channels_last)
-    assert _algorithm(x, torch.randn(64, 64, 3, 3)) == "winograd"
-    fastpath.end_run()
+    assert _algorithm(x, torch.randn(64, 64, 3, 3), model.fast_paths) == "winograd"
+    assert _algorithm(x, torch.randn(64, 64, 3, 3)) == "direct"  # without the model's choices: the cache's
     # a layout forced in the config still wins
     forced = _tiny(memory_format="channels_last")
     run, _ = fastpath.begin_run(forced, _batch(), "none", "cpu", saved=saved)
     assert forced.memory_format == "channels_last" == run.memory_format
-    fastpath.end_run()
 
 
 def test_a_run_resumed_on_another_machine_measures_again_and_says_so(cache, monkeypatch):
@@ -277,21 +277,43 @@ def test_a_run_resumed_on_another_machine_measures_again_and_says_so(cache, monk
     run, lines = fastpath.begin_run(model, _batch(), "none", "cpu", saved=saved)
     assert len(lines) == 1 and "Another CPU" in lines[0] and "measured again" in lines[0]
     assert run.memory_format == "channels_last" == model.memory_format and run.origin == "measured"
-    fastpath.end_run()
 
 
 def test_a_shared_run_gives_classes_met_later_the_default_without_measuring(cache, monkeypatch):
-    monkeypatch.setattr(fastpath, "_RUN", RunFastPaths(fastpath.machine_id(), shared=True))
+    run = RunFastPaths(fastpath.machine_id(), shared=True)
     monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: pytest.fail("a process measured alone"))
     fastpath._CACHE.memory["conv3x3"] = {}
     x, w = _conv_input(grad=True)
-    assert _algorithm(x, w) == "direct"
-    (record,) = fastpath.current_run().records["conv3x3"].values()
+    assert _algorithm(x, w, run) == "direct"
+    (record,) = run.records["conv3x3"].values()
     assert record == {"choice": "direct", "measured": False}
-    assert "1 met after the start" in fastpath.current_run().describe()
+    assert "1 met after the start" in run.describe()
     monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "winograd"})
     with torch.no_grad():  # inference (rank 0's evaluation) is measured by the one process that runs it
-        assert _algorithm(x.detach(), w) == "winograd"
+        assert _algorithm(x.detach(), w, run) == "winograd"
+
+
+def test_two_models_with_different_choices_run_side_by_side_in_one_process(cache, monkeypatch):
+    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: pytest.fail("measured: the models' choices were not used"))
+    calls = []
+    monkeypatch.setattr("retinanet.model.conv.winograd_conv3x3", lambda *a: calls.append(1) or F.conv2d(*a, padding=1))
+    x = torch.randn(2, 32, 16, 16)
+    key = fastpath._conv_class(x, torch.empty(32, 32, 3, 3), training=False)
+    models = {}
+    for choice in ("winograd", "direct"):
+        run = RunFastPaths(fastpath.machine_id(), records={"conv3x3": {key: {"choice": choice}}})
+        conv = Conv2d(32, 32, 3, padding=1)
+        models[choice] = torch.nn.Sequential(conv)
+        conv.fast_paths = run  # what RetinaNet.use_fast_paths sets on each of its convolutions
+    with torch.no_grad():
+        for _ in range(2):  # interleaved: neither model's choice leaks into the other's
+            models["winograd"](x)
+            models["direct"](x)
+    assert len(calls) == 2  # the Winograd model's two calls, none of the other's
+    model = _tiny()
+    run = RunFastPaths(fastpath.machine_id())
+    assert model.use_fast_paths(run) is model and all(m.fast_paths is run for m in model.modules()
+                                                      if isinstance(m, Conv2d))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +343,6 @@ def test_a_poisoned_layout_is_measured_again_and_the_log_says_so(cache, monkeypa
     (note,) = fastpath.NOTES
     assert "measured again" in note and "quick check" in note and "contiguous" in note
     run, lines = fastpath.begin_run(_tiny(), None, "none", "cpu")  # a run's log takes the notes
-    fastpath.end_run()
     assert note in lines and not fastpath.NOTES
 
 

@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import Dataset
 
 from retinanet.data import make_loader
-from retinanet.machine import set_threads, thread_budget, usable_cores
+from retinanet.runtime.machine import set_threads, thread_budget, usable_cores
 
 
 def test_omp_num_threads_is_respected_as_it_is(monkeypatch):
@@ -16,7 +16,7 @@ def test_omp_num_threads_is_respected_as_it_is(monkeypatch):
 def test_torchruns_processes_share_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr("retinanet.machine.usable_cores", lambda: 16)
+    monkeypatch.setattr("retinanet.runtime.machine.usable_cores", lambda: 16)
     assert thread_budget() == (8, "16 usable cores shared by 2 processes")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more processes than cores: one thread each, not zero
     assert thread_budget()[0] == 1

@@ -1,15 +1,11 @@
-"""The public API stays: every name the README uses imports, and the import paths of 0.1 keep working for one
-release with a DeprecationWarning that names the new place."""
+"""The public API stays: every name the README uses imports, and the public names are at the top of the package."""
 
 import importlib
 import re
-import sys
 from pathlib import Path
 
-import pytest
 
 import retinanet
-from retinanet.moved import MOVED
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 PUBLIC = ["build_model", "load", "losses", "from_torchvision", "load_torchvision_coco", "ModelConfig", "model_config",
@@ -62,32 +58,3 @@ def test_the_public_names_are_at_the_top():
     from retinanet import losses
 
     assert losses.sigmoid_focal_loss is retinanet.sigmoid_focal_loss
-
-
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_import_paths_work_with_a_deprecation_warning(old, monkeypatch):
-    monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(DeprecationWarning, match=f"{re.escape(old)} has moved to {re.escape(MOVED[old][0])}"):
-        module = importlib.import_module(old)
-    new = importlib.import_module(MOVED[old][0])
-    public = [n for n in getattr(new, "__all__", []) if hasattr(new, n)]
-    assert public and all(getattr(module, n) is getattr(new, n) for n in public)
-
-
-def test_old_names_that_were_split_come_from_their_new_modules(monkeypatch):
-    for old in ("retinanet.engine", "retinanet.anchor_tools", "retinanet.winograd", "retinanet.export"):
-        monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(DeprecationWarning):
-        from retinanet.anchor_tools import anchor_generator, coverage, fit_anchors, write_report
-        from retinanet.engine import load_checkpoint, load_model, lr_factor, save_checkpoint, train
-        from retinanet.export import OnnxPredictor, export_onnx, verify_export
-        from retinanet.winograd import Conv2d, winograd_conv3x3
-    from retinanet.deploy import OnnxPredictor as new_predictor
-    from retinanet.model import load_model as new_load_model
-    from retinanet.ops.anchors import anchor_generator as new_generator
-    from retinanet.train import train as new_train
-
-    assert load_model is new_load_model and train is new_train and OnnxPredictor is new_predictor
-    assert anchor_generator is new_generator
-    assert all(callable(f) for f in (coverage, fit_anchors, write_report, load_checkpoint, lr_factor,
-                                     save_checkpoint, export_onnx, verify_export, Conv2d, winograd_conv3x3))

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from retinanet.tools.errors import ERROR_TYPES, analyze_errors
+from retinanet.evaluation.errors import ERROR_TYPES, analyze_errors
 
 
 def _gt(boxes, labels, crowd=None):

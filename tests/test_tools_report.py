@@ -14,8 +14,8 @@ from conftest import tiny_run
 from PIL import Image
 
 from retinanet.cli import main
-from retinanet.tools.errors import analyze_errors
-from retinanet.tools.report import ReportImage, best_f1_thresholds, write_report
+from retinanet.evaluation.errors import analyze_errors
+from retinanet.evaluation.report import ReportImage, best_f1_thresholds, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -140,7 +140,7 @@ def test_the_page_in_a_real_browser(trained, tmp_path):
 
 
 def test_the_report_says_what_to_try_for_each_costly_error_type(tmp_path):
-    from retinanet.tools.report import what_to_try
+    from retinanet.evaluation.report import what_to_try
 
     gt = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [40, 40, 60, 60], [70, 0, 90, 20]]), "labels": torch.zeros(3, dtype=torch.long)}]
     # one box fits, one sits on its object but badly (IoU ~ .3: loc), one object is missed, one detection is background

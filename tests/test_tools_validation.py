@@ -1,4 +1,4 @@
-"""Validation across images (retinanet.tools.validation, data.extra_val, train.best_weights): every set evaluated and
+"""Validation across images (retinanet.evaluation.validation, data.extra_val, train.best_weights): every set evaluated and
 reported on its own, with AP, AP50, AP75 and the AP each error type costs; best.pt chosen on their weighted mean."""
 
 import json
@@ -8,8 +8,8 @@ import torch
 
 from retinanet.config import load_run_config
 from retinanet.data import SyntheticShapes, write_coco
-from retinanet.tools.errors import ERROR_TYPES
-from retinanet.tools.validation import metric_name, selection_score, validation_lines
+from retinanet.evaluation.errors import ERROR_TYPES
+from retinanet.evaluation.validation import metric_name, selection_score, validation_lines
 from retinanet.train.run import run_train
 from conftest import tiny_settings
 

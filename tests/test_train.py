@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.config import TrainConfig, train_config
-from retinanet.fastpath import CpuInfo
-from retinanet.machine import Cache
-from retinanet.model.checkpoint import FORMAT_VERSION, load_model, save_checkpoint
+from retinanet.runtime.fastpath import CpuInfo
+from retinanet.runtime.machine import Cache
+from retinanet.model.checkpoint import FORMAT_VERSION, load_checkpoint, load_model, save_checkpoint
 from retinanet.model.detector import build_model
 from retinanet.train.loop import (
     BatchStream,
@@ -24,7 +24,6 @@ from retinanet.train.loop import (
     TrainingInterrupted,
     build_optimizer,
     build_scheduler,
-    load_checkpoint,
     train,
 )
 from retinanet.train.optim import lr_factor

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from retinanet.train.budget import CHECK_EVERY, FIRST_CHECK, TimeBudget
-from retinanet.train.loop import TrainingInterrupted, load_checkpoint, train
+from retinanet.model.checkpoint import load_checkpoint
+from retinanet.train.loop import TrainingInterrupted, train
 from retinanet.train.optim import build_scheduler, fit_schedule
 from test_train import interrupt_at, read_log, tiny_config, tiny_loader, tiny_model
 

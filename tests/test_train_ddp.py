@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.config import train_config
-from retinanet.machine import Cache
+from retinanet.runtime.machine import Cache
 from retinanet.model.detector import build_model
 from retinanet.train.distributed import init_distributed
-from retinanet.train.loop import load_checkpoint, train
+from retinanet.model.checkpoint import load_checkpoint
+from retinanet.train.loop import train
 
 RUNS = 20
 

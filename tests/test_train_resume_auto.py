@@ -124,3 +124,26 @@ def _kill_and_resume(tmp_path: Path, torchrun, output) -> None:
     assert _iterations(killed) == list(range(1, 9))  # the iterations since the checkpoint redone, once in the log
     # the same data order and weights as the run that was never killed
     assert _losses(killed) == pytest.approx(_losses(whole), rel=1e-3)
+
+
+def test_a_resumed_run_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    import retinanet.train.resume as resume
+
+    run = tmp_path / "run"
+    assert main(["train", *tiny_run(run, "train.max_iters=2")]) == 0
+    reads = []
+    real = resume.load_checkpoint
+    monkeypatch.setattr(resume, "load_checkpoint", lambda *a, **k: reads.append(a) or real(*a, **k))
+    assert main(["train", *tiny_run(run, "train.max_iters=3"), "--resume", str(run / "last.pt")]) == 0
+    assert len(reads) == 1 and _iterations(run) == [1, 2, 3]
+
+
+def test_an_uneven_batch_split_is_an_error_that_names_the_numbers():
+    from retinanet.train.distributed import per_process_batch
+
+    assert per_process_batch(8, 2) == 4
+    with pytest.raises(ValueError, match=r"train.batch_size 7 does not split evenly over 2 processes \(3.5 images "
+                       r"each\): use train.batch_size=6 or 8"):  # fmt: skip
+        per_process_batch(7, 2)
+    with pytest.raises(ValueError, match="use train.batch_size=4$"):
+        per_process_batch(3, 4)

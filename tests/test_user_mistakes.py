@@ -274,7 +274,7 @@ def test_a_large_image_without_tiles_and_a_full_cap_get_a_hint(tmp_path, capsys)
 
 
 def test_labels_stay_readable_on_large_images():
-    from retinanet.visualize import label_style
+    from retinanet.inference.drawing import label_style
 
     small, large = label_style((300, 400)), label_style((4000, 6000))
     assert 10 <= small[0] <= 20 and large[0] <= 20 and large[1] <= 4
@@ -392,7 +392,7 @@ def _strict(text: str):
 
 
 def test_evaluation_json_is_strict(tmp_path, capsys):
-    from retinanet.outputs import strict_json
+    from retinanet.runtime.outputs import strict_json
 
     text = strict_json({"AP": float("nan"), "per_class": {"a": float("inf")}, "n": torch.tensor(3)})
     assert _strict(text) == {"AP": None, "per_class": {"a": None}, "n": 3}

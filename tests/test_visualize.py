@@ -3,7 +3,7 @@ import torch
 
 from retinanet.tools.anchor_report import POSITIVE
 from retinanet.tools.inspection import draw_inspection
-from retinanet.visualize import draw_detections, labels_readable
+from retinanet.inference.drawing import draw_detections, labels_readable
 
 
 def _grid(n_side: int, image: int, box: int) -> torch.Tensor:

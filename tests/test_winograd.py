@@ -112,17 +112,17 @@ def _big(c: int = 128, side: int = 32):
 
 
 def test_auto_takes_the_machines_measured_choice_for_what_winograd_computes(monkeypatch):
-    import retinanet.fastpath as fastpath
+    import retinanet.runtime.fastpath as fastpath
 
     asked = []
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel: asked.append(tuple(x.shape)) or "winograd")
+    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: asked.append(tuple(x.shape)) or "winograd")
     x, w = _big()
     assert winograd_applies(x, w, 1, 1, 1, 1) and _uses_winograd(conv2d(x, w, None, 1, 1))
     assert asked == [(1, 128, 32, 32)] * 2
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel: "direct")
+    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: "direct")
     assert not _uses_winograd(conv2d(x, w, None, 1, 1))
     # what Winograd does not compute is never measured
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel: pytest.fail(f"asked about {tuple(x.shape)}"))
+    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: pytest.fail(f"asked about {tuple(x.shape)}"))
     assert not _uses_winograd(conv2d(x, w, None, 1, 1, algorithm="direct"))
     assert not _uses_winograd(conv2d(x, w, None, 2, 1))  # stride 2
     assert not _uses_winograd(conv2d(x, w[:, :, :1, :1], None, 1, 0))  # 1x1

@@ -15,8 +15,6 @@ import importlib
 import os
 from typing import Any
 
-from retinanet import moved
-
 # OpenMP threads that wait for work sleep instead of spinning (before torch loads its OpenMP runtime, which reads
 # this once): two processes on the same cores (a training and an evaluation, two ablation cells, a detection server
 # beside a notebook) then share them, 1.7x the time of one alone for two trainings on 2 cores, where spinning
@@ -50,8 +48,6 @@ _PUBLIC = {
     "varifocal_loss": "retinanet.losses",
 }
 __all__ = sorted([*_PUBLIC, "losses"])
-
-moved.install()  # the module paths of 0.1 (retinanet.detector, retinanet.engine, ...), with a DeprecationWarning
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The `retinanet` command: one handler per command, each parsing its options and calling one job.
+"""RetinaNet with the focal loss: train detectors on your own images, evaluate, detect, export and analyse them.
 
     retinanet train --config run.yaml --set train.max_iters=2000 model.gamma=1.0 [--resume runs/x/last.pt]
     retinanet eval --checkpoint runs/x/last.pt --config run.yaml --output runs/x/eval [--report]
@@ -24,195 +24,22 @@ Bad input (a missing or corrupt image, a bad box, an unknown category, a malform
 that fails offline) ends the command with one line naming the file and the index, and exit status 2; a non-finite
 loss with status 3. Ctrl-C (or SIGTERM, as `timeout`, Docker, Kubernetes and SLURM send) during training saves a
 checkpoint and says how to resume (status 130, or 143 for SIGTERM).
+
+This module is the parser of every command; each runs in its module of retinanet.commands (its job beside its
+handler), imported only when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 from pathlib import Path
 
 __all__ = ["main"]
 
-# the jobs import torch, torchvision and the package: only once a command runs, so that `--help` answers at once
-
-
-def _train(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-    from retinanet.outputs import strict_json
-    from retinanet.train import run_train
-
-    cfg = load_run_config(args.config, args.set + (["data.skip_bad=true"] if args.skip_bad else []))
-    result = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"trained to iteration {result['iteration']}; checkpoint {result['checkpoint']}")
-    if result.get("metrics"):
-        print(strict_json(result["metrics"], indent=2))
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config, parse_overrides, size_overrides
-    from retinanet.jobs import run_config_of, run_eval
-    from retinanet.outputs import strict_json
-
-    cfg = load_run_config(args.config or run_config_of(args.checkpoint),
-                          args.set + (["data.skip_bad=true"] if args.skip_bad else []))  # fmt: skip
-    # the checkpoint's model with the model keys of the command line (--set model.min_size=96, as --min-size 96),
-    # in the precision the run's config trained and evaluated in
-    model_keys = {**parse_overrides(args.set).get("model", {}), **size_overrides(args.min_size, args.max_size)}
-    metrics = run_eval(args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, args.report, args.tta,
-                       **model_keys)  # fmt: skip
-    print(strict_json(metrics, indent=2))
-    if args.report:
-        print(f"report: {Path(args.output) / 'report' / 'index.html'} (errors.json beside it; data.extra_val's sets "
-              "in their own folders)")  # fmt: skip
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from retinanet.jobs import run_report
-
-    page = run_report(args.detections, args.annotations, args.output, args.images)
-    print(f"report: {page} (errors.json beside it)")
-    return 0
-
-
-def _fastpaths(args: argparse.Namespace) -> int:
-    from retinanet.machine import Cache, cache_key
-
-    cache = Cache()
-    if args.reset:
-        count = cache.reset()
-        print(f"forgot the {count} measured choices of this machine ({cache_key()}) in {cache.path()}: each is "
-              "measured again at its first use")  # fmt: skip
-        return 0
-    mine = cache.mine()
-    print(f"{cache.path() or 'no cache file (RETINANET_CACHE_DIR=off)'}, this machine: {cache_key()}")
-    if not mine:
-        print("no measured choices yet")
-    for kind, records in sorted(mine.items()):
-        print(f"{kind}: {len(records)} shape class(es)")
-        for key, r in sorted(records.items()):
-            figures = ", ".join(f"{k[:-3]} {v:.3g} ms" for k, v in r.items() if k.endswith("_ms"))
-            busy = f"; measured while {r['busy']} other process(es) computed" if r.get("busy") else ""
-            print(f"  {key}: {r['choice']}" + (f" ({figures})" if figures else "") + busy)
-    return 0
-
-
-def _detect(args: argparse.Namespace) -> int:
-    from retinanet.config import size_overrides
-    from retinanet.jobs import run_detect
-
-    result = run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh, args.device,
-                         skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine, tile=args.tile,
-                         overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, csv_file=args.csv,
-                         draw="none" if args.no_draw else args.draw, overwrite=args.overwrite, tta=args.tta,
-                         yolo_txt=args.yolo_txt, max_detections=args.max_detections,
-                         allow_large=args.allow_large_images,
-                         **size_overrides(args.min_size, args.max_size))  # fmt: skip
-    print(f"{result.detections} detections in {result.images} images; detections.json, results.json (COCO) in "
-          f"{args.output}")
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config, size_overrides
-    from retinanet.jobs import run_export
-
-    if args.int8 and not args.calibration:
-        raise ValueError("export --int8 needs --calibration RUN.yaml, the run config whose images calibrate it")
-
-    int8 = load_run_config(args.calibration) if args.int8 else None
-    thresh = {"score_thresh": args.score_thresh} if args.score_thresh is not None else {}
-    thresh |= {"detections_per_image": args.max_detections} if args.max_detections is not None else {}
-    overrides = {**size_overrides(args.min_size, args.max_size), **thresh}
-    report = run_export(args.checkpoint, args.output, args.opset, args.image_size, args.check_images, int8,
-                        args.calibration_images, **overrides)  # fmt: skip
-    print(report.describe())
-    if not report.ok:
-        raise ValueError(f"{args.output}: the exported model's detections differ from PyTorch's (above)")
-    print(f"exported to {args.output}; ONNX checker passed, detections as PyTorch's")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from retinanet.jobs import run_demo
-
-    summary = run_demo(args.output, args.set)
-    print("COCO metrics on the synthetic validation split:")
-    for k, v in summary.items():
-        print(f"  {k:>13}: {v:.4f}" if isinstance(v, float) else f"  {k:>13}: {v}")
-    print(f"written to {Path(args.output) / 'metrics.json'}")
-    return 0
-
-
-def _anchors(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-    from retinanet.jobs import run_anchors
-    from retinanet.tools.anchor_report import summary_lines
-
-    summary = run_anchors(load_run_config(args.config, args.set), args.output, args.fit, args.max_anchors)
-    print("\n".join(summary_lines(summary, Path(args.output))))
-    return 0
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-    from retinanet.jobs import run_inspect
-    from retinanet.tools.inspection import summary_line
-
-    result = run_inspect(load_run_config(args.config, args.set), args.output, args.split, args.augment,
-                         args.show_anchors, args.limit or None, args.only_missed, args.draw)  # fmt: skip
-    print(summary_line(result))
-    print(f"images/, stats.json, stats.png and inspect.json in {args.output}")
-    return 0
-
-
-def _loss_curves(args: argparse.Namespace) -> int:
-    from retinanet.analysis.curves import write_loss_curves
-
-    for path in write_loss_curves(args.output, args.points):
-        print(path)
-    return 0
-
-
-def _examples(args: argparse.Namespace) -> int:
-    from retinanet.analysis.curves import examples_table, loss_examples
-
-    print(examples_table(loss_examples(args.p, args.alpha, args.gamma), args.alpha, args.gamma))
-    return 0
-
-
-def _loss_cdf(args: argparse.Namespace) -> int:
-    from retinanet.analysis.loss_cdf import describe, run_loss_cdf
-    from retinanet.config import load_run_config
-
-    cfg = load_run_config(args.config, args.set)
-    result = run_loss_cdf(args.checkpoint, cfg.data, args.output, args.gammas, args.device, args.batch_size,
-                          args.max_images)  # fmt: skip
-    print(describe(result))
-    print(f"written to {args.output}: loss_cdf.png, loss_cdf.csv, loss_cdf.json")
-    return 0
-
-
-def _ablate(args: argparse.Namespace) -> int:
-    from retinanet.analysis.ablate import run_grids
-    from retinanet.analysis.grids import load_grid, shipped_file
-    from retinanet.config import load_run_config
-    from retinanet.train import TrainingInterrupted
-
-    base = load_run_config(args.config or shipped_file("base.yaml"), args.set)
-    source = args.config or "retinanet/analysis/grids/base.yaml (shipped)"
-    try:
-        outcome = run_grids([load_grid(g) for g in args.grid], base, args.output, source, ["retinanet", *args.argv],
-                            args.cells, args.minutes)  # fmt: skip
-    except TrainingInterrupted as exc:  # the cell resumes from its checkpoint when the grid runs again
-        print(f"retinanet: {exc}; continue with the same command", file=sys.stderr)
-        return 130
-    print(f"ablate: ran {len(outcome['ran'])} cells, {len(outcome['done'])} were done, "
-          f"{len(outcome['held'])} run by other processes; tables in {args.output}")  # fmt: skip
-    return 0
+# the commands import torch, torchvision and the package: only once one runs, so that `--help` answers at once
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -220,9 +47,10 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
     """Every option's default in its help; descriptions as written."""
 
 
-def _command(sub, name: str, handler, help: str) -> argparse.ArgumentParser:
+def _command(sub, name: str, handler: str | tuple[str, str], help: str) -> argparse.ArgumentParser:
+    """A command's parser; handler: its module in retinanet.commands (whose `main` runs it), or (module, function)."""
     p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=(handler, "main") if isinstance(handler, str) else handler)
     return p
 
 
@@ -251,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retinanet", description=__doc__.split("\n\n")[0], formatter_class=_Help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = _command(sub, "train", _train, "train a model (config YAML + overrides); torchrun for several processes")
+    t = _command(sub, "train", "train", "train a model (config YAML + overrides); torchrun for several processes")
     _config_options(t)
     t.add_argument("--resume", help="checkpoint to continue from exactly, or auto: the output folder's last.pt where "
                    "there is one, else a fresh run (for torchrun --max-restarts and preemptible nodes)")  # fmt: skip
@@ -260,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad", action="store_true", help="drop bad images and boxes instead of stopping "
                    "(data.skip_bad)")  # fmt: skip
 
-    e = _command(sub, "eval", _eval, "COCO AP of a checkpoint on the validation data of a config")
+    e = _command(sub, "eval", "evaluate", "COCO AP of a checkpoint on the validation data of a config")
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by `retinanet train`")
     _config_options(e, "run config YAML giving the data section (and train.amp); None: the config.yaml of the "
                     "checkpoint's run")  # fmt: skip
@@ -272,14 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     _tta_option(e)
     _size_options(e)
 
-    r = _command(sub, "report", _report, "the evaluation report of detections made anywhere (COCO results) against "
+    r = _command(sub, "report", ("evaluate", "report_main"), "the evaluation report of detections made anywhere (COCO results) against "
                  "COCO annotations: errors by type, gallery, threshold control")  # fmt: skip
     r.add_argument("--detections", required=True, help="COCO results JSON: [{image_id, category_id, bbox, score}]")
     r.add_argument("--annotations", required=True, help="COCO annotations JSON of the same images")
     r.add_argument("--images", help="the images' folder (None: the gallery draws boxes on blank images)")
     r.add_argument("--output", default="runs/report", help="folder for index.html, errors.json, images/")
 
-    d = _command(sub, "detect", _detect, "detect objects in images, folders, globs or list files; writes JSON (COCO "
+    d = _command(sub, "detect", "detect", "detect objects in images, folders, globs or list files; writes JSON (COCO "
                  "results too), annotated images, optionally CSV")  # fmt: skip
     d.add_argument("inputs", nargs="+", help="image files, folders, glob patterns or list files (.txt, one path a line)")
     src = d.add_mutually_exclusive_group(required=True)
@@ -317,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     _tta_option(d)
     _size_options(d)
 
-    x = _command(sub, "export", _export, "export a checkpoint to ONNX (detections decoded and NMS'd in the graph), "
+    x = _command(sub, "export", "export", "export a checkpoint to ONNX (detections decoded and NMS'd in the graph), "
                  "checked against PyTorch with ONNX Runtime")  # fmt: skip
     x.add_argument("--checkpoint", required=True, help="a checkpoint written by `retinanet train`")
     x.add_argument("--output", required=True, help="the .onnx file to write")
@@ -339,18 +167,18 @@ def _parser() -> argparse.ArgumentParser:
                    "checkpoint's score_thresh); a predictor of the file cannot go below it")  # fmt: skip
     _size_options(x)
 
-    m = _command(sub, "demo", _demo, "train the small preset on synthetic shapes, evaluate, draw (a few minutes)")
+    m = _command(sub, "demo", "demo", "train the small preset on synthetic shapes, evaluate, draw (a few minutes)")
     m.add_argument("--output", default="runs/demo", help="folder of the demo's run")
     m.add_argument("--set", nargs="*", default=[], metavar="train.KEY=VALUE", help="override the demo's training")
 
-    a = _command(sub, "anchors", _anchors, "how many training boxes get an anchor at IoU >= fg_iou, by size and "
+    a = _command(sub, "anchors", "anchors", "how many training boxes get an anchor at IoU >= fg_iou, by size and "
                  "aspect ratio (JSON, PNG); --fit: anchors that fit the data, as config overrides")  # fmt: skip
     _config_options(a, "run config YAML (model and data sections)")
     a.add_argument("--output", default="runs/anchors", help="folder for anchors.json, anchors.png, anchors_fit.yaml")
     a.add_argument("--fit", action="store_true", help="search anchor sizes, scales and ratios for the most coverage")
     a.add_argument("--max-anchors", type=int, default=9, help="most anchors per location the fit may use (A)")
 
-    i = _command(sub, "inspect", _inspect, "images after the transforms with each box coloured by its anchors, and "
+    i = _command(sub, "inspect", "inspect", "images after the transforms with each box coloured by its anchors, and "
                  "the data's statistics")  # fmt: skip
     _config_options(i, "run config YAML (model and data sections)")
     i.add_argument("--output", default="runs/inspect", help="folder for images/, stats.json, stats.png")
@@ -362,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--draw", choices=("auto", "labels", "boxes"), default="auto", help="boxes with their labels, "
                    "boxes alone, or labels while they stay readable (auto)")  # fmt: skip
 
-    c = _command(sub, "fastpaths", _fastpaths, "the fast paths this machine measured (layouts, convolution "
+    c = _command(sub, "fastpaths", "fastpaths", "the fast paths this machine measured (layouts, convolution "
                  "algorithms, precision), with their figures; --reset forgets them")  # fmt: skip
     c.add_argument("--reset", action="store_true", help="forget this machine's measured choices")
 
@@ -374,16 +202,16 @@ def _analysis_parsers(sub) -> None:
     a = sub.add_parser("analyze", help="the paper's analysis: loss curves, worked examples, loss distribution",
                        formatter_class=_Help)  # fmt: skip
     what = a.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    c = _command(what, "loss-curves", _loss_curves, "Figures 1, 5 and 6: FL for several gamma, FL*, derivatives "
+    c = _command(what, "loss-curves", ("analyze", "loss_curves_main"), "Figures 1, 5 and 6: FL for several gamma, FL*, derivatives "
                  "(PNG, CSV)")  # fmt: skip
     c.add_argument("--output", default="runs/analysis", help="folder for the figures and their CSVs")
     c.add_argument("--points", type=int, default=1000, help="points per curve")
-    e = _command(what, "examples", _examples, "CE, balanced CE and FL of a foreground and a background example")
+    e = _command(what, "examples", ("analyze", "examples_main"), "CE, balanced CE and FL of a foreground and a background example")
     e.add_argument("--p", type=float, nargs="+", default=[0.95, 0.05, 0.99, 0.01],
                    help="predicted probabilities of the foreground class")  # fmt: skip
     e.add_argument("--alpha", type=float, default=0.25, help="the weight of the foreground class")
     e.add_argument("--gamma", type=float, default=2.0, help="the focusing parameter")
-    f = _command(what, "loss-cdf", _loss_cdf, "Figure 4: cumulative loss of positive and negative anchors of a model")
+    f = _command(what, "loss-cdf", ("analyze", "loss_cdf_main"), "Figure 4: cumulative loss of positive and negative anchors of a model")
     f.add_argument("--checkpoint", required=True, help="a checkpoint written by `retinanet train`")
     _config_options(f, "run config YAML giving the data section (its validation set is used)")
     f.add_argument("--output", default="runs/analysis/loss_cdf", help="folder for loss_cdf.png, .csv, .json")
@@ -392,7 +220,7 @@ def _analysis_parsers(sub) -> None:
     f.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     f.add_argument("--max-images", type=int, help="use only the first N validation images (None: all)")
 
-    b = _command(sub, "ablate", _ablate, "a grid of training runs, written as the paper's ablation tables")
+    b = _command(sub, "ablate", "ablate", "a grid of training runs, written as the paper's ablation tables")
     b.add_argument("--grid", nargs="+", required=True, help="grid YAML files, or shipped grids by name: "
                    "a, b, b_alpha, c, d, e, fl_star, prior, localisation")  # fmt: skip
     b.add_argument("--config", help="base run config YAML (None: the shipped ablation base, small CPU runs)")
@@ -407,12 +235,13 @@ def _analysis_parsers(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])  # the command as typed, for the tables' footers
-    from retinanet.machine import set_threads
+    from retinanet.runtime.machine import set_threads
     from retinanet.train import NonFiniteLossError, TrainingInterrupted
 
     set_threads()  # every command: OMP_NUM_THREADS, or the cores shared among torchrun's processes
+    module, function = args.handler
     try:
-        return args.handler(args)
+        return getattr(importlib.import_module(f"retinanet.commands.{module}"), function)(args)
     except NonFiniteLossError as exc:
         print(f"retinanet: stopped: {exc}", file=sys.stderr)
         return 3

@@ -38,16 +38,16 @@ import torch
 
 from retinanet.analysis.grids import Cell, Grid, cell_config
 from retinanet.analysis.locks import claim, mutex, read_lock
-from retinanet.analysis.plots import write_text_atomic
+from retinanet.runtime.outputs import atomic_write
 from retinanet.analysis.tables import collect_results, render_table
 from retinanet.config import RunConfig, apply_overrides
 from retinanet.data.build import FIRST_VAL, build_dataset, val_datasets
-from retinanet.evaluate import evaluate_coco, max_dets_for
-from retinanet.inference.evaluation import predict_dataset
+from retinanet.evaluation import evaluate_coco, max_dets_for
+from retinanet.evaluation.dataset import predict_dataset
 from retinanet.inference.predictor import categories_of
-from retinanet.machine import set_threads
-from retinanet.tools.errors import ERROR_TYPES, analyze_errors
-from retinanet.tools.validation import validate
+from retinanet.runtime.machine import set_threads
+from retinanet.evaluation.errors import ERROR_TYPES, analyze_errors
+from retinanet.evaluation.validation import validate
 from retinanet.train.distributed import launched_slot
 from retinanet.train.loop import NonFiniteLossError
 from retinanet.train.run import run_train
@@ -125,7 +125,7 @@ def _resume_point(planned: PlannedCell) -> Path | None:
     if last.is_file() and same:
         return last
     last.unlink(missing_ok=True)
-    write_text_atomic(plan_file, json.dumps(planned.plan(), indent=1))
+    atomic_write(plan_file, json.dumps(planned.plan(), indent=1))
     return None
 
 
@@ -158,7 +158,7 @@ def run_cell(planned: PlannedCell) -> dict[str, Any]:
 
 def _evaluate(model, cfg: RunConfig, amp: str) -> dict[str, Any]:
     """COCO metrics and the AP50 each error type costs on the validation sets in the run's precision (the first
-    set's keys plain, data.extra_val's after their names: retinanet.tools.validation), and the inference time on the
+    set's keys plain, data.extra_val's after their names: retinanet.evaluation.validation), and the inference time on the
     first set (detections only, not the evaluation)."""
     sets = val_datasets(cfg.data, model.config, categories_of(model))
     val = sets.pop(FIRST_VAL)
@@ -228,8 +228,8 @@ def _reuse(planned: PlannedCell, twin: Path) -> None:
     result = json.loads(twin.read_text(encoding="utf-8"))
     result["same_run_as"] = f"{twin.parent.parent.name}/{twin.parent.name}"
     planned.folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(planned.folder / "plan.json", json.dumps(planned.plan(), indent=1))
-    write_text_atomic(planned.folder / "result.json", json.dumps(result, indent=1, default=str))
+    atomic_write(planned.folder / "plan.json", json.dumps(planned.plan(), indent=1))
+    atomic_write(planned.folder / "result.json", json.dumps(result, indent=1, default=str))
     print(f"ablate: {planned.label}: the same run as {result['same_run_as']}, which is done: its result reused",
           flush=True)  # fmt: skip
 
@@ -251,7 +251,7 @@ def _run_if_free(planned: PlannedCell) -> str:
             return "done"
         print(f"ablate: running {planned.label}", flush=True)
         result = run_cell(planned)
-        write_text_atomic(planned.folder / "result.json", json.dumps(result, indent=1, default=str))
+        atomic_write(planned.folder / "result.json", json.dumps(result, indent=1, default=str))
     print(f"ablate: {planned.label}: {_one_line(result)}", flush=True)
     return "ran"
 
@@ -282,8 +282,8 @@ def _write_tables(grids: Sequence[Grid], output: Path, footer: str) -> list[Path
             if info is not None and cell.name not in results:
                 running[cell.name] = f"{info.get('host', '?')} pid {info.get('pid', '?')}"
         text = render_table(grid, results, running, footer)
-        files.append(write_text_atomic(output / f"{grid.table}.md", text))
-    files.append(write_text_atomic(output / "results.json", json.dumps(everything, indent=1, default=str)))
+        files.append(atomic_write(output / f"{grid.table}.md", text))
+    files.append(atomic_write(output / "results.json", json.dumps(everything, indent=1, default=str)))
     return files
 
 
@@ -327,7 +327,7 @@ def run_grids(
     build_dataset(base.data, base.model, "val", train_mode=False)  # a grid without a validation set stops here
     val_datasets(base.data, base.model, None)  # and one whose data.extra_val names a missing file
     for grid in grids:
-        write_text_atomic(output / grid.table / "grid.yaml", grid.text)
+        atomic_write(output / grid.table / "grid.yaml", grid.text)
     for p in planned:
         _done(p)  # a cell finished under another config stops the grid here, before anything trains
     start = (rank * len(planned)) // max(world, 1)  # ranks start at different cells, then take what is free

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.analysis.plots import Panel, save_line_plot, write_csv
-from retinanet.config import DataConfig, train_config
+from retinanet.config import DataConfig
 from retinanet.data import make_loader
 from retinanet.data.build import build_dataset
 from retinanet.inference.predictor import categories_of
@@ -44,7 +44,8 @@ from retinanet.model.checkpoint import load_model
 from retinanet.model.detector import RetinaNet
 from retinanet.ops.losses import sigmoid_focal_loss
 from retinanet.ops.matching import BACKGROUND
-from retinanet.train import resolve_device
+from retinanet.runtime.device import resolve_device
+from retinanet.runtime.outputs import write_json
 
 __all__ = ["FIGURE4_GAMMAS", "HARDEST_FRACTIONS", "LossHistogram", "LossCdf", "anchor_losses", "loss_cdf",
            "write_loss_cdf", "describe", "run_loss_cdf"]  # fmt: skip
@@ -226,9 +227,7 @@ def write_loss_cdf(result: LossCdf, folder: str | Path) -> list[Path]:
         panels.append(panel)
     png = save_line_plot(folder / "loss_cdf.png", panels)
     csv = write_csv(folder / "loss_cdf.csv", ["kind", "gamma", "fraction_of_anchors", "cumulative_loss"], rows)
-    summary = folder / "loss_cdf.json"
-    summary.write_text(json.dumps(result.summary(), indent=2))
-    return [png, csv, summary]
+    return [png, csv, write_json(folder / "loss_cdf.json", result.summary(), indent=2)]
 
 
 def describe(result: LossCdf, fractions: Sequence[float] = HARDEST_FRACTIONS) -> str:
@@ -256,7 +255,7 @@ def run_loss_cdf(
 ) -> LossCdf:
     """The `retinanet analyze loss-cdf` job: a checkpoint's model over the validation set of DataConfig `data`
     (resized as the checkpoint's model config says), written by `write_loss_cdf` to `output`."""
-    device = resolve_device(train_config(device=device), flags=True)
+    device = resolve_device(device)
     model = load_model(checkpoint, map_location=device).to(device)
     known = categories_of(model) if model.config.class_names else None
     dataset = build_dataset(data, model.config, "val", train_mode=False, categories=known)

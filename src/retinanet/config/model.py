@@ -69,7 +69,7 @@ class ModelConfig(Checked):
     frozen_bn_eps: float = 1e-5
     freeze_at: int | None = None  # 2: stem + layer1 frozen (Detectron, pretrained); None: 2 pretrained, 0 from scratch
     fold_frozen_bn: bool = True  # frozen BatchNorm folded into the convolutions (faster; same function up to rounding)
-    # fast paths that depend on the machine (retinanet.fastpath): "auto" measures which is faster here, once per
+    # fast paths that depend on the machine (retinanet.runtime.fastpath): "auto" measures which is faster here, once per
     # machine and shape class. 3x3 convolutions: "auto", "direct" (torch's) or "winograd" (retinanet.ops.winograd);
     # memory layout: "auto", "channels_last" or "contiguous"
     conv_algorithm: str = "auto"

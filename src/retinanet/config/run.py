@@ -21,6 +21,7 @@ from retinanet.config.checked import apply_overrides, config_to_dict
 from retinanet.config.data import DataConfig
 from retinanet.config.model import ModelConfig, model_config
 from retinanet.config.train import TrainConfig
+from retinanet.runtime.outputs import atomic_write
 
 __all__ = ["RunConfig", "load_run_config", "save_run_config", "parse_overrides", "run_config_from_dict"]
 
@@ -127,7 +128,4 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def save_run_config(config: RunConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return path
+    return atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

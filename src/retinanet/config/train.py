@@ -51,7 +51,7 @@ class TrainConfig(Checked):
     batch_size: int = 16  # images per iteration, summed over all processes
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     # "none" (float32), "bf16" (CUDA, or a CPU with native bf16), "fp16" (CUDA, with a GradScaler), "auto" (bf16
-    # where measured faster: retinanet.fastpath)
+    # where measured faster: retinanet.runtime.fastpath)
     amp: str = "none"
     seed: int = 0
     log_every: int = 20
@@ -64,7 +64,7 @@ class TrainConfig(Checked):
     # with several validation sets (data.extra_val), best.pt is chosen by the weighted mean of best_metric over
     # them: a set name ("val" for the first) -> its weight; None: every set weighs the same
     best_weights: dict[str, float] | None = None
-    report: bool = True  # the last evaluation also writes eval/report/index.html (retinanet.tools.report)
+    report: bool = True  # the last evaluation also writes eval/report/index.html (retinanet.evaluation.report)
     # an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), evaluated, saved with the
     # checkpoints and given to inference: the decay per iteration (ramped up over the first ones), None: off
     ema_decay: float | None = None

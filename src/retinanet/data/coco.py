@@ -1,7 +1,8 @@
 """COCO instances JSON in and out.
 
-COCO's bbox is [x, y, w, h] in absolute pixels; it becomes XYXY here on the way in (`boxes_xywh` -> `boxes`) and
-goes back to XYWH only in `to_coco_dict` on the way out. Categories are sorted by their COCO id and numbered
+COCO's bbox is [x, y, w, h] in absolute pixels; it becomes XYXY on the way in and goes back to XYWH in `to_coco_dict`
+on the way out, both by retinanet.ops.boxes' conversions (the format's other direction, detections as a COCO results
+list, is retinanet.data.coco_format). Categories are sorted by their COCO id and numbered
 0..K-1 (COCO's 80 ids run 1..90 with gaps). Images without annotations are kept, with no boxes.
 """
 
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+from retinanet.ops.boxes import xywh_to_xyxy, xyxy_to_xywh
+from retinanet.runtime.outputs import atomic_write
 from retinanet.data.base import (
     DatasetError,
     DetectionDataset,
@@ -114,7 +117,7 @@ def _parse_annotation(
     category_id = _int(path, name, "category_id", ann["category_id"])
     if category_id not in cat_to_label:
         return image_id, f"{where}: unknown category_id {category_id}; expected one of {sorted(cat_to_label)}"
-    img["anns"].append((name, [x, y, x + w, y + h], cat_to_label[category_id], bool(ann.get("iscrowd", 0))))
+    img["anns"].append((name, [x, y, w, h], cat_to_label[category_id], bool(ann.get("iscrowd", 0))))
     return image_id, None
 
 
@@ -123,7 +126,7 @@ def _make_record(path: Path, images_dir: Path, image_id: int, img: dict[str, Any
     return ImageRecord(
         path=images_dir / img["file_name"],
         image_id=image_id,
-        boxes=torch.tensor([a[1] for a in anns], dtype=torch.float32).reshape(-1, 4),
+        boxes=xywh_to_xyxy(torch.tensor([a[1] for a in anns], dtype=torch.float64).reshape(-1, 4)).float(),
         labels=torch.tensor([a[2] for a in anns], dtype=torch.int64),
         iscrowd=torch.tensor([a[3] for a in anns], dtype=torch.bool),
         width=img["width"],
@@ -203,14 +206,14 @@ def to_coco_dict(dataset: DetectionDataset) -> dict[str, Any]:
             width, height = dataset.load_image(index).size
         name = record.path.name if record.path is not None else f"{record.image_id:012d}.png"
         images.append({"id": record.image_id, "file_name": name, "width": width, "height": height})
-        for box, label, crowd in zip(record.boxes.tolist(), record.labels.tolist(), record.iscrowd.tolist()):
-            x1, y1, x2, y2 = box
+        xywh = xyxy_to_xywh(record.boxes.double()).tolist()
+        for (x, y, w, h), label, crowd in zip(xywh, record.labels.tolist(), record.iscrowd.tolist()):
             annotations.append({
                 "id": len(annotations) + 1,  # COCO ids start at 1; pycocotools treats id 0 as missing
                 "image_id": record.image_id,
                 "category_id": label_to_id[label],
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "area": (x2 - x1) * (y2 - y1),
+                "bbox": [x, y, w, h],
+                "area": w * h,
                 "iscrowd": int(crowd),
             })
     categories = [{"id": int(c["id"]), "name": c["name"]} for c in dataset.categories]
@@ -230,6 +233,4 @@ def write_coco(dataset: DetectionDataset, folder: str | Path, json_name: str = "
     for index, entry in enumerate(coco["images"]):
         entry["file_name"] = f"{entry['id']:012d}.png"
         dataset.load_image(index).save(images_dir / entry["file_name"])
-    annotation_file = folder / json_name
-    annotation_file.write_text(json.dumps(coco), encoding="utf-8")
-    return images_dir, annotation_file
+    return images_dir, atomic_write(folder / json_name, json.dumps(coco))

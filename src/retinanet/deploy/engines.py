@@ -19,7 +19,7 @@ from torch import Tensor
 
 from retinanet.config import apply_overrides, size_overrides
 from retinanet.deploy.graph import OUTPUT_NAMES, read_metadata, require
-from retinanet.inference.files import Predictor
+from retinanet.inference.predictor import Predictor
 from retinanet.ops.postprocess import Detections
 from retinanet.ops.resize import padded_size
 

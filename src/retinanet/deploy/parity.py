@@ -15,7 +15,7 @@ from torch import Tensor
 from retinanet.config import ModelConfig
 from retinanet.data import SyntheticShapes
 from retinanet.deploy.engines import OnnxPredictor
-from retinanet.inference.files import Predictor
+from retinanet.inference.predictor import Predictor
 from retinanet.model import RetinaNet
 from retinanet.ops.postprocess import Detections
 

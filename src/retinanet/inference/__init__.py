@@ -1,8 +1,7 @@
 """A trained model at work: the predictor (images of any size in, detections in their pixels out), tiled
-inference for large images, batch inference over files, folders, globs and list files, and a model's detections
-on a whole dataset with their COCO evaluation; test-time augmentation for any of them."""
+inference for large images and rasters, batch inference over files, folders, globs and list files, detections drawn;
+test-time augmentation for any of them."""
 
-from retinanet.inference.evaluation import evaluate_model, evaluate_predictions, predict_dataset
 from retinanet.inference.files import InferenceResult, draw_mode, image_files, run_inference, write_csv, write_yolo_txt
 from retinanet.inference.predictor import (
     Prediction,
@@ -26,12 +25,9 @@ __all__ = [
     "detect_resized",
     "detect_tiled",
     "draw_mode",
-    "evaluate_model",
-    "evaluate_predictions",
     "image_files",
     "load",
     "merge_tiles",
-    "predict_dataset",
     "predict_views",
     "prepare_image",
     "read_image",

@@ -42,11 +42,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from retinanet.data.base import notice
-from retinanet.evaluate import coco_results
+from retinanet.data.coco_format import coco_results
 from retinanet.inference.predictor import Prediction, Predictor, read_image
 from retinanet.inference.rasters import Raster, image_pixels, is_large, open_raster, write_geojson
-from retinanet.outputs import JsonList, atomic_stream, atomic_write
-from retinanet.visualize import DRAW_MODES, save_detections_image
+from retinanet.runtime.outputs import JsonList, atomic_stream, atomic_write
+from retinanet.inference.drawing import DRAW_MODES, save_detections_image
 
 __all__ = ["IMAGE_SUFFIXES", "InferenceResult", "csv_rows", "draw_mode", "image_files", "run_inference", "size_hints",
            "write_csv", "write_yolo_txt"]
@@ -141,7 +141,7 @@ class _ImageFiles(Dataset):
 
 def draw_mode(draw: bool | str) -> str | None:
     """The drawing mode of a `draw` argument (True: "auto"; False or "none": no drawing; else one of
-    retinanet.visualize.DRAW_MODES), or a ValueError naming the choices."""
+    retinanet.inference.drawing.DRAW_MODES), or a ValueError naming the choices."""
     if draw is True or draw is False:
         return "auto" if draw else None
     if draw == "none":
@@ -253,7 +253,7 @@ def run_inference(
 
 
 class _Outputs:
-    """The files of a detection, each written as the images come (retinanet.outputs.atomic_stream: under a
+    """The files of a detection, each written as the images come (retinanet.runtime.outputs.atomic_stream: under a
     temporary name until the run's end); labels/NAME.txt are written whole, one per image."""
 
     def __init__(self, streams: contextlib.ExitStack, out: Path, categories: list[dict[str, Any]], csv_file: bool,

@@ -23,12 +23,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision import tv_tensors
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
+from retinanet.runtime.device import resolve_device, resolve_precision
 from retinanet.config import ModelConfig, size_overrides
 from retinanet.data.base import to_rgb
 from retinanet.data.transforms import eval_transforms
@@ -37,7 +37,7 @@ from retinanet.inference.tiling import detect_tiled, detect_windows, tile_window
 from retinanet.inference.tta import check_tta, predict_views
 from retinanet.model import RetinaNet, load_model
 from retinanet.ops.postprocess import Detections
-from retinanet.ops.resize import resize_scale
+from retinanet.ops.resize import resize_like_torchvision
 
 __all__ = ["Prediction", "Predictor", "load", "detect_resized", "prepare_image", "read_image", "categories_of"]
 
@@ -128,9 +128,7 @@ def prepare_image(
     if model_resizes:
         return image, (1.0, 1.0)
     if not config.resize_antialias:
-        scale = resize_scale(image.shape[-2], image.shape[-1], config.min_size, config.max_size)
-        resized = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                                align_corners=False)[0]  # fmt: skip
+        resized = resize_like_torchvision(image, config.min_size, config.max_size)
     else:
         resize = eval_transforms(config.min_size, config.max_size)
         resized = resize(tv_tensors.Image(image)).as_subclass(Tensor)
@@ -184,11 +182,11 @@ class Predictor:
         overlap: float = 0.2,
         tta: str | None = None,
     ):
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+        device = resolve_device(str(device), "device") if device is not None else next(model.parameters()).device
         self.tta = check_tta(tta)
         self.model = model.to(device).eval()
         self.device = device
-        self.amp = fastpath.choose_amp(amp, device)
+        self.amp = resolve_precision(amp, device, "amp")
         self._tuned = False
         self.model_resizes = not model.config.resize_antialias  # torchvision's weights: its own resize
         self._setup(model.config, categories, batch_size, score_thresh, tile, overlap)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from retinanet.data.base import to_rgb
 from retinanet.inference.tiling import Window
-from retinanet.outputs import atomic_write
+from retinanet.runtime.outputs import atomic_write
 
 __all__ = ["GDAL_SUFFIXES", "Raster", "image_pixels", "is_large", "open_raster", "pixel_limit", "write_geojson"]
 

@@ -1,4 +1,4 @@
-"""The detector: the convolution dispatch (asks retinanet.fastpath), ResNet backbone, FPN, the shared head,
+"""The detector: the convolution dispatch (asks retinanet.runtime.fastpath), ResNet backbone, FPN, the shared head,
 RetinaNet itself (forward, loss, predict), and checkpoint files."""
 
 from retinanet.model.checkpoint import (

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retinanet.downloads import fetch_state_dict
+from retinanet.runtime.downloads import fetch_state_dict
 from retinanet.model.conv import conv2d
 
 __all__ = ["ResNetBody", "build_backbone", "BACKBONES"]

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.config import ModelConfig, TrainConfig, apply_overrides
 from retinanet.model.detector import RetinaNet, build_from_config
-from retinanet.outputs import atomic_write
+from retinanet.runtime.outputs import atomic_write
 
 __all__ = ["FORMAT_VERSION", "load_checkpoint", "load_model", "model_weights", "rng_state", "save_checkpoint",
            "saved_model_config", "set_rng_state"]  # fmt: skip
@@ -72,7 +72,7 @@ def save_checkpoint(
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through retinanet.outputs.atomic_write: the previous checkpoint stays whole if the write fails
+    """torch.save through retinanet.runtime.outputs.atomic_write: the previous checkpoint stays whole if the write fails
     (a full disk: one line naming the folder and its free space)."""
     atomic_write(path, lambda f: torch.save(obj, f))
 

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retinanet.config import CHOICES, ModelConfig, model_config
@@ -25,7 +24,8 @@ from retinanet.ops.anchors import AnchorGenerator, anchor_generator
 from retinanet.ops.boxes import first_invalid_box, paired_iou
 from retinanet.ops.matching import BoxCoder, anchor_counts, atss_match_anchors, match_anchors
 from retinanet.ops.postprocess import Detections, postprocess
-from retinanet.ops.resize import padded_size, resize_image, resize_scale, resized_size
+from retinanet.ops.resize import padded_size, resize_image, resize_like_torchvision, resized_size
+from retinanet.runtime.fastpath import RunFastPaths
 
 __all__ = ["RetinaNet", "HeadOutputs", "Detections", "IOU_AWARE_LOSSES", "build_model"]
 
@@ -71,6 +71,7 @@ class RetinaNet(nn.Module):
         # detectron2's moving-average loss normaliser (used when config.normalizer == "ema"); saved with the model
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
         self.memory_format = "contiguous"  # build_from_config and fastpath.tune set it
+        self.fast_paths: RunFastPaths | None = None  # its training run's measured choices (use_fast_paths)
         # gt boxes of the last loss's batch that no anchor at IoU >= fg_iou was given to: a tensor, read (a host
         # sync) only when the training loop logs it
         self.boxes_without_positive: Tensor | None = None
@@ -92,12 +93,21 @@ class RetinaNet(nn.Module):
 
     def use_memory_format(self, memory_format: str) -> "RetinaNet":
         """Run the convolutions in "channels_last" or "contiguous" layout (which is faster depends on the machine:
-        `retinanet.fastpath.tune` measures it). Changes the layout of the parameters in place."""
+        `retinanet.runtime.fastpath.tune` measures it). Changes the layout of the parameters in place."""
         if memory_format not in ("channels_last", "contiguous"):
             raise ValueError(f"memory_format must be 'channels_last' or 'contiguous', got {memory_format!r}")
         if memory_format != self.memory_format:
             self.memory_format = memory_format
             self.to(memory_format=torch.channels_last if memory_format == "channels_last" else torch.contiguous_format)
+        return self
+
+    def use_fast_paths(self, fast_paths: RunFastPaths | None) -> "RetinaNet":
+        """Take `fast_paths` (a training run's measured choices, retinanet.runtime.fastpath.begin_run) as this model's
+        own: its convolutions ask them first, then the machine's cache (None: the cache alone)."""
+        self.fast_paths = fast_paths
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.fast_paths = fast_paths
         return self
 
     def use_conv_algorithm(self, algorithm: str = "auto") -> "RetinaNet":
@@ -129,10 +139,7 @@ class RetinaNet(nn.Module):
             h, w = img.shape[-2:]
             if resize and not cfg.resize_antialias:
                 img = (img - self.pixel_mean.to(img)) / self.pixel_std.to(img)
-                scale = resize_scale(h, w, cfg.min_size, cfg.max_size)
-                img = F.interpolate(
-                    img[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-                )[0]
+                img = resize_like_torchvision(img, cfg.min_size, cfg.max_size)
             else:
                 if resize:
                     img = resize_image(img, resized_size(h, w, cfg.min_size, cfg.max_size))
@@ -353,7 +360,7 @@ def _boxes_without_positive(matched: Tensor, anchors: Tensor, target: dict[str, 
 
 def build_from_config(cfg: ModelConfig) -> RetinaNet:
     """The single builder: a ModelConfig -> modules -> RetinaNet. Memory format "auto" starts as channels-last
-    until `retinanet.fastpath.tune` measures which is faster on the machine; "auto" backbone norm and freezing
+    until `retinanet.runtime.fastpath.tune` measures which is faster on the machine; "auto" backbone norm and freezing
     follow from whether the backbone is pretrained (ModelConfig.resolved)."""
     cfg = cfg.check().resolved()
     backbone = build_backbone(

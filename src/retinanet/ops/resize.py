@@ -4,15 +4,17 @@ Resize: the shorter side to min_size, the longer side at most max_size (`resize_
 `resize_image`). Training (with the shorter side drawn from train_min_sizes), evaluation, detection, the predictor
 and export all resize by these, with the sizes of the model's config, so that a checkpoint sees the same pixels
 however it is used. Padding: a batch is zero-padded at the bottom and right to sides that are multiples of the
-model's size_divisible (`padded_size`).
+model's size_divisible (`padded_size`). torchvision's weights were trained with torchvision's own resize (bilinear
+without antialiasing, on the normalised image): `resize_like_torchvision` is that rule, for their exact detections.
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as nnf
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["padded_size", "resize_image", "resize_scale", "resized_size"]
+__all__ = ["padded_size", "resize_image", "resize_like_torchvision", "resize_scale", "resized_size"]
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -33,6 +35,15 @@ def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.resize(image, list(size), antialias=True)
+
+
+def resize_like_torchvision(image: Tensor, min_size: int, max_size: int) -> Tensor:
+    """Float image [3, H, W] resized as torchvision's GeneralizedRCNNTransform resizes: by `resize_scale`, bilinear
+    without antialiasing, the scale factor recomputed from the rounded size (the rule of models with
+    resize_antialias False: torchvision's weights)."""
+    scale = resize_scale(image.shape[-2], image.shape[-1], min_size, max_size)
+    return nnf.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                           align_corners=False)[0]  # fmt: skip
 
 
 def padded_size(size_hw: tuple[int, int], size_divisible: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ filters, the filter gradient is computed in the Winograd domain.
 
 This module is the kernel alone: which convolutions it computes (`computes`) and how (`winograd_conv3x3`).
 Which convolutions of a model it takes is the model's convolution dispatch (retinanet.model.conv), which asks the
-machine's measured choice (retinanet.fastpath).
+machine's measured choice (retinanet.runtime.fastpath).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from retinanet.tools.anchor_coverage import (
     training_boxes,
 )
 from retinanet.tools.anchor_fit import fit_anchors
+from retinanet.runtime.outputs import atomic_write, save_figure, write_json
 
 __all__ = ["layout_summary", "plot_coverage", "summary_lines", "write_report"]
 
@@ -72,12 +73,11 @@ def write_report(records: Sequence[Any], cfg: ModelConfig, output: str | Path, f
                      f"{_percent(larger['coverage'])}; in place of the above:\n")
             dump = yaml.safe_dump({"model": larger["overrides"]}, sort_keys=False, default_flow_style=None)
             text += "".join(f"# {line}" for line in dump.splitlines(keepends=True))
-        (out / "anchors_fit.yaml").write_text(header + text)
+        atomic_write(out / "anchors_fit.yaml", header + text)
     summary["seconds"] = round(time.perf_counter() - tic, 2)
     if found.num_boxes:
         plot_coverage(found, generators, out / "anchors.png")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "anchors.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "anchors.json", summary)
     return summary
 
 
@@ -162,10 +162,7 @@ def plot_coverage(found: Coverage, layouts: dict[str, AnchorGenerator], path: st
     _plot_shapes(ax_shapes, found, layouts, max_points)
     _plot_size_buckets(ax_sizes, found)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_shapes(ax: Any, found: Coverage, layouts: dict[str, AnchorGenerator], max_points: int) -> None:

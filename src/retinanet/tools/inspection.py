@@ -28,7 +28,8 @@ from retinanet.ops.anchors import anchor_generator
 from retinanet.ops.boxes import paired_iou
 from retinanet.ops.resize import padded_size
 from retinanet.tools.anchor_coverage import LOW_QUALITY, NONE, POSITIVE, box_status, training_boxes
-from retinanet.visualize import DRAW_MODES, label_font, label_style, upscale_small, with_labels
+from retinanet.inference.drawing import DRAW_MODES, label_font, label_style, upscale_small, with_labels
+from retinanet.runtime.outputs import save_figure, write_json
 
 __all__ = ["dataset_statistics", "draw_inspection", "inspect_dataset", "plot_statistics", "summary_line"]
 
@@ -108,17 +109,14 @@ def plot_statistics(records: Sequence[Any], categories: Sequence[dict[str, Any]]
         ax_ratio.hist(((boxes[:, 3] - boxes[:, 1]) / (boxes[:, 2] - boxes[:, 0])).log2().tolist(), bins=40)
     ax_ratio.set_title("aspect ratio log2(h / w)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 def draw_inspection(image: Tensor, boxes: Tensor, status: Tensor, labels: Tensor, class_names: Sequence[str],
                     best_iou: Tensor, crowd: Tensor | None = None, anchors_per_box: list[Tensor] | None = None,
                     mode: str = "auto") -> Tensor:  # fmt: skip
     """The image with its boxes coloured by status; mode: with their labels ("labels"), boxes alone ("boxes"), or
-    labels while they stay readable (retinanet.visualize.labels_readable) and boxes alone in dense scenes ("auto").
+    labels while they stay readable (retinanet.inference.drawing.labels_readable) and boxes alone in dense scenes ("auto").
 
     image: float [3, H, W] in [0, 1]; boxes [G, 4] XYXY pixels; status [G] (POSITIVE, LOW_QUALITY, NONE);
     labels [G]; best_iou [G]; crowd [C, 4] regions drawn grey; anchors_per_box: per box [M_g, 4] anchors drawn thin.
@@ -184,7 +182,7 @@ def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anc
         old.unlink()
     stats = dataset_statistics(dataset.records, dataset.categories, cfg)
     plot_statistics(dataset.records, dataset.categories, cfg, out / "stats.png")
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_json(out / "stats.json", stats)
     generator = anchor_generator(cfg)
     names = dataset.category_names
     written, totals = [], Counter()
@@ -196,7 +194,7 @@ def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anc
             written.append(row)
             totals.update({k: row[k] for k in ("positive", "low_quality_only", "no_anchor")})
     result = {"statistics": stats, "images": written, "boxes_by_status": dict(totals)}
-    (out / "inspect.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "inspect.json", result)
     return result
 
 

@@ -1,7 +1,7 @@
 """Training: the loop (one screen), the optimiser and schedule, the batch stream, what a run saves to resume
 exactly, processes and devices (torchrun / DDP), the logs, and a whole run from its RunConfig."""
 
-from retinanet.train.distributed import init_distributed, rank_and_world, resolve_device, resolve_device_and_amp
+from retinanet.train.distributed import init_distributed, rank_and_world, train_device
 from retinanet.train.log import RunLog, write_note
 from retinanet.train.loop import NonFiniteLossError, TrainingInterrupted, train
 from retinanet.train.optim import build_optimizer, build_scheduler, lr_factor
@@ -18,8 +18,7 @@ __all__ = [
     "init_distributed",
     "lr_factor",
     "rank_and_world",
-    "resolve_device",
-    "resolve_device_and_amp",
+    "train_device",
     "run_train",
     "train",
     "write_note",

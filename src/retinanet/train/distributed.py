@@ -1,10 +1,9 @@
 """Processes and devices: joining a torchrun process group, the rank lookup, DDP around the loss, and the device
-(and precision) a config asks for."""
+(and precision) a training config asks for."""
 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from retinanet import fastpath
+from retinanet.runtime.device import check_precision, resolve_device
 from retinanet.config import TrainConfig
 from retinanet.model.detector import RetinaNet
 
@@ -21,11 +20,11 @@ __all__ = [
     "LossModule",
     "launched_slot",
     "check_batch_size",
+    "per_process_batch",
     "gather",
     "init_distributed",
     "rank_and_world",
-    "resolve_device",
-    "resolve_device_and_amp",
+    "train_device",
     "wrap_for_ddp",
 ]
 
@@ -97,40 +96,29 @@ def gather(obj: Any, world: int) -> list[Any]:
     return gathered
 
 
-def resolve_device_and_amp(cfg: TrainConfig, flags: bool = False) -> tuple[torch.device, str]:
-    """The device and the precision to run in ("none", "bf16", "fp16"; amp "auto" resolved by measurement, or the
-    cache's choice). A training run makes this choice in `train` instead (fastpath.begin_run), once for all its
-    processes. flags: errors name the command's --device and --amp (else train.device and train.amp)."""
-    device = resolve_device(cfg, flags)
-    return device, fastpath.choose_amp(cfg.amp, device)
-
-
-def resolve_device(cfg: TrainConfig, flags: bool = False) -> torch.device:
-    """The device to run on; a ValueError for one this machine lacks, or for a precision it cannot run (measures
-    nothing). flags: the errors name the command's --device and --amp, as the user set them (else the config's
-    train.device and train.amp)."""
-    name = cfg.device
-    said, device_key, amp_key = ("", "--device ", "--amp ") if flags else ("train config: ", "train.device=", "train.amp=")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{said}device {name!r} but this machine has no CUDA GPU that torch can use; use "
-                         f"{device_key}cpu (or auto)")  # fmt: skip
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # init_distributed pinned this process's GPU
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"{said}amp 'fp16' needs a CUDA device, got {device}; use {amp_key}none on a CPU")
-    try:
-        fastpath.check_amp(cfg.amp, device)
-    except ValueError as exc:
-        raise ValueError(f"{said}{exc}") from None
+def train_device(cfg: TrainConfig) -> torch.device:
+    """The device a training config asks for (retinanet.runtime.device's rule; errors name train.device and
+    train.amp), its precision checked (measures nothing)."""
+    device = resolve_device(cfg.device, "train.device")
+    check_precision(cfg.amp, device, "train.amp")
     return device
 
 
+def per_process_batch(batch_size: int, world: int) -> int:
+    """The images each of `world` processes takes per iteration: train.batch_size split evenly, or a ValueError that
+    names the numbers (an uneven split would train on another batch size than the lr was set for)."""
+    if batch_size % world:
+        lower, upper = batch_size - batch_size % world, batch_size + world - batch_size % world
+        choices = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ValueError(f"train.batch_size {batch_size} does not split evenly over {world} processes "
+                         f"({batch_size / world:g} images each): use train.batch_size={choices}")  # fmt: skip
+    return batch_size // world
+
+
 def check_batch_size(loader: DataLoader, cfg: TrainConfig, world: int) -> None:
+    """The loader's batch times the processes is train.batch_size (the lr is set for it); a ValueError otherwise."""
     per_process = getattr(loader, "batch_size", None)
-    if per_process is not None and per_process * world != cfg.batch_size:
-        warnings.warn(f"the loader gives {per_process} images x {world} process(es) per iteration but "
-                      f"cfg.batch_size is {cfg.batch_size}: cfg.lr = {cfg.lr} may not suit the real batch size",
-                      stacklevel=3)
+    if per_process is not None and per_process != per_process_batch(cfg.batch_size, world):
+        raise ValueError(f"the loader gives {per_process} images x {world} process(es) per iteration but "
+                         f"train.batch_size is {cfg.batch_size}: make the loader's batch "
+                         f"{cfg.batch_size // world}")  # fmt: skip

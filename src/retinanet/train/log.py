@@ -1,4 +1,5 @@
-"""A run's logs: log.jsonl (one JSON line per logged iteration), TensorBoard scalars and train.log notes."""
+"""A run's logs: log.jsonl (one JSON line per logged iteration), TensorBoard scalars, train.log notes, and the
+training curves drawn from log.jsonl."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from retinanet.outputs import strict_json
+from retinanet.runtime.outputs import atomic_write, save_figure, strict_json
 
-__all__ = ["Progress", "RunLog", "write_note"]
+__all__ = ["Progress", "RunLog", "plot_training_curves", "write_note"]
 
 
 class RunLog:
@@ -72,7 +73,7 @@ def _truncate_log(path: Path, iteration: int) -> None:
         with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a crash is dropped
             if json.loads(line)["iter"] <= iteration:
                 kept.append(line + "\n")
-    path.write_text("".join(kept), encoding="utf-8")
+    atomic_write(path, "".join(kept))
 
 
 class Progress:
@@ -106,3 +107,44 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def plot_training_curves(log_jsonl: str | Path, path: str | Path) -> Path:
+    """One PNG with every loss of log.jsonl against the iteration (log scale), the learning rate, and with
+    evaluations during training the validation AP (and the training images' AP beside it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in Path(log_jsonl).read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "eval/AP" in r]
+    rows = [r for r in rows if "lr" in r]
+    fig = Figure(figsize=(13 if evals else 9, 4))
+    axes = fig.subplots(1, 3 if evals else 2)
+    ax, ax_lr = axes[0], axes[1]
+    keys = [k for k in rows[0] if k.startswith("loss")] if rows else []
+    for k in keys:
+        ax.plot([r["iter"] for r in rows], [r[k] for r in rows], label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_title("training losses")
+    ax.legend()
+    ax_lr.plot([r["iter"] for r in rows], [r["lr"] for r in rows])
+    ax_lr.set_xlabel("iteration")
+    ax_lr.set_title("learning rate")
+    if evals:
+        # every validation set's AP (data.extra_val's after their names), then the training images'
+        others = sorted({k.split("/")[1] for r in evals for k in r if k.count("/") == 2 and k.endswith("/AP")})
+        for key, label in (("eval/AP", "validation AP"), ("eval/AP50", "validation AP50"),
+                           *((f"eval/{n}/AP", f"{n} AP") for n in others),
+                           ("eval/train_AP", "training images' AP")):  # fmt: skip
+            points = [(r["iter"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
+            if points:
+                axes[2].plot(*zip(*points), marker="o", label=label)
+        axes[2].set_xlabel("iteration")
+        axes[2].set_ylim(0, 1)
+        axes[2].set_title("evaluation")
+        axes[2].legend()
+    fig.tight_layout()
+    return save_figure(fig, path)

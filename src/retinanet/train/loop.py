@@ -28,16 +28,16 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.config import TrainConfig
-from retinanet.model import RetinaNet, load_checkpoint
+from retinanet.model import RetinaNet
 from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
 from retinanet.train.budget import TimeBudget
-from retinanet.train.distributed import check_batch_size, rank_and_world, resolve_device, wrap_for_ddp
+from retinanet.train.distributed import check_batch_size, rank_and_world, train_device, wrap_for_ddp
 from retinanet.train.ema import build_ema, ema_state, load_ema_state
 from retinanet.train.log import Progress, RunLog
 from retinanet.train.optim import build_optimizer, build_scheduler, fit_schedule
-from retinanet.train.resume import checkpoint_run, restore_rng, restore_run, seed_everything
+from retinanet.train.resume import Resume, checkpoint_run, open_resume, restore_rng, restore_run, seed_everything
 from retinanet.train.stream import BatchStream
 
 __all__ = ["NonFiniteLossError", "SELECTION", "TrainingInterrupted", "train"]
@@ -68,7 +68,7 @@ def train(
     cfg: TrainConfig,
     output_dir: str | Path | None = None,
     eval_fn: EvalFn | None = None,
-    resume: str | Path | None = None,
+    resume: str | Path | Resume | None = None,
 ) -> dict[str, Any]:
     """Train `model` for cfg.max_iters iterations (optimiser steps), from scratch or from the checkpoint `resume`.
 
@@ -219,23 +219,23 @@ class _Run:
                           "(raise train.max_iters or train.minutes to train on)")  # fmt: skip
         self.log.note(f"at the end: {self.fast.describe()}", echo=False)  # with the classes met after the start
         self.log.close()
-        fastpath.end_run()
 
 
 def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: str | Path | None,
-           resume: str | Path | None) -> _Run:  # fmt: skip
+           resume: str | Path | Resume | None) -> _Run:  # fmt: skip
     """Seeds, the resumed state, the run's fast paths (once, before DDP compares the replicas), DDP, the optimiser,
     the schedule and the logs."""
     rank, world = rank_and_world()
     cfg.check()
-    device = resolve_device(cfg)
+    device = train_device(cfg)
     out = Path(output_dir if output_dir is not None else cfg.output_dir)
     seed_everything(cfg.seed + rank)
     check_batch_size(loader, cfg, world)
     model.to(device).train()
     start, position, checkpoint = 0, {"epoch": 0, "batch": 0}, None
     if resume is not None:
-        checkpoint = load_checkpoint(resume, map_location="cpu")
+        resume = open_resume(resume, cfg)  # read and checked here, unless the caller did (run_train)
+        checkpoint = resume.checkpoint
         start, position = checkpoint["iteration"], checkpoint["data_position"] or position
         if cfg.minutes is not None:  # the length train.minutes had reached, before the schedule is built on it
             cfg.max_iters = int((checkpoint["train_config"] or {}).get("max_iters", cfg.max_iters))
@@ -253,7 +253,7 @@ def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: s
     best: dict[str, Any] = {}
     extra = checkpoint["extra"] if checkpoint is not None else {}
     if checkpoint is not None:
-        restore_run(checkpoint, resume, model, optimizer, scheduler, scaler)
+        restore_run(checkpoint, resume.path, model, optimizer, scheduler, scaler)
         load_ema_state(ema, checkpoint.get("ema"), model)
         best = dict(extra.get("best", {}))
     spent = float(extra.get("train_seconds") or 0.0)

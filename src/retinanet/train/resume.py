@@ -4,6 +4,7 @@ process's random-number generators, the data position and the run's fast paths."
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import random
 import warnings
 from pathlib import Path
@@ -13,13 +14,42 @@ import numpy as np
 import torch
 from torch import nn
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.config import TrainConfig
-from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
+from retinanet.model.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from retinanet.train.distributed import gather
 from retinanet.train.stream import BatchStream
 
-__all__ = ["checkpoint_run", "restore_rng", "restore_run", "seed_everything"]
+__all__ = ["Resume", "check_resumable", "checkpoint_run", "open_resume", "restore_rng", "restore_run", "seed_everything"]
+
+
+@dataclass
+class Resume:
+    """A checkpoint to resume from, read once and checked against the run's config (`open_resume`)."""
+
+    path: Path
+    checkpoint: dict[str, Any]
+
+
+def open_resume(path: str | Path | Resume, cfg: TrainConfig) -> Resume:
+    """The checkpoint at `path` read (once: the run's checks and its loop share it) and checked against `cfg`
+    (`check_resumable`); a Resume given is returned as it is."""
+    if isinstance(path, Resume):
+        return path
+    checkpoint = load_checkpoint(path, map_location="cpu")  # a missing or unreadable file stops here, in one line
+    check_resumable(checkpoint, path, cfg)
+    return Resume(Path(path), checkpoint)
+
+
+def check_resumable(checkpoint: dict[str, Any], path: str | Path, cfg: TrainConfig) -> None:
+    """One line when a checkpoint cannot be resumed exactly with this config (another batch size moves the data
+    position and the lr schedule)."""
+    saved = (checkpoint.get("train_config") or {}).get("batch_size")
+    if saved is not None and saved != cfg.batch_size:
+        raise ValueError(f"{path}: the run trained with train.batch_size {saved}, this config says {cfg.batch_size}: "
+                         f"resume with train.batch_size={saved}, or start a new run from its weights with "
+                         f"model.init_from={path}")  # fmt: skip
+
 
 
 def checkpoint_run(out: Path, model: nn.Module, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig,

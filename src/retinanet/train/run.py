@@ -11,22 +11,21 @@ from typing import Any
 
 import torch
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.config import PRESETS, ModelConfig, RunConfig, TrainConfig, apply_overrides, save_run_config
 from retinanet.data import DetectionDataset, build_dataset, categories_config, eval_transforms, make_loader, val_datasets
-from retinanet.inference import evaluate_model
-from retinanet.machine import busy_processes, set_threads
-from retinanet.model import RetinaNet, build_from_config, load_checkpoint
-from retinanet.outputs import claim_run_folder, remove
+from retinanet.evaluation import evaluate_model, selection_score, validate, validation_lines
+from retinanet.runtime.machine import busy_processes, set_threads
+from retinanet.model import RetinaNet, build_from_config
+from retinanet.runtime.outputs import claim_run_folder, remove, write_json
 from retinanet.tools.anchor_coverage import coverage, coverage_lines, training_boxes
-from retinanet.tools.validation import selection_score, validate, validation_lines
-from retinanet.train.distributed import init_distributed, rank_and_world, resolve_device
-from retinanet.train.log import write_note
+from retinanet.train.distributed import init_distributed, per_process_batch, rank_and_world, train_device
+from retinanet.train.log import plot_training_curves, write_note
 from retinanet.train.loop import SELECTION, train
-from retinanet.visualize import plot_training_curves
+from retinanet.train.resume import open_resume
 from retinanet.weights import init_from
 
-__all__ = ["check_learnable", "check_resumable", "memorising", "run_train", "train_set_subset", "write_skipped"]
+__all__ = ["check_learnable", "memorising", "run_train", "train_set_subset", "write_skipped"]
 
 
 def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True,
@@ -47,7 +46,7 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     out = Path(cfg.train.output_dir)
     resume, overwrite, resume_line = resolve_resume(resume or cfg.train.resume, out, overwrite)
     earlier = claim_run_folder(out, resume, overwrite) if rank == 0 else []
-    device = resolve_device(cfg.train)  # a device or precision this machine lacks stops us first
+    device = train_device(cfg.train)  # a device or precision this machine lacks stops us first
     train_set = build_dataset(cfg.data, cfg.model, "train", train_mode=True)
     check_learnable(cfg, train_set)
     cfg.model = categories_config(cfg.model, train_set)
@@ -57,12 +56,12 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     if val_sets:  # a best_weights naming no validation set stops the run here
         selection_score({}, list(val_sets), cfg.train.best_metric, cfg.train.best_weights)
     if resume is not None:  # a missing or unreadable checkpoint, or one of another batch size, stops the run here
-        check_resumable(load_checkpoint(resume), resume, cfg.train)
+        resume = open_resume(resume, cfg.train)  # read once: the loop takes it as it is
     workers, workers_warning = cfg.train.workers()
     torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
     model = build_from_config(cfg.model)
-    init_lines = _init_weights(model, resume)
-    per_process = cfg.train.batch_size // world
+    init_lines = _init_weights(model, resume.path if resume is not None else None)
+    per_process = per_process_batch(cfg.train.batch_size, world)  # an uneven split stops the run here
     check_enough_images(len(train_set), per_process, world, cfg.train.batch_size)
     loader = make_loader(train_set, per_process, shuffle=True, num_workers=workers,
                          seed=cfg.train.seed, distributed=world > 1, drop_last=True)  # fmt: skip
@@ -81,17 +80,17 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
 
     seen = train_set_subset(cfg, train_set) if val_set is not None and cfg.train.eval_train_images else None
 
-    def evaluate_sets(model, iteration):  # on the main process only
+    def evaluate_sets(evaluated: RetinaNet, iteration: int) -> dict[str, Any]:  # the model or its moving average
         if rank != 0:
             return {}
-        amp = fastpath.current_run().amp
+        amp = model.fast_paths.amp  # the precision the run trains in (its fast paths, set at its first batch)
         last = iteration == cfg.train.max_iters  # the run's last evaluation writes its reports too
-        metrics = validate(model, val_sets, out / "eval", amp, report=cfg.train.report and last)
+        metrics = validate(evaluated, val_sets, out / "eval", amp, report=cfg.train.report and last)
         lines = validation_lines(metrics, list(val_sets), iteration)
         if len(val_sets) > 1:
             metrics[SELECTION] = selection_score(metrics, list(val_sets), cfg.train.best_metric, cfg.train.best_weights)
         if seen is not None:  # the same model on training images it has learnt from
-            on_seen = evaluate_model(model, seen, amp=amp)
+            on_seen = evaluate_model(evaluated, seen, amp=amp)
             metrics |= {"train_AP": on_seen.AP, "train_AP50": on_seen.AP50}
             lines += memorising(metrics, iteration)
         for line in lines:
@@ -172,7 +171,7 @@ def write_skipped(out: Path, datasets: dict[str, DetectionDataset | None]) -> No
     skipped = [{"split": split, **skip.to_dict()} for split, ds in datasets.items() if ds is not None
                for skip in ds.skipped]  # fmt: skip
     if skipped:
-        (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+        write_json(out / "skipped.json", skipped)
 
 
 def busy_line() -> str | None:
@@ -236,13 +235,3 @@ def check_learnable(cfg: RunConfig, train_set: DetectionDataset) -> None:
         raise ValueError(f"model config: num_classes = {cfg.model.num_classes} but the training data has "
                          f"{train_set.num_classes} classes ({', '.join(train_set.category_names[:10])}): leave "
                          "model.num_classes out, it is taken from the data")  # fmt: skip
-
-
-def check_resumable(checkpoint: dict[str, Any], path: str | Path, cfg: TrainConfig) -> None:
-    """One line when a checkpoint cannot be resumed exactly with this config (another batch size moves the data
-    position and the lr schedule)."""
-    saved = (checkpoint.get("train_config") or {}).get("batch_size")
-    if saved is not None and saved != cfg.batch_size:
-        raise ValueError(f"{path}: the run trained with train.batch_size {saved}, this config says {cfg.batch_size}: "
-                         f"resume with train.batch_size={saved}, or start a new run from its weights with "
-                         f"model.init_from={path}")  # fmt: skip

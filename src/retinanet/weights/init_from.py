@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
 from retinanet.config import TORCHVISION_DETECTORS, ModelConfig
-from retinanet.downloads import fetch_state_dict
+from retinanet.runtime.downloads import fetch_state_dict
 from retinanet.model import RetinaNet, load_checkpoint, model_weights, saved_model_config
 from retinanet.weights.torchvision import TORCHVISION_COCO_WEIGHTS, from_torchvision
 

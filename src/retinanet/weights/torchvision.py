@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from retinanet.config import ModelConfig, apply_overrides
-from retinanet.downloads import fetch_state_dict
+from retinanet.runtime.downloads import fetch_state_dict
 from retinanet.model.detector import RetinaNet, build_from_config
 from retinanet.ops.anchors import TORCHVISION_SIZES_PER_LEVEL
 

@@ -19,8 +19,24 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-__all__ = ["DETECT_FILES", "JsonList", "RUN_FILES", "WriteError", "atomic_stream", "atomic_write", "claim_detect_folder", "claim_run_folder",
-           "remove", "remove_stale", "strict_json", "writable_folder", "write_error"]  # fmt: skip
+__all__ = [
+    "DETECT_FILES",
+    "RUN_FILES",
+    "JsonList",
+    "WriteError",
+    "atomic_path",
+    "atomic_stream",
+    "atomic_write",
+    "claim_detect_folder",
+    "claim_run_folder",
+    "remove",
+    "remove_stale",
+    "save_figure",
+    "strict_json",
+    "writable_folder",
+    "write_error",
+    "write_json",
+]
 
 # what a training run writes in its folder (iter_*.pt too, with keep_all_checkpoints)
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.jsonl", "train.log", "training_curves.png", "skipped.json",
@@ -144,29 +160,35 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Non
 
 @contextlib.contextmanager
 def atomic_stream(path: str | Path) -> Iterator[IO[bytes]]:
-    """A binary file to write `path` piece by piece (results streamed as they are computed, never all in memory),
-    through a temporary file in the same folder that becomes `path` when the block ends (flushed to disk, renamed
-    over it); an error in the block leaves the old file whole and the temporary one removed. A failed write raises
-    WriteError (write_error)."""
+    """A binary file to write `path` piece by piece (results streamed as they are computed, never all in memory):
+    `atomic_path`'s temporary file, which becomes `path` when the block ends."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write (directly, or by a writer that takes a file name: an
+    ONNX graph): it becomes `path` when the block ends, flushed to disk and renamed over it; an error in the block
+    leaves the old file whole and the temporary one removed. A failed write raises WriteError (write_error)."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        with open(tmp, "rb+") as written:  # the bytes are on disk before the rename makes them the file
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
         raise write_error(path, exc) from None
     except BaseException:
         if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):  # persist the rename itself (POSIX; not possible on Windows)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -174,6 +196,18 @@ def atomic_stream(path: str | Path) -> Iterator[IO[bytes]]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_json(path: str | Path, value: Any, indent: int | None = 1) -> Path:
+    """`value` as strict JSON (`strict_json`) written atomically (`atomic_write`): every JSON file a command writes."""
+    return atomic_write(path, strict_json(value, indent=indent))
+
+
+def save_figure(figure: Any, path: str | Path, dpi: float | str = "figure") -> Path:
+    """A matplotlib figure saved atomically, in the format its suffix names (.png, .pdf, .svg), at the figure's own
+    dpi unless told."""
+    path = Path(path)
+    return atomic_write(path, lambda f: figure.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi))
 
 
 class JsonList:

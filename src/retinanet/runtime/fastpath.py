@@ -16,7 +16,7 @@ A probe keeps the default (torch's convolution, channels-last, float32) unless t
 MARGIN in every one of ROUNDS interleaved rounds, so that timing noise on a busy machine cannot flip a choice; its
 figures (the median of each option) are kept with the choice, for the logs.
 
-Choices are cached per machine (retinanet.machine: in memory and in a JSON file that processes share safely), so
+Choices are cached per machine (retinanet.runtime.machine: in memory and in a JSON file that processes share safely), so
 that a machine measures a shape class once, with how busy it was. A cached choice measured while other processes
 computed is measured again once the machine is quiet, and a layout or precision whose one-round check disagrees
 with its figures by more than RECHECK is measured again; NOTES (and a run's log) say so.
@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from retinanet.machine import Cache, CpuInfo, busy_processes, cpu_info, machine_id
+from retinanet.runtime.machine import Cache, CpuInfo, busy_processes, cpu_info, machine_id
 
 __all__ = [
     "CpuInfo",
@@ -57,8 +57,6 @@ __all__ = [
     "choose_amp",
     "conv3x3_algorithm",
     "cpu_info",
-    "current_run",
-    "end_run",
     "machine_id",
     "summary",
     "tune",
@@ -105,6 +103,11 @@ class RunFastPaths:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "RunFastPaths":
+        """The same object: a copy of the model (its moving average, the layout probe's copy) stays in the run, and
+        what it measures is the run's."""
+        return self
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunFastPaths":
         known = {k: copy.deepcopy(v) for k, v in data.items() if k in cls.__dataclass_fields__}
@@ -131,19 +134,6 @@ def _figures(records: Any) -> str:
     return f" ({'; '.join(figures)}, medians of {ROUNDS} rounds)" if figures else ""
 
 
-_RUN: RunFastPaths | None = None
-
-
-def current_run() -> RunFastPaths | None:
-    """The fast paths of the training run in progress in this process (between begin_run and end_run), or None."""
-    return _RUN
-
-
-def end_run() -> None:
-    global _RUN
-    _RUN = None
-
-
 def begin_run(
     model: Any,
     batch: tuple[list[Tensor], list[dict[str, Tensor]]] | None,
@@ -162,7 +152,6 @@ def begin_run(
     cache's, or a probe's). In a distributed run (this process's `rank` of `world`) only rank 0 does this, and every
     process takes rank 0's choices: call it on every process, before DDP wraps the model.
     """
-    global _RUN
     device = torch.device(device)
     check_amp(amp, device)
     lines: list[str] = []
@@ -174,8 +163,8 @@ def begin_run(
     if rank == 0:
         run = RunFastPaths(machine_id(), records=copy.deepcopy(reuse["records"]) if reuse else {})
         run.origin = "the checkpoint's" if reuse else "measured"
-        _RUN = run
-        run.amp = amp if amp != "auto" else (reuse["amp"] if reuse else choose_amp(amp, device))
+        model.use_fast_paths(run)  # what tune's probes measure on the way is the run's
+        run.amp = amp if amp != "auto" else (reuse["amp"] if reuse else choose_amp(amp, device, run))
         forced = model.config.memory_format
         if forced != "auto":
             run.memory_format = forced
@@ -189,7 +178,7 @@ def begin_run(
         run = RunFastPaths.from_dict(shared[0])
         run.shared = True
         run.origin = f"rank 0's, shared with {world} processes" + (" (from the checkpoint)" if reuse else "")
-        _RUN = run
+    model.use_fast_paths(run)
     model.use_memory_format(run.memory_format)
     lines += NOTES
     NOTES.clear()
@@ -197,15 +186,15 @@ def begin_run(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _choose(kind: str, key: str, measure: Callable[..., dict[str, Any]], lockstep: bool,
-            recheck: bool = False) -> dict[str, Any]:  # fmt: skip
-    """The record of a choice: the run's (if one is in progress and holds it), else the cache's, else measured.
+def _choose(kind: str, key: str, measure: Callable[..., dict[str, Any]], lockstep: bool, recheck: bool = False,
+            run: RunFastPaths | None = None) -> dict[str, Any]:  # fmt: skip
+    """The record of a choice: the run's (`run`, the fast paths of the model asking, if it holds it), else the
+    cache's, else measured.
     lockstep: a training choice every process of a distributed run makes alike; met after a shared run's start,
     it takes the default without a probe. A cached record is measured again (once per process, said in a note)
     where `_stale` finds it untrue: measured while other processes computed, now that the machine is quiet; or,
     with `recheck` (measure(rounds) then also gives a one-round check), where a quick check disagrees with its
     figures. A new record keeps how busy the machine was."""
-    run = _RUN
     record = run.records.get(kind, {}).get(key) if run is not None else None
     if record is None:
         if run is not None and run.shared and lockstep:  # not even the cache: processes may hold different ones
@@ -280,17 +269,19 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def conv3x3_algorithm(x: Tensor, weight: Tensor, winograd: Callable[..., Tensor]) -> str:
+def conv3x3_algorithm(x: Tensor, weight: Tensor, winograd: Callable[..., Tensor],
+                      run: RunFastPaths | None = None) -> str:  # fmt: skip
     """"winograd" or "direct" for a float32 CPU 3x3 convolution with stride 1 and padding 1 of input x [N, C, H, W]
     and weight [K, C, 3, 3]: the faster on this machine, measured once per shape class (forward only, or forward
     and backward when autograd will need the gradients). winograd(x, weight, bias): the Winograd kernel timed
-    against F.conv2d."""
+    against F.conv2d. run: the fast paths of the model that asks (its run's choices first; what is measured is
+    kept there)."""
     n, c, h, w = x.shape
     if min(c, weight.shape[0]) < PROBE_MIN_CHANNELS or h * w < PROBE_MIN_POSITIONS:
         return "direct"
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     measure = lambda: _probe_conv(tuple(x.shape), weight.shape[0], _is_channels_last(x), training, winograd)  # noqa: E731
-    return _choose("conv3x3", _conv_class(x, weight, training), measure, lockstep=training)["choice"]
+    return _choose("conv3x3", _conv_class(x, weight, training), measure, lockstep=training, run=run)["choice"]
 
 
 def _probe_conv(shape: tuple[int, ...], out_channels: int, channels_last: bool, training: bool,
@@ -342,7 +333,7 @@ def tune(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | No
     training = targets is not None
     measure = lambda rounds=ROUNDS: _probe_layouts(model, images, targets, rounds)  # noqa: E731
     choice = _choose("memory_format", _model_class(model, images, training), measure, lockstep=training,
-                     recheck=True)["choice"]  # fmt: skip
+                     recheck=True, run=getattr(model, "fast_paths", None))["choice"]  # fmt: skip
     model.use_memory_format(choice)
     return choice
 
@@ -400,7 +391,7 @@ def check_amp(amp: str, device: torch.device | str) -> None:
         )
 
 
-def choose_amp(amp: str, device: torch.device | str) -> str:
+def choose_amp(amp: str, device: torch.device | str, run: RunFastPaths | None = None) -> str:
     """The precision to run: `amp` itself unless it is "auto", which is bf16 on a GPU that supports it (else
     fp16), and on a CPU bf16 only with native bf16 and where a bf16 convolution is measured faster than float32."""
     check_amp(amp, device)
@@ -411,7 +402,7 @@ def choose_amp(amp: str, device: torch.device | str) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type != "cpu" or not cpu_info().native_bf16:
         return "none"
-    return _choose("amp", "conv 256->256 n2 64x64 train", _probe_bf16, lockstep=False, recheck=True)["choice"]
+    return _choose("amp", "conv 256->256 n2 64x64 train", _probe_bf16, lockstep=False, recheck=True, run=run)["choice"]
 
 
 def _probe_bf16(rounds: int = ROUNDS) -> dict[str, Any]:

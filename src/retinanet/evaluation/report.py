@@ -5,7 +5,7 @@ thumbnails beside it in report/images/), and report/errors.json for scripts.
     retinanet report --detections results.json --annotations instances_val.json --images val/ --output report/
 
 The page shows the COCO metrics, per-class AP, the precision-recall curves, the error decomposition of
-retinanet.tools.errors (counts and the AP each error type costs, overall, by size and by class) as a chart, and a
+retinanet.evaluation.errors (counts and the AP each error type costs, overall, by size and by class) as a chart, and a
 gallery of the images with the most errors, boxes coloured by their type: true positive, each false-positive type,
 missed. A score threshold control updates the gallery and shows precision, recall and F1 at that threshold (at IoU
 0.5: detections are matched by decreasing score, so dropping those below a threshold changes no match above it), and
@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from retinanet.data.base import to_rgb
-from retinanet.evaluate import CocoMetrics, max_dets_for
-from retinanet.outputs import strict_json
-from retinanet.tools.errors import ERROR_TYPES, ErrorAnalysis, analyze_errors
+from retinanet.evaluation.coco import CocoMetrics, max_dets_for
+from retinanet.runtime.outputs import atomic_write, strict_json, write_json
+from retinanet.evaluation.errors import ERROR_TYPES, ErrorAnalysis, analyze_errors
 
 __all__ = ["COLOURS", "ReportImage", "best_f1_thresholds", "report_dataset", "write_report"]
 
@@ -81,23 +81,21 @@ def write_report(output: str | Path, images: Sequence[ReportImage], ground_truth
                  metrics: CocoMetrics | None = None, pr_curves: Path | None = None,
                  gallery: int = 1000) -> Path:  # fmt: skip
     """Write output/index.html, output/errors.json and the gallery's thumbnails (the `gallery` images with the
-    most errors) in output/images/. ground_truth and detections: per image as `retinanet.tools.errors.analyze_errors`
+    most errors) in output/images/. ground_truth and detections: per image as `retinanet.evaluation.errors.analyze_errors`
     takes them, in the order of `images`. Returns the page's path."""
     out = Path(output)
     (out / "images").mkdir(parents=True, exist_ok=True)
     scores, tp, labels, num_gt = _scored(ground_truth, detections, errors)
     best = best_f1_thresholds(scores, tp, labels, num_gt)
-    (out / "errors.json").write_text(strict_json({**errors.to_dict(class_names), "what_to_try": {
-        k: text for k, _, text in what_to_try(errors)}, "best_f1": {
-        class_names[c]: v for c, v in best.items()}}, indent=1))  # fmt: skip
+    to_try = {k: text for k, _, text in what_to_try(errors)}
+    found = {**errors.to_dict(class_names), "what_to_try": to_try, "best_f1": {class_names[c]: v for c, v in best.items()}}
+    write_json(out / "errors.json", found)
     page = {"classes": list(class_names), "colours": COLOURS, "meaning": MEANING,
             "scores": [round(float(v), 4) for v in scores], "tp": tp.astype(int).tolist(), "labels": labels.tolist(),
             "num_gt": [num_gt.get(c, 0) for c in range(len(class_names))],
             "gallery": _gallery(out, images, ground_truth, detections, errors, gallery)}  # fmt: skip
     body = _page(page, class_names, errors, metrics, best, pr_curves)
-    path = out / "index.html"
-    path.write_text(body, encoding="utf-8")
-    return path
+    return atomic_write(out / "index.html", body)
 
 
 def _scored(ground_truth: Sequence[dict], detections: Sequence[dict], errors: ErrorAnalysis):

@@ -1,8 +1,7 @@
-"""Drawing: detections on images (torchvision's draw_bounding_boxes) and training curves from log.jsonl."""
+"""Detections drawn on images (torchvision's draw_bounding_boxes), labelled while the labels stay readable."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -11,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
-__all__ = ["DRAW_MODES", "draw_detections", "label_font", "label_style", "labels_readable", "plot_training_curves",
+__all__ = ["DRAW_MODES", "draw_detections", "label_font", "label_style", "labels_readable",
            "save_detections_image", "upscale_small", "with_labels"]  # fmt: skip
 
 _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
@@ -97,48 +96,4 @@ def save_detections_image(path: str | Path, image: Tensor, boxes, scores, labels
     path.parent.mkdir(parents=True, exist_ok=True)
     drawn = draw_detections(image, boxes, scores, labels, class_names, mode)
     Image.fromarray(drawn.permute(1, 2, 0).contiguous().numpy()).save(path)
-    return path
-
-
-def plot_training_curves(log_jsonl: str | Path, path: str | Path) -> Path:
-    """One PNG with every loss of log.jsonl against the iteration (log scale), the learning rate, and with
-    evaluations during training the validation AP (and the training images' AP beside it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    rows = [json.loads(line) for line in Path(log_jsonl).read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if "eval/AP" in r]
-    rows = [r for r in rows if "lr" in r]
-    fig = Figure(figsize=(13 if evals else 9, 4))
-    axes = fig.subplots(1, 3 if evals else 2)
-    ax, ax_lr = axes[0], axes[1]
-    keys = [k for k in rows[0] if k.startswith("loss")] if rows else []
-    for k in keys:
-        ax.plot([r["iter"] for r in rows], [r[k] for r in rows], label=k)
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_title("training losses")
-    ax.legend()
-    ax_lr.plot([r["iter"] for r in rows], [r["lr"] for r in rows])
-    ax_lr.set_xlabel("iteration")
-    ax_lr.set_title("learning rate")
-    if evals:
-        # every validation set's AP (data.extra_val's after their names), then the training images'
-        others = sorted({k.split("/")[1] for r in evals for k in r if k.count("/") == 2 and k.endswith("/AP")})
-        for key, label in (("eval/AP", "validation AP"), ("eval/AP50", "validation AP50"),
-                           *((f"eval/{n}/AP", f"{n} AP") for n in others),
-                           ("eval/train_AP", "training images' AP")):  # fmt: skip
-            points = [(r["iter"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
-            if points:
-                axes[2].plot(*zip(*points), marker="o", label=label)
-        axes[2].set_xlabel("iteration")
-        axes[2].set_ylim(0, 1)
-        axes[2].set_title("evaluation")
-        axes[2].legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
     return path

@@ -6,7 +6,7 @@ from PIL import Image
 
 from retinanet import build_model
 from retinanet.config import DataConfig
-from retinanet.jobs import run_eval
+from retinanet.commands.evaluate import run_eval
 from retinanet.model.checkpoint import save_checkpoint
 
 

@@ -1,5 +1,5 @@
 """A model judged on one or several validation sets at once: per set its COCO AP, AP50, AP75, AR100 and the AP50
-each error type costs (TIDE's dAP, retinanet.tools.errors), and one selection score that weighs the sets.
+each error type costs (TIDE's dAP, retinanet.evaluation.errors), and one selection score that weighs the sets.
 
 A detector that scores well on a held-out strip of its own training image may fall short on another site: the
 sets are reported side by side (`data.extra_val`), and best.pt is chosen on their weighted mean, not on the first
@@ -14,11 +14,11 @@ from typing import Any, Mapping
 
 from retinanet.data import FIRST_VAL as FIRST
 from retinanet.data import DetectionDataset
-from retinanet.evaluate import max_dets_for
-from retinanet.inference import evaluate_model
+from retinanet.evaluation.coco import max_dets_for
+from retinanet.evaluation.dataset import evaluate_model
 from retinanet.model import RetinaNet
-from retinanet.tools.errors import ERROR_TYPES, analyze_errors
-from retinanet.tools.report import report_dataset
+from retinanet.evaluation.errors import ERROR_TYPES, analyze_errors
+from retinanet.evaluation.report import report_dataset
 
 __all__ = ["FIRST", "metric_name", "selection_score", "validate", "validation_lines"]
 

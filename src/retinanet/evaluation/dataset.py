@@ -8,19 +8,14 @@ from typing import Any
 
 import torch
 
-from retinanet import fastpath
+from retinanet.runtime import fastpath
 from retinanet.data import DetectionDataset, make_loader
-from retinanet.evaluate import (
-    CocoMetrics,
-    evaluate_coco,
-    evaluate_voc,
-    max_dets_for,
-    plot_pr_curves,
-    save_coco_results,
-)
+from retinanet.data.coco_format import save_coco_results
+from retinanet.evaluation.coco import CocoMetrics, evaluate_coco, max_dets_for, plot_pr_curves
+from retinanet.evaluation.voc import evaluate_voc
 from retinanet.inference.predictor import detect_resized
 from retinanet.model import RetinaNet
-from retinanet.outputs import strict_json
+from retinanet.runtime.outputs import strict_json, write_json
 
 __all__ = ["evaluate_model", "evaluate_predictions", "predict_dataset"]
 
@@ -32,7 +27,7 @@ def predict_dataset(
 ) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Ground truth and detections of every image of `dataset` (evaluation transforms; tta: the test-time
     augmentation's views, retinanet.inference.tta), both in the original image's pixels, as the dicts
-    `retinanet.evaluate` takes."""
+    `retinanet.evaluation` takes (retinanet.data.coco_format)."""
     was_training, layout = model.training, model.memory_format
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
@@ -75,6 +70,6 @@ def evaluate_predictions(gts: list[dict], dets: list[dict], categories: list[dic
         save_coco_results(dets, categories, output / "detections.json")
         voc = evaluate_voc(gts, dets, len(categories))
         report = {**metrics.to_dict(), "VOC_mAP50": voc["mAP"]}
-        (output / "metrics.json").write_text(strict_json(report, indent=2))
+        write_json(output / "metrics.json", report, indent=2)
         plot_pr_curves(metrics, output / "pr_curves.png")
     return metrics

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from retinanet.outputs import WriteError, atomic_write
+from retinanet.runtime.outputs import WriteError, atomic_write
 
 try:  # POSIX file locks; without them (Windows) concurrent writers may lose entries, never corrupt the file
     import fcntl
