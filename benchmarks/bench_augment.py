@@ -37,8 +37,9 @@ def main() -> None:
     torch.manual_seed(0)
     n = args.size
     image = tv_tensors.Image(torch.randint(0, 256, (3, n, n), dtype=torch.uint8))
-    boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10, 60, 60], [100, 120, 140, 170]]), format="XYXY",
-                                     canvas_size=(n, n))  # fmt: skip
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[10.0, 10, 60, 60], [100, 120, 140, 170]]), format="XYXY", canvas_size=(n, n)
+    )
     target = {"boxes": boxes, "labels": torch.tensor([0, 0]), "iscrowd": torch.zeros(2, dtype=torch.bool)}
     jitters = {
         "torchvision ColorJitter, brightness/contrast/saturation": v2.ColorJitter(STRENGTH, STRENGTH, STRENGTH),
@@ -48,13 +49,20 @@ def main() -> None:
     top_down = PRESETS["top_down"]
     pipelines = {
         "top_down training transform, as shipped": train_transforms((n,), n, top_down),
-        f"top_down training transform, + hue {HUE} (ours)": train_transforms((n,), n, dataclasses.replace(top_down, hue=HUE)),
+        f"top_down training transform, + hue {HUE} (ours)": train_transforms(
+            (n,), n, dataclasses.replace(top_down, hue=HUE)
+        ),
     }
     fns = {name: (lambda t=t: t(image)) for name, t in jitters.items()}
     fns |= {name: (lambda t=t: t(image, target)) for name, t in pipelines.items()}
     times = dict(zip(fns, interleaved_median_times(list(fns.values()), repeats=args.repeats)))
-    lines = [f"One {n} x {n} uint8 image, one thread (a data worker's), medians of {args.repeats} interleaved rounds. "
-             f"{machine_line()}.", "", "| operation | ms per image |", "|---|---:|"]  # fmt: skip
+    lines = [
+        f"One {n} x {n} uint8 image, one thread (a data worker's), medians of {args.repeats} interleaved rounds. "
+        f"{machine_line()}.",
+        "",
+        "| operation | ms per image |",
+        "|---|---:|",
+    ]
     lines += [f"| {name} | {1000 * t:.1f} |" for name, t in times.items()]
     text = "\n".join(lines)
     print(text)

@@ -28,12 +28,14 @@ def main() -> None:
     lines = [
         f"`retinanet demo`: {cfg.preset} ({cfg.model.backbone} at width {cfg.model.backbone_width or 64}) on "
         f"{cfg.data.synthetic_train_images} synthetic training images of "
-        f"{cfg.data.synthetic_image_size}x{cfg.data.synthetic_image_size}, {cfg.train.max_iters} iterations ({cfg.train.lr_schedule} lr) of "
+        f"{cfg.data.synthetic_image_size}x{cfg.data.synthetic_image_size}, {cfg.train.max_iters} iterations "
+        f"({cfg.train.lr_schedule} lr) of "
         f"batch {cfg.train.batch_size}, evaluated on {cfg.data.synthetic_val_images} validation images.",
         "",
         "| AP | AP50 | AP75 | APs | APm | APl | training time (s) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
-        "| " + " | ".join(f"{summary[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+        "| "
+        + " | ".join(f"{summary[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
         + f" | {summary['train_seconds']:.0f} |",
         "",
         f"Targets: training at most 300 s ({'met' if summary['train_seconds'] <= 300 else 'MISSED'}), "

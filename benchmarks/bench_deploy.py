@@ -15,10 +15,11 @@ size, ONNX Runtime without spinning threads, OpenVINO's THROUGHPUT hint. Target:
 
 Tiles. A model trained by `retinanet demo` (runs/demo/last.pt; trained first when missing) on 128 px synthetic
 scenes, and a --tile-image px square mosaic of such scenes (ground truth known; many objects cut by tile
-borders). Ours: `Predictor(tile=128, overlap=0.2)`, 4 tiles per forward pass and 1 (as SAHI calls a model); SAHI: `get_sliced_prediction` with the same model on
-128 px slices, overlap 0.2, its default merge (GREEDYNMM, IOS 0.5), no full-image pass (at 4000 -> 128 px it finds
-nothing). Reported: time (median of --tile-repeats), COCO AP against the ground truth, objects found (IoU >= 0.5),
-duplicates, partial boxes (a box of a piece of an object), and how many boxes the two share (IoU >= 0.9).
+borders). Ours: `Predictor(tile=128, overlap=0.2)`, 4 tiles per forward pass and 1 (as SAHI calls a model); SAHI:
+`get_sliced_prediction` with the same model on 128 px slices, overlap 0.2, its default merge (GREEDYNMM, IOS 0.5), no
+full-image pass (at 4000 -> 128 px it finds nothing). Reported: time (median of --tile-repeats), COCO AP against the
+ground truth, objects found (IoU >= 0.5), duplicates, partial boxes (a box of a piece of an object), and how many boxes
+the two share (IoU >= 0.9).
 
     python benchmarks/bench_deploy.py [--repeats 5] [--batch 1] [--size 800] [--tile-image 4000]
                                       [--tile-checkpoint runs/demo/last.pt] [--quick] [--no-write]
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import spread_scores, torchvision_model  # noqa: E402
 from common import interleaved_median_times, machine_line, write_section  # noqa: E402
 
-from retinanet.runtime import fastpath, from_torchvision  # noqa: E402
+from retinanet import from_torchvision  # noqa: E402
 from retinanet.data import SyntheticShapes  # noqa: E402
 from retinanet.deploy.engines import OnnxPredictor
 from retinanet.deploy.graph import export_onnx
@@ -50,6 +51,7 @@ from retinanet.deploy.quantize import int8_path, quantize_int8
 from retinanet.evaluation import evaluate_coco  # noqa: E402
 from retinanet.inference.predictor import Predictor, categories_of  # noqa: E402
 from retinanet.ops.postprocess import Detections  # noqa: E402
+from retinanet.runtime import fastpath  # noqa: E402
 
 NUM_CLASSES = 80
 
@@ -98,14 +100,20 @@ def engine_rows(args, workdir: Path) -> str:
         with torch.no_grad():
             return [Detections(o["boxes"], o["scores"], o["labels"]) for o in tv(floats)]
 
-    rows = [("torchvision RetinaNet, PyTorch eager", tv_run),
-            ("ours, PyTorch eager (the defaults: fast paths measured on this machine)",
-             lambda: _as_detections(eager.predict(images)))]  # fmt: skip
+    rows = [
+        ("torchvision RetinaNet, PyTorch eager", tv_run),
+        (
+            "ours, PyTorch eager (the defaults: fast paths measured on this machine)",
+            lambda: _as_detections(eager.predict(images)),
+        ),
+    ]
     engines = [("onnxruntime", "ONNX Runtime", {}), ("openvino", "OpenVINO", {})]
-    levers = [("onnxruntime", "ONNX Runtime, fixed-size graph", {}, fixed),
-              ("openvino", "OpenVINO, fixed-size graph", {}, fixed),
-              ("onnxruntime", "ONNX Runtime, threads not spinning", {"spinning": False}, dynamic),
-              ("openvino", "OpenVINO, THROUGHPUT hint", {"hint": "THROUGHPUT"}, dynamic)]  # fmt: skip
+    levers = [
+        ("onnxruntime", "ONNX Runtime, fixed-size graph", {}, fixed),
+        ("openvino", "OpenVINO, fixed-size graph", {}, fixed),
+        ("onnxruntime", "ONNX Runtime, threads not spinning", {"spinning": False}, dynamic),
+        ("openvino", "OpenVINO, THROUGHPUT hint", {"hint": "THROUGHPUT"}, dynamic),
+    ]
     missing = []
     if _installed("onnxruntime"):  # INT8: the convolutions quantized, calibrated on images like the benchmark's
         quantized = quantize_int8(dynamic, int8_path(dynamic), cfg, _images(8, height, width, seed=7))
@@ -117,8 +125,10 @@ def engine_rows(args, workdir: Path) -> str:
         runner = OnnxPredictor(path, engine, batch_size=args.batch, engine_options=options)  # the graph's threshold
         rows.append((name, lambda r=runner: _as_detections(r.predict(images))))
     reference = rows[1][1]()
-    agreement = [compare_detections(reference, fn(), score_thresh=cfg.score_thresh, limit=cfg.detections_per_image)
-                 for _, fn in rows]  # fmt: skip
+    agreement = [
+        compare_detections(reference, fn(), score_thresh=cfg.score_thresh, limit=cfg.detections_per_image)
+        for _, fn in rows
+    ]
     print("timing ...", flush=True)
     times = interleaved_median_times([fn for _, fn in rows], args.repeats)
     per_second = [args.batch / t for t in times]
@@ -133,40 +143,57 @@ def engine_rows(args, workdir: Path) -> str:
     for (name, _), ips, a in zip(rows, per_second, agreement):
         same = "identical" if a.identical else ("same up to cut-offs" if a.ok else "DIFFER")
         lines.append(f"| {name} | {ips:.2f} | {ips / per_second[0]:.2f}x | {same}: {a.describe()} |")
-    main_rows = [(n, ips, a) for (n, _), ips, a in zip(rows, per_second, agreement) if n in
-                 ("ours, ONNX Runtime", "ours, OpenVINO")]  # fmt: skip
+    main_rows = [
+        (n, ips, a)
+        for (n, _), ips, a in zip(rows, per_second, agreement)
+        if n in ("ours, ONNX Runtime", "ours, OpenVINO")
+    ]
     if main_rows:
         best = max(main_rows, key=lambda r: r[1])
         met = best[1] >= 2 * per_second[0] and best[2].identical
-        lines += ["", f"Target (ONNX Runtime or OpenVINO at least 2x torchvision eager, identical detections): "
-                  f"{'met' if met else 'MISSED'} ({best[0].split(', ')[1]}: {best[1] / per_second[0]:.2f}x)."]
+        lines += [
+            "",
+            f"Target (ONNX Runtime or OpenVINO at least 2x torchvision eager, identical detections): "
+            f"{'met' if met else 'MISSED'} ({best[0].split(', ')[1]}: {best[1] / per_second[0]:.2f}x).",
+        ]
     names = [n for n, _ in rows]
     if "ONNX Runtime, INT8 (QDQ convolutions)" in names:
         fp32 = per_second[names.index("ours, ONNX Runtime")]
         int8 = per_second[names.index("ONNX Runtime, INT8 (QDQ convolutions)")]
         vnni = fastpath.cpu_info().flags & {"avx512_vnni", "avx_vnni"}
-        lines += ["", f"INT8 against the float32 engine (ONNX Runtime): {int8 / fp32:.2f}x the images per second on "
-                  f"this CPU ({'with ' + ', '.join(sorted(vnni)) if vnni else 'no VNNI'}); target at least 2x where "
-                  f"the CPU has VNNI: {'met' if int8 >= 2 * fp32 else 'MISSED'}. Its detections are those of "
-                  "random weights with near-tied scores, where 8 bits reorder many: accuracy is in the next table."]
+        lines += [
+            "",
+            f"INT8 against the float32 engine (ONNX Runtime): {int8 / fp32:.2f}x the images per second on "
+            f"this CPU ({'with ' + ', '.join(sorted(vnni)) if vnni else 'no VNNI'}); target at least 2x where "
+            f"the CPU has VNNI: {'met' if int8 >= 2 * fp32 else 'MISSED'}. Its detections are those of "
+            "random weights with near-tied scores, where 8 bits reorder many: accuracy is in the next table.",
+        ]
     if missing:
-        lines += ["", f"Not installed, rows left out: {', '.join(sorted(set(missing)))} (pip install "
-                  "'retinanet[bench]')."]  # fmt: skip
+        lines += [
+            "",
+            f"Not installed, rows left out: {', '.join(sorted(set(missing)))} (pip install 'retinanet[bench]').",
+        ]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the small-data recipe's run (benchmarks/bench_small_data.py): as written (amp: auto), else float32's or bf16's
-RECIPE_RUN = next((p for p in (Path(f"runs/small_data/recipe_{amp}") for amp in ("auto", "none", "bf16"))
-                   if (p / "best.pt").is_file()), Path("runs/small_data/recipe_auto"))  # fmt: skip
+RECIPE_RUN = next(
+    (
+        p
+        for p in (Path(f"runs/small_data/recipe_{amp}") for amp in ("auto", "none", "bf16"))
+        if (p / "best.pt").is_file()
+    ),
+    Path("runs/small_data/recipe_auto"),
+)
 
 
 def int8_accuracy(workdir: Path, models: dict[str, tuple[Path, Path]]) -> str:
     """AP of the float32 export and of its INT8 version on validation sets: {name: (checkpoint, run config)}, both
     run by ONNX Runtime and scored by our COCO evaluation; the INT8 model is calibrated on up to 200 of the
     config's validation images."""
-    from retinanet.config import load_run_config
     from retinanet.commands.export import run_export
+    from retinanet.config import load_run_config
 
     lines = ["| model, validation set | float32 AP | INT8 AP | float32 AP50 | INT8 AP50 |", "|---|---:|---:|---:|---:|"]
     for name, (checkpoint, config) in models.items():
@@ -177,7 +204,9 @@ def int8_accuracy(workdir: Path, models: dict[str, tuple[Path, Path]]) -> str:
         path = workdir / f"{checkpoint.parent.name}.onnx"
         run_export(checkpoint, path, int8=cfg)
         scores = [_onnx_ap(model, cfg) for model in (path, int8_path(path))]
-        lines.append(f"| {name} | {scores[0].AP:.3f} | {scores[1].AP:.3f} | {scores[0].AP50:.3f} | {scores[1].AP50:.3f} |")
+        lines.append(
+            f"| {name} | {scores[0].AP:.3f} | {scores[1].AP:.3f} | {scores[0].AP50:.3f} | {scores[1].AP50:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -190,12 +219,23 @@ def _onnx_ap(path: Path, cfg):
     dataset = val_dataset(cfg.data, runner.config, runner.categories)
     gts, dets = [], []
     for i, record in enumerate(dataset.records):
-        image = read_image(record.path) if record.path is not None else torch.from_numpy(
-            np.asarray(dataset.load_image(i)).copy()).permute(2, 0, 1)  # fmt: skip
+        image = (
+            read_image(record.path)
+            if record.path is not None
+            else torch.from_numpy(np.asarray(dataset.load_image(i)).copy()).permute(2, 0, 1)
+        )
         found = runner.predict_tensors([image])[0]
         dets.append({"image_id": record.image_id, "boxes": found.boxes, "scores": found.scores, "labels": found.labels})
-        gts.append({"image_id": record.image_id, "boxes": record.boxes, "labels": record.labels,
-                    "iscrowd": record.iscrowd, "width": image.shape[-1], "height": image.shape[-2]})  # fmt: skip
+        gts.append(
+            {
+                "image_id": record.image_id,
+                "boxes": record.boxes,
+                "labels": record.labels,
+                "iscrowd": record.iscrowd,
+                "width": image.shape[-1],
+                "height": image.shape[-2],
+            }
+        )
     return evaluate_coco(gts, dets, dataset.categories)
 
 
@@ -208,8 +248,10 @@ def tile_model(args):
         from retinanet.train.run import run_train
 
         overrides = {"max_iters": 300, "checkpoint_every": 300} if args.quick else {}
-        print(f"{path} not found: training the demo model there first{' (short: --quick)' if args.quick else ''}",
-              flush=True)  # fmt: skip
+        print(
+            f"{path} not found: training the demo model there first{' (short: --quick)' if args.quick else ''}",
+            flush=True,
+        )
         run_train(demo_config(path.parent, **overrides), evaluate=False)
     return load_model(path).eval()
 
@@ -250,16 +292,25 @@ class _SahiModel:
             def perform_inference(self, image: np.ndarray) -> None:
                 self._original_predictions = self.model.predict(np.ascontiguousarray(image))
 
-            def _create_object_prediction_list_from_original_predictions(self, shift_amount_list=[[0, 0]],
-                                                                         full_shape_list=None):  # fmt: skip
+            def _create_object_prediction_list_from_original_predictions(
+                self, shift_amount_list=[[0, 0]], full_shape_list=None
+            ):
                 found = self._original_predictions
                 shift = shift_amount_list[0] if shift_amount_list else [0, 0]
                 shape = None if full_shape_list is None else full_shape_list[0]
-                self._object_prediction_list_per_image = [[
-                    ObjectPrediction(bbox=box, category_id=int(label), category_name=str(int(label)), score=score,
-                                     shift_amount=shift, full_shape=shape)
-                    for box, score, label in zip(found.boxes.tolist(), found.scores.tolist(), found.labels.tolist())
-                ]]  # fmt: skip
+                self._object_prediction_list_per_image = [
+                    [
+                        ObjectPrediction(
+                            bbox=box,
+                            category_id=int(label),
+                            category_name=str(int(label)),
+                            score=score,
+                            shift_amount=shift,
+                            full_shape=shape,
+                        )
+                        for box, score, label in zip(found.boxes.tolist(), found.scores.tolist(), found.labels.tolist())
+                    ]
+                ]
 
         mapping = {str(i): c["name"] for i, c in enumerate(predictor.categories)}
         return OurModel(confidence_threshold=predictor.score_thresh, category_mapping=mapping, device="cpu")
@@ -268,10 +319,19 @@ class _SahiModel:
 def _sahi_run(sahi_model, image_np: np.ndarray, tile: int, overlap: float) -> Detections:
     from sahi.predict import get_sliced_prediction
 
-    result = get_sliced_prediction(image_np, sahi_model, slice_height=tile, slice_width=tile,
-                                   overlap_height_ratio=overlap, overlap_width_ratio=overlap,
-                                   perform_standard_pred=False, postprocess_type="GREEDYNMM",
-                                   postprocess_match_metric="IOS", postprocess_match_threshold=0.5, verbose=0)  # fmt: skip
+    result = get_sliced_prediction(
+        image_np,
+        sahi_model,
+        slice_height=tile,
+        slice_width=tile,
+        overlap_height_ratio=overlap,
+        overlap_width_ratio=overlap,
+        perform_standard_pred=False,
+        postprocess_type="GREEDYNMM",
+        postprocess_match_metric="IOS",
+        postprocess_match_threshold=0.5,
+        verbose=0,
+    )
     preds = result.object_prediction_list
     boxes = torch.tensor([p.bbox.to_xyxy() for p in preds], dtype=torch.float32).reshape(-1, 4)
     return Detections(boxes, torch.tensor([p.score.value for p in preds]), torch.tensor([p.category.id for p in preds]))
@@ -283,14 +343,25 @@ def _found(truth: Detections, d: Detections) -> dict[str, int]:
     same = truth.labels[:, None] == d.labels[None]
     iou = box_iou(truth.boxes, d.boxes) * same
     hits = iou >= 0.5
-    inter_w = (torch.minimum(truth.boxes[:, None, 2], d.boxes[None, :, 2]) - torch.maximum(truth.boxes[:, None, 0], d.boxes[None, :, 0])).clamp(min=0)
-    inter_h = (torch.minimum(truth.boxes[:, None, 3], d.boxes[None, :, 3]) - torch.maximum(truth.boxes[:, None, 1], d.boxes[None, :, 1])).clamp(min=0)
+    inter_w = (
+        torch.minimum(truth.boxes[:, None, 2], d.boxes[None, :, 2])
+        - torch.maximum(truth.boxes[:, None, 0], d.boxes[None, :, 0])
+    ).clamp(min=0)
+    inter_h = (
+        torch.minimum(truth.boxes[:, None, 3], d.boxes[None, :, 3])
+        - torch.maximum(truth.boxes[:, None, 1], d.boxes[None, :, 1])
+    ).clamp(min=0)
     area = ((d.boxes[:, 2] - d.boxes[:, 0]) * (d.boxes[:, 3] - d.boxes[:, 1])).clamp(min=1e-6)
     inside = (inter_w * inter_h / area[None]) * same >= 0.8
     matched_box = hits.any(0)
     partial = ~matched_box & inside.any(0)
-    return {"found": int(hits.any(1).sum()), "duplicates": int((hits.sum(1) - 1).clamp(min=0).sum()),
-            "partial": int(partial.sum()), "other": int((~matched_box & ~partial).sum()), "boxes": len(d.scores)}  # fmt: skip
+    return {
+        "found": int(hits.any(1).sum()),
+        "duplicates": int((hits.sum(1) - 1).clamp(min=0).sum()),
+        "partial": int(partial.sum()),
+        "other": int((~matched_box & ~partial).sum()),
+        "boxes": len(d.scores),
+    }
 
 
 def tiled_rows(args) -> str:
@@ -300,22 +371,36 @@ def tiled_rows(args) -> str:
     image, truth = mosaic(args.tile_image, tile)
     ours = Predictor(model, score_thresh=thresh, tile=tile, overlap=overlap, batch_size=4)
     one_by_one = Predictor(model, score_thresh=thresh, tile=tile, overlap=overlap, batch_size=1)
-    rows = [("ours: Predictor(tile, overlap), 4 tiles per pass", lambda: ours.predict(image)),
-            ("ours: Predictor(tile, overlap), 1 tile per pass (as SAHI runs a model)",
-             lambda: one_by_one.predict(image))]  # fmt: skip
+    rows = [
+        ("ours: Predictor(tile, overlap), 4 tiles per pass", lambda: ours.predict(image)),
+        ("ours: Predictor(tile, overlap), 1 tile per pass (as SAHI runs a model)", lambda: one_by_one.predict(image)),
+    ]
     if _installed("sahi"):
         sahi_model = _SahiModel.make(Predictor(model, score_thresh=thresh, batch_size=1))
         image_np = image.permute(1, 2, 0).numpy().copy()
-        rows.append(("SAHI get_sliced_prediction (GREEDYNMM, IOS 0.5), same model", lambda: _sahi_run(sahi_model, image_np, tile, overlap)))
+        rows.append(
+            (
+                "SAHI get_sliced_prediction (GREEDYNMM, IOS 0.5), same model",
+                lambda: _sahi_run(sahi_model, image_np, tile, overlap),
+            )
+        )
     print(f"tiled: {args.tile_image} px mosaic, {len(truth.scores)} objects, tiles of {tile} px ...", flush=True)
     results = [fn() for _, fn in rows]
     results = [Detections(r.boxes, r.scores, r.labels) for r in results]
     times = interleaved_median_times([fn for _, fn in rows], args.tile_repeats, warmup=0)
     categories = categories_of(model)
-    gts = [{"image_id": 1, "boxes": truth.boxes, "labels": truth.labels, "width": args.tile_image,
-            "height": args.tile_image}]  # fmt: skip
+    gts = [
+        {
+            "image_id": 1,
+            "boxes": truth.boxes,
+            "labels": truth.labels,
+            "width": args.tile_image,
+            "height": args.tile_image,
+        }
+    ]
     lines = [
-        f"Model: `retinanet demo` ({Path(args.tile_checkpoint)}, {model.config.backbone}, trained on {tile} px scenes); "
+        f"Model: `retinanet demo` ({Path(args.tile_checkpoint)}, {model.config.backbone}, "
+        f"trained on {tile} px scenes); "
         f"image: {args.tile_image} x {args.tile_image} px mosaic of {tile} px synthetic scenes, {len(truth.scores)} "
         f"objects; tiles of {tile} px, overlap {overlap}, score >= {thresh}. Time: median of {args.tile_repeats}.",
         "",
@@ -323,16 +408,25 @@ def tiled_rows(args) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, _), t, d in zip(rows, times, results):
-        metrics = evaluate_coco(gts, [{"image_id": 1, "boxes": d.boxes, "scores": d.scores, "labels": d.labels}],
-                                categories, max_dets=max(100, len(d.scores)))  # fmt: skip
+        metrics = evaluate_coco(
+            gts,
+            [{"image_id": 1, "boxes": d.boxes, "scores": d.scores, "labels": d.labels}],
+            categories,
+            max_dets=max(100, len(d.scores)),
+        )
         c = _found(truth, d)
-        lines.append(f"| {name} | {t:.1f} | {metrics.AP:.3f} | {metrics.AP50:.3f} | {c['found']} / {len(truth.scores)} "
-                     f"| {c['duplicates']} | {c['partial']} | {c['other']} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {t:.1f} | {metrics.AP:.3f} | {metrics.AP50:.3f} | {c['found']} / {len(truth.scores)} "
+            f"| {c['duplicates']} | {c['partial']} | {c['other']} |"
+        )
     if len(results) == 3:
         a, b = results[0], results[2]
         same = (box_iou(a.boxes, b.boxes) >= 0.9) & (a.labels[:, None] == b.labels[None])
-        lines += ["", f"Boxes in common (same class, IoU >= 0.9): {int(same.any(1).sum())} of ours' {len(a.scores)} "
-                  f"and SAHI's {len(b.scores)}."]  # fmt: skip
+        lines += [
+            "",
+            f"Boxes in common (same class, IoU >= 0.9): {int(same.any(1).sum())} of ours' {len(a.scores)} "
+            f"and SAHI's {len(b.scores)}.",
+        ]
     else:
         lines += ["", "SAHI is not installed (pip install 'retinanet[bench]'): no comparison."]
     return "\n".join(lines)
@@ -360,13 +454,23 @@ def main() -> None:
             parts.append(engine_rows(args, Path(tmp)))
             print(parts[-1], flush=True)
         if not args.skip_int8:
-            parts.append("INT8 accuracy (the same export's float32 and INT8 graphs, ONNX Runtime, our COCO evaluation):"
-                         "\n\n" + int8_accuracy(Path(tmp), {
-                             "the demo model, synthetic validation split": (Path("runs/demo/last.pt"),
-                                                                            Path("runs/demo/config.yaml")),
-                             "the small-data recipe, real development set (held-out strip)": (
-                                 RECIPE_RUN / "best.pt", RECIPE_RUN / "config.yaml"),
-                         }))  # fmt: skip
+            parts.append(
+                "INT8 accuracy (the same export's float32 and INT8 graphs, ONNX Runtime, our COCO evaluation):"
+                "\n\n"
+                + int8_accuracy(
+                    Path(tmp),
+                    {
+                        "the demo model, synthetic validation split": (
+                            Path("runs/demo/last.pt"),
+                            Path("runs/demo/config.yaml"),
+                        ),
+                        "the small-data recipe, real development set (held-out strip)": (
+                            RECIPE_RUN / "best.pt",
+                            RECIPE_RUN / "config.yaml",
+                        ),
+                    },
+                )
+            )
             print(parts[-1], flush=True)
     if not args.skip_tiles:
         parts.append(tiled_rows(args))
@@ -375,7 +479,10 @@ def main() -> None:
         parts.append("Tiles against SAHI: not measured in this run (--skip-tiles).")
     text = "\n\n".join(parts) + f"\n\nMachine: {machine_line()}."
     if not args.no_write and not args.quick:
-        write_section("deploy-cpu", "## Deployment on the CPU: ONNX Runtime and OpenVINO against PyTorch; tiles against SAHI\n\n" + text)
+        write_section(
+            "deploy-cpu",
+            "## Deployment on the CPU: ONNX Runtime and OpenVINO against PyTorch; tiles against SAHI\n\n" + text,
+        )
 
 
 if __name__ == "__main__":

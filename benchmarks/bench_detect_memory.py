@@ -51,10 +51,26 @@ def dense(checkpoint: Path) -> Path:
 
 def detect(listing: Path, checkpoint: Path, output: Path, source: Path | None = None) -> tuple[float, float, int]:
     """(seconds, peak resident memory in MB, detections) of one `retinanet detect` process."""
-    cmd = [sys.executable, "-c", "import resource, sys; from retinanet.cli import main; code = main(sys.argv[1:]); "
-           "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)",
-           "detect", str(listing), "--checkpoint", str(checkpoint), "--output", str(output), "--overwrite",
-           "--no-draw", "--score-thresh", "0.05", "--workers", "2", "--batch-size", "8"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "import resource, sys; from retinanet.cli import main; code = main(sys.argv[1:]); "
+        "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)",
+        "detect",
+        str(listing),
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(output),
+        "--overwrite",
+        "--no-draw",
+        "--score-thresh",
+        "0.05",
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+    ]
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(source.resolve())} if source is not None else None
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -83,19 +99,27 @@ def main() -> None:
         seconds, peak, found = detect(listing, checkpoint, work / f"out_{count}", args.source)
         rows.append((count, found, seconds, peak))
         print(f"{count} images: {found} detections, {seconds:.0f} s, peak {peak:.0f} MB", flush=True)
-    lines = [f"`retinanet detect` of {args.size} px JPEGs with retinanet_tiny (untrained, classification bias 0: every "
-             "image at the cap of 100 detections), score >= 0.05, 2 decoding workers, batch 8, no drawings; each count "
-             f"in its own process (the workers' memory is their own); the outputs streamed to disk. {machine_line()}.",
-             "", "| images | detections | seconds | peak memory of the main process (MB) |", "|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"`retinanet detect` of {args.size} px JPEGs with retinanet_tiny (untrained, classification bias 0: every "
+        "image at the cap of 100 detections), score >= 0.05, 2 decoding workers, batch 8, no drawings; each count "
+        f"in its own process (the workers' memory is their own); the outputs streamed to disk. {machine_line()}.",
+        "",
+        "| images | detections | seconds | peak memory of the main process (MB) |",
+        "|---:|---:|---:|---:|",
+    ]
     lines += [f"| {count:,} | {found:,} | {seconds:.0f} | {peak:.0f} |" for count, found, seconds, peak in rows]
     (first, _, _, low), (last, _, _, high) = rows[0], rows[-1]
-    lines += ["", f"From {first:,} to {last:,} images the peak grew by {high - low:.0f} MB "
-              f"({1000 * (high - low) / max(last - first, 1):.1f} kB per image)."]  # fmt: skip
+    lines += [
+        "",
+        f"From {first:,} to {last:,} images the peak grew by {high - low:.0f} MB "
+        f"({1000 * (high - low) / max(last - first, 1):.1f} kB per image).",
+    ]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section("detect_memory", "## Detection over a large folder: memory against the number of images\n\n"
-                      + text)  # fmt: skip
+        write_section(
+            "detect_memory", "## Detection over a large folder: memory against the number of images\n\n" + text
+        )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,20 @@ def make_raster(path: Path, side: int) -> None:
 
     rng = np.random.default_rng(0)
     block = 2048
-    profile = dict(driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs="EPSG:32612",
-                   transform=from_origin(500000.0, 4000000.0, 0.1, 0.1), tiled=True, blockxsize=512, blockysize=512,
-                   compress="deflate", BIGTIFF="YES")  # fmt: skip
+    profile = dict(
+        driver="GTiff",
+        width=side,
+        height=side,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32612",
+        transform=from_origin(500000.0, 4000000.0, 0.1, 0.1),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        BIGTIFF="YES",
+    )
     with rasterio.open(path, "w", **profile) as dst:
         for y in range(0, side, block):
             for x in range(0, side, block):
@@ -65,10 +76,25 @@ def make_raster(path: Path, side: int) -> None:
 
 def ours(raster: Path, checkpoint: Path, tile: int, output: Path) -> dict:
     """`retinanet detect --tile` in its own process (rasterio's windows); its wall time and peak memory."""
-    cmd = [sys.executable, "-c", "import resource, sys; from retinanet.cli import main; code = main(sys.argv[1:]); "
-           "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)",
-           "detect", str(raster), "--checkpoint", str(checkpoint), "--tile", str(tile), "--score-thresh", "0.5",
-           "--output", str(output), "--overwrite", "--max-detections", "100"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "import resource, sys; from retinanet.cli import main; code = main(sys.argv[1:]); "
+        "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)",
+        "detect",
+        str(raster),
+        "--checkpoint",
+        str(checkpoint),
+        "--tile",
+        str(tile),
+        "--score-thresh",
+        "0.5",
+        "--output",
+        str(output),
+        "--overwrite",
+        "--max-detections",
+        "100",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -76,13 +102,18 @@ def ours(raster: Path, checkpoint: Path, tile: int, output: Path) -> dict:
         raise SystemExit(proc.stderr[-2000:])
     rss = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("maxrss")))
     found = sum(len(r["detections"]) for r in json.loads((output / "detections.json").read_text()))
-    return {"seconds": seconds, "peak_gb": rss / 1e6, "detections": found,
-            "geojson": (output / "detections.geojson").exists()}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "peak_gb": rss / 1e6,
+        "detections": found,
+        "geojson": (output / "detections.geojson").exists(),
+    }
 
 
 def peer(raster: Path, checkpoint: Path, tile: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PEER, str(raster), str(checkpoint), str(tile)], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", PEER, str(raster), str(checkpoint), str(tile)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
     seconds, found, rss = proc.stdout.split()[-3:]
@@ -104,18 +135,29 @@ def main() -> None:
         make_raster(raster, side)
     checkpoint = untrained_tiny(work / "model", args.tile)
     megapixels = side * side / 1e6
-    rows = {"ours: `detect --tile`, windows read by rasterio": ours(raster, checkpoint, args.tile, work / "out"),
-            "decoded whole (Pillow, limit lifted), then the same tiler": peer(raster, checkpoint, args.tile)}
-    lines = [f"A {side:,} x {side:,} px RGB GeoTIFF ({megapixels:.0f} megapixels, {raster.stat().st_size / 1e6:.0f} MB "
-             f"deflate, 512 px blocks), tiles of {args.tile} px (overlap 0.2), batch 4, retinanet_tiny untrained "
-             f"(score >= 0.5). Each in its own process, one after the other. {machine_line()}.", "",
-             "| reading | seconds | megapixels / s | peak memory (GB) | detections |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    rows = {
+        "ours: `detect --tile`, windows read by rasterio": ours(raster, checkpoint, args.tile, work / "out"),
+        "decoded whole (Pillow, limit lifted), then the same tiler": peer(raster, checkpoint, args.tile),
+    }
+    lines = [
+        f"A {side:,} x {side:,} px RGB GeoTIFF ({megapixels:.0f} megapixels, {raster.stat().st_size / 1e6:.0f} MB "
+        f"deflate, 512 px blocks), tiles of {args.tile} px (overlap 0.2), batch 4, retinanet_tiny untrained "
+        f"(score >= 0.5). Each in its own process, one after the other. {machine_line()}.",
+        "",
+        "| reading | seconds | megapixels / s | peak memory (GB) | detections |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['seconds']:.0f} | {megapixels / r['seconds']:.2f} | {r['peak_gb']:.2f} | "
-                     f"{r['detections']} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['seconds']:.0f} | {megapixels / r['seconds']:.2f} | {r['peak_gb']:.2f} | "
+            f"{r['detections']} |"
+        )
     a, b = rows.values()
-    lines += ["", f"Peak memory {b['peak_gb'] / a['peak_gb']:.1f}x lower by windows, at {b['seconds'] / a['seconds']:.2f}x "
-              f"the speed; detections.geojson written: {a['geojson']}."]  # fmt: skip
+    lines += [
+        "",
+        f"Peak memory {b['peak_gb'] / a['peak_gb']:.1f}x lower by windows, at {b['seconds'] / a['seconds']:.2f}x "
+        f"the speed; detections.geojson written: {a['geojson']}.",
+    ]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

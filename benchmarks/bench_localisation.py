@@ -49,14 +49,29 @@ def main() -> None:
     args = parser.parse_args()
     real_trees.build(args.data)
     config = base_config(args.data, args.output)
-    cmd = [sys.executable, "-m", "retinanet.cli", "ablate", "--grid", "localisation", "--config", str(config),
-           "--minutes", str(args.minutes), "--output", str(args.output), *(["--cells", *args.cells] if args.cells else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retinanet.cli",
+        "ablate",
+        "--grid",
+        "localisation",
+        "--config",
+        str(config),
+        "--minutes",
+        str(args.minutes),
+        "--output",
+        str(args.output),
+        *(["--cells", *args.cells] if args.cells else []),
+    ]
     subprocess.run(cmd, check=True)
     table = (args.output / "localisation.md").read_text()
-    text = (f"Data: benchmarks/real_trees.py (88 training tiles of one Yellowstone orthophoto; `val`: the held-out strip "
-            f"of it, 12 tiles, 204 crowns; `other_site`: SOAP_061, 37 crowns). Every cell: examples/small_objects.yaml "
-            f"with the cell's change, {args.minutes:g} minutes of training on this machine (train.minutes), one seed; "
-            f"AP in %. {machine_line()}.\n\n" + table.split("\n", 1)[1].strip())
+    text = (
+        f"Data: benchmarks/real_trees.py (88 training tiles of one Yellowstone orthophoto; `val`: the held-out strip "
+        f"of it, 12 tiles, 204 crowns; `other_site`: SOAP_061, 37 crowns). Every cell: examples/small_objects.yaml "
+        f"with the cell's change, {args.minutes:g} minutes of training on this machine (train.minutes), one seed; "
+        f"AP in %. {machine_line()}.\n\n" + table.split("\n", 1)[1].strip()
+    )
     print(text)
     if not args.no_write:
         write_section("localisation", "## Boxes that fit: the localisation grid on real images\n\n" + text)

@@ -35,9 +35,21 @@ def run(shape, device: str, repeats: int) -> list[dict]:
     x_rows = x0.reshape(-1, shape[-1]).clone().requires_grad_()
     candidates = {
         "torchvision.ops.sigmoid_focal_loss": (lambda a: tv_sigmoid_focal_loss(a, targets, reduction="sum"), x, "auto"),
-        "retinanet sigmoid_focal_loss (eager)": (lambda a: losses.sigmoid_focal_loss(a, targets, reduction="sum"), x, "eager"),
-        "retinanet sigmoid_focal_loss (compiled)": (lambda a: losses.sigmoid_focal_loss(a, targets, reduction="sum"), x, "compile"),
-        "retinanet sigmoid_focal_loss_from_labels (compiled)": (lambda a: losses.sigmoid_focal_loss_from_labels(a, labels), x_rows, "compile"),
+        "retinanet sigmoid_focal_loss (eager)": (
+            lambda a: losses.sigmoid_focal_loss(a, targets, reduction="sum"),
+            x,
+            "eager",
+        ),
+        "retinanet sigmoid_focal_loss (compiled)": (
+            lambda a: losses.sigmoid_focal_loss(a, targets, reduction="sum"),
+            x,
+            "compile",
+        ),
+        "retinanet sigmoid_focal_loss_from_labels (compiled)": (
+            lambda a: losses.sigmoid_focal_loss_from_labels(a, labels),
+            x_rows,
+            "compile",
+        ),
     }
     return measure(shape, candidates, device, repeats)
 
@@ -49,6 +61,7 @@ def measure(shape, candidates: dict, device: str, repeats: int) -> list[dict]:
     peak = peak_extra_cuda_bytes if device == "cuda" else peak_extra_cpu_bytes
     rows = []
     for name, (fn, inp, backend) in candidates.items():
+
         def go(fn=fn, inp=inp):
             inp.grad = None
             fn(inp).backward()
@@ -89,28 +102,39 @@ def run_successors(shape, device: str, repeats: int) -> list[dict]:
     x = rows_x.clone().requires_grad_()
     candidates = {
         "QFL, plain PyTorch autograd (dense targets)": (lambda a: _plain_qfl(a, dense), x, "auto"),
-        "QFL, retinanet from labels (compiled)": (lambda a: losses.sigmoid_focal_loss_from_labels(
-            a, labels, loss="quality_focal", beta=2.0, quality=quality), x, "compile"),
+        "QFL, retinanet from labels (compiled)": (
+            lambda a: losses.sigmoid_focal_loss_from_labels(a, labels, loss="quality_focal", beta=2.0, quality=quality),
+            x,
+            "compile",
+        ),
         "VFL, plain PyTorch autograd (dense targets)": (lambda a: _plain_vfl(a, dense), x, "auto"),
-        "VFL, retinanet from labels (compiled)": (lambda a: losses.sigmoid_focal_loss_from_labels(
-            a, labels, 0.75, 2.0, loss="varifocal", quality=quality), x, "compile"),
-    }  # fmt: skip
+        "VFL, retinanet from labels (compiled)": (
+            lambda a: losses.sigmoid_focal_loss_from_labels(a, labels, 0.75, 2.0, loss="varifocal", quality=quality),
+            x,
+            "compile",
+        ),
+    }
     return measure(shape, candidates, device, repeats)
 
 
 def successors_table(rows: list[dict], device: str) -> str:
-    lines = [f"Device: {device}. Forward + backward of the summed loss; ours takes one class index and one IoU per anchor "
-             "(the plain version needs the dense soft targets, built outside the timing). Median time; peak extra "
-             "memory above the inputs.", "",
-             "| shape | implementation | time (ms) | speed-up vs plain | peak extra memory (MiB) | memory vs plain |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"Device: {device}. Forward + backward of the summed loss; ours takes one class index and one IoU per anchor "
+        "(the plain version needs the dense soft targets, built outside the timing). Median time; peak extra "
+        "memory above the inputs.",
+        "",
+        "| shape | implementation | time (ms) | speed-up vs plain | peak extra memory (MiB) | memory vs plain |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for shape in SHAPES[:2]:
         group = [r for r in rows if r["shape"] == shape]
         for plain, ours in zip(group[::2], group[1::2]):
             for r in (plain, ours):
-                lines.append(f"| {list(shape)} | {r['name']} | {r['seconds'] * 1e3:.1f} | "
-                             f"{plain['seconds'] / r['seconds']:.2f}x | {r['peak_bytes'] / 2**20:.1f} | "
-                             f"{plain['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x less |")  # fmt: skip
+                lines.append(
+                    f"| {list(shape)} | {r['name']} | {r['seconds'] * 1e3:.1f} | "
+                    f"{plain['seconds'] / r['seconds']:.2f}x | {r['peak_bytes'] / 2**20:.1f} | "
+                    f"{plain['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x less |"
+                )
     return "\n".join(lines)
 
 
@@ -119,7 +143,8 @@ def table(rows: list[dict], device: str) -> str:
         f"Device: {device}. Forward + backward, reduction 'sum', 1% positives; median time; peak extra memory is the",
         "allocator's high-water mark above the inputs during the step (the gradient of the logits included).",
         "",
-        "| shape | implementation | time (ms) | speed-up vs torchvision | peak extra memory (MiB) | memory vs torchvision |",
+        "| shape | implementation | time (ms) | speed-up vs torchvision | peak extra memory (MiB) "
+        "| memory vs torchvision |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for shape in SHAPES:
@@ -148,7 +173,9 @@ def main() -> None:
     successors = []
     for shape in SHAPES[:2]:
         successors += run_successors(shape, args.device, args.repeats)
-    text += "\n\n### QFL and VFL, fused, against their formulas in plain PyTorch\n\n" + successors_table(successors, args.device)
+    text += "\n\n### QFL and VFL, fused, against their formulas in plain PyTorch\n\n" + successors_table(
+        successors, args.device
+    )
     print(text)
     if not args.no_write:
         write_section(f"losses-{args.device}", "## Focal loss: forward + backward against torchvision\n\n" + text)

@@ -74,7 +74,11 @@ def make_data(n_images: int, size: int, n_boxes: int, num_classes: int, device: 
 def spread_scores(model) -> None:
     """Random heads score every anchor at the prior (0.01 < 0.05): no detections. Zero the class bias so that
     inference does its full work (top-k, decoding, NMS) in both models."""
-    head = model.head.classification_head.cls_logits if hasattr(model.head, "classification_head") else model.head.cls_logits
+    head = (
+        model.head.classification_head.cls_logits
+        if hasattr(model.head, "classification_head")
+        else model.head.cls_logits
+    )
     torch.nn.init.zeros_(head.bias)
 
 
@@ -137,8 +141,13 @@ def machine_peaks(dev: str, repeats: int, sync) -> dict[str, float]:
     a, b = (torch.randn(2048, 2048, generator=g).to(dev) for _ in range(2))
     x = torch.randn(2, 256, 64, 64, generator=g).to(dev).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(256, 256, 3, 3, generator=g) * 0.02).to(dev).contiguous(memory_format=torch.channels_last)
-    runs = {"matmul float32": (lambda: a @ b, 2 * 2048**3),
-            "3x3 convolution float32": (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 2 * 256 * 64 * 64 * 256 * 9)}
+    runs = {
+        "matmul float32": (lambda: a @ b, 2 * 2048**3),
+        "3x3 convolution float32": (
+            lambda: torch.nn.functional.conv2d(x, w, padding=1),
+            2 * 2 * 256 * 64 * 64 * 256 * 9,
+        ),
+    }
     if dev == "cuda" or fastpath.cpu_info().native_bf16:
         a16, b16 = a.bfloat16(), b.bfloat16()
         runs["matmul bf16"] = (lambda: a16 @ b16, 2 * 2048**3)
@@ -152,8 +161,9 @@ PRETRAINED_SETUP = {"backbone_norm": "frozen_bn", "freeze_at": 2}
 
 
 def ours(size: int, device: str, state: dict | None, **overrides):
-    model = build_model("retinanet_r50_fpn", num_classes=80, min_size=size, max_size=size, **PRETRAINED_SETUP,
-                        **overrides).to(device)  # fmt: skip
+    model = build_model(
+        "retinanet_r50_fpn", num_classes=80, min_size=size, max_size=size, **PRETRAINED_SETUP, **overrides
+    ).to(device)
     if state is not None:
         model.load_state_dict(state)
     spread_scores(model)
@@ -174,7 +184,9 @@ def main() -> None:
         text = paper_scale(args.repeats)
         print(text)
         if not args.no_write:
-            write_section("model-paper-scale-cuda", "## RetinaNet ResNet-50-FPN at the paper's scale on a GPU\n\n" + text)
+            write_section(
+                "model-paper-scale-cuda", "## RetinaNet ResNet-50-FPN at the paper's scale on a GPU\n\n" + text
+            )
         return
     dev, size, num_classes = args.device, 512, 80
     sync = torch.cuda.synchronize if dev == "cuda" else None
@@ -197,9 +209,16 @@ def main() -> None:
     # agreement of the defaults' (and bf16's) detections with float32 direct convolution, same weights
     ref_dets = infer_fn(reference, images, True, fp32)()
     agree = {"the defaults": agreement(ref_dets, infer_fn(default_infer, images, True, fp32)())}
-    rows = [("torchvision RetinaNet, float32", tv, tv, False, fp32),
-            ("retinanet, float32, the defaults (fast paths measured on this machine)", default_train, default_infer,
-             True, fp32)]  # fmt: skip
+    rows = [
+        ("torchvision RetinaNet, float32", tv, tv, False, fp32),
+        (
+            "retinanet, float32, the defaults (fast paths measured on this machine)",
+            default_train,
+            default_infer,
+            True,
+            fp32,
+        ),
+    ]
     for (layout, algo), model in fixed.items():
         rows.append((f"retinanet, float32, fixed: {layout}, {algo} 3x3", model, model, True, fp32))
     if with_bf16:
@@ -217,10 +236,16 @@ def main() -> None:
     for name, t_train, t_inf in table:
         print(f"{name:<70} train step {t_train * 1e3:8.1f} ms   inference {t_inf * 1e3:8.1f} ms", flush=True)
     # the arithmetic each model must do (ours: counted on torch's convolutions, whatever algorithm a row runs)
-    flops = {"torchvision": (count_flops(train_step_fn(tv, images, targets, False, fp32)),
-                             count_flops(infer_fn(tv, images, False, fp32))),
-             "ours": (count_flops(train_step_fn(reference, images, targets, True, fp32)),
-                      count_flops(infer_fn(reference, images, True, fp32)))}  # fmt: skip
+    flops = {
+        "torchvision": (
+            count_flops(train_step_fn(tv, images, targets, False, fp32)),
+            count_flops(infer_fn(tv, images, False, fp32)),
+        ),
+        "ours": (
+            count_flops(train_step_fn(reference, images, targets, True, fp32)),
+            count_flops(infer_fn(reference, images, True, fp32)),
+        ),
+    }
     peaks = machine_peaks(dev, args.repeats, sync)
 
     lines = [
@@ -233,46 +258,73 @@ def main() -> None:
     ]
     ref = table[0]
     for name, t_train, t_inf in table:
-        lines.append(f"| {name} | {t_train * 1e3:.0f} | {ref[1] / t_train:.2f}x | {t_inf * 1e3:.0f} | {ref[2] / t_inf:.2f}x |")
+        lines.append(
+            f"| {name} | {t_train * 1e3:.0f} | {ref[1] / t_train:.2f}x | {t_inf * 1e3:.0f} | {ref[2] / t_inf:.2f}x |"
+        )
     fixed_rows = table[2 : 2 + len(FIXED)]
     best_train = min(fixed_rows, key=lambda r: r[1])
     best_infer = min(fixed_rows, key=lambda r: r[2])
     conv_peak = peaks["3x3 convolution float32"]
-    lines += ["", "Against the machine's own speed (GFLOP/s = the model's floating-point operations, counted once by "
-              "torch.utils.flop_counter, over the median time; a multiply-add is 2):", "",
-              "Peaks measured in this run: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".", "",
-              "| model | training GFLOP | GFLOP/s | of the conv peak | inference GFLOP | GFLOP/s | of the conv peak |",
-              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "Against the machine's own speed (GFLOP/s = the model's floating-point operations, counted once by "
+        "torch.utils.flop_counter, over the median time; a multiply-add is 2):",
+        "",
+        "Peaks measured in this run: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".",
+        "",
+        "| model | training GFLOP | GFLOP/s | of the conv peak | inference GFLOP | GFLOP/s | of the conv peak |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     shares = {}
     for name, t_train, t_inf in table:
         f_train, f_inf = flops["torchvision" if name.startswith("torchvision") else "ours"]
         r_train, r_inf = f_train / t_train / 1e9, f_inf / t_inf / 1e9
         shares[name] = (r_train / conv_peak, r_inf / conv_peak)
-        lines.append(f"| {name} | {f_train / 1e9:.0f} | {r_train:.0f} | {r_train / conv_peak:.0%} | {f_inf / 1e9:.0f} | "
-                     f"{r_inf:.0f} | {r_inf / conv_peak:.0%} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {f_train / 1e9:.0f} | {r_train:.0f} | {r_train / conv_peak:.0%} | {f_inf / 1e9:.0f} | "
+            f"{r_inf:.0f} | {r_inf / conv_peak:.0%} |"
+        )
     ours_share, tv_share = shares[table[1][0]], shares[table[0][0]]
-    lines += ["", f"Targets, float32 with the defaults: inference at least 80% of the measured 3x3-convolution rate "
-              f"({ours_share[1]:.0%}: {'met' if ours_share[1] >= 0.8 else 'MISSED'}), training at least 65% "
-              f"({ours_share[0]:.0%}: {'met' if ours_share[0] >= 0.65 else 'MISSED'}). torchvision runs at "
-              f"{tv_share[0]:.0%} (training) and {tv_share[1]:.0%} (inference) of the same peak"
-              + (": within 20% of it, so a 1.5x ratio over torchvision in float32 would need more than the machine "
-                 "gives; these shares replace that ratio as the target." if max(tv_share) >= 0.8 else ".")]  # fmt: skip
-    lines += ["", f"The defaults against the best fixed setting: training {table[1][1] / best_train[1]:.3f}x the time of "
-              f"'{best_train[0].split('fixed: ')[1]}', inference {table[1][2] / best_infer[2]:.3f}x the time of "
-              f"'{best_infer[0].split('fixed: ')[1]}' (target: at most 1.05x).",
-              "", f"What the defaults chose: {fastpath.summary()}.",
-              "", f"Detections of float32 with torch's convolutions ({sum(len(d.scores) for d in ref_dets)}, untrained "
-              "weights with near-tied scores) that the other settings also find (same label, IoU >= 0.9): "
-              + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()) + "."]  # fmt: skip
+    lines += [
+        "",
+        f"Targets, float32 with the defaults: inference at least 80% of the measured 3x3-convolution rate "
+        f"({ours_share[1]:.0%}: {'met' if ours_share[1] >= 0.8 else 'MISSED'}), training at least 65% "
+        f"({ours_share[0]:.0%}: {'met' if ours_share[0] >= 0.65 else 'MISSED'}). torchvision runs at "
+        f"{tv_share[0]:.0%} (training) and {tv_share[1]:.0%} (inference) of the same peak"
+        + (
+            ": within 20% of it, so a 1.5x ratio over torchvision in float32 would need more than the machine "
+            "gives; these shares replace that ratio as the target."
+            if max(tv_share) >= 0.8
+            else "."
+        ),
+    ]
+    lines += [
+        "",
+        f"The defaults against the best fixed setting: training {table[1][1] / best_train[1]:.3f}x the time of "
+        f"'{best_train[0].split('fixed: ')[1]}', inference {table[1][2] / best_infer[2]:.3f}x the time of "
+        f"'{best_infer[0].split('fixed: ')[1]}' (target: at most 1.05x).",
+        "",
+        f"What the defaults chose: {fastpath.summary()}.",
+        "",
+        f"Detections of float32 with torch's convolutions ({sum(len(d.scores) for d in ref_dets)}, untrained "
+        "weights with near-tied scores) that the other settings also find (same label, IoU >= 0.9): "
+        + ", ".join(f"{k} {v:.1%}" for k, v in agree.items())
+        + ".",
+    ]
     if not with_bf16:
-        lines += ["", f"No bf16 row: this CPU has no native bfloat16 ({fastpath.cpu_info().describe()}); emulated bf16 "
-                  "is refused by the training loop (retinanet.runtime.fastpath.check_amp)."]  # fmt: skip
+        lines += [
+            "",
+            f"No bf16 row: this CPU has no native bfloat16 ({fastpath.cpu_info().describe()}); emulated bf16 "
+            "is refused by the training loop (retinanet.runtime.fastpath.check_amp).",
+        ]
     if not args.skip_dense:
         lines += ["", dense_scene(dev, args.repeats)]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(f"model-{dev}", "## RetinaNet ResNet-50-FPN: training step and inference against torchvision\n\n" + text)
+        write_section(
+            f"model-{dev}", "## RetinaNet ResNet-50-FPN: training step and inference against torchvision\n\n" + text
+        )
 
 
 def paper_scale(repeats: int, batch: int = 16, height: int = 800, width: int = 1216) -> str:
@@ -287,28 +339,37 @@ def paper_scale(repeats: int, batch: int = 16, height: int = 800, width: int = 1
         wh = 32 + torch.rand(5, 2, generator=g) * 300
         boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([width, height]))], 1)
         targets.append({"boxes": boxes.to(dev), "labels": torch.randint(0, 80, (5,), generator=g).to(dev)})
-    out = [f"Device: cuda. ResNet-50-FPN, batch {batch} of {width}x{height} images (800 px shorter side), 80 classes, 5 "
-           "boxes each; training = loss, backward, SGD step (fp16 with a GradScaler); inference = preprocessing to "
-           f"detections. Median of {repeats} rounds after a warm-up, rows interleaved.", "",
-           "| AMP | model | training (images/s) | vs torchvision | syncs per iteration | inference (images/s) | "
-           "vs torchvision | syncs per batch |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out = [
+        f"Device: cuda. ResNet-50-FPN, batch {batch} of {width}x{height} images (800 px shorter side), 80 classes, 5 "
+        "boxes each; training = loss, backward, SGD step (fp16 with a GradScaler); inference = preprocessing to "
+        f"detections. Median of {repeats} rounds after a warm-up, rows interleaved.",
+        "",
+        "| AMP | model | training (images/s) | vs torchvision | syncs per iteration | inference (images/s) | "
+        "vs torchvision | syncs per batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for amp, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         torch.manual_seed(0)
         tv = torchvision_model(80, height).to(dev)
         tv.transform.max_size = width
-        ours_model = build_model("retinanet_r50_fpn", num_classes=80, min_size=height, max_size=width,
-                                 **PRETRAINED_SETUP).to(dev)  # fmt: skip
+        ours_model = build_model(
+            "retinanet_r50_fpn", num_classes=80, min_size=height, max_size=width, **PRETRAINED_SETUP
+        ).to(dev)
         fastpath.tune(ours_model, images, targets)
         autocast = lambda dtype=dtype: torch.autocast("cuda", dtype=dtype)  # noqa: E731
-        steps = [_amp_train_step(m, images, targets, is_ours, autocast, amp == "fp16")
-                 for m, is_ours in ((tv, False), (ours_model, True))]  # fmt: skip
+        steps = [
+            _amp_train_step(m, images, targets, is_ours, autocast, amp == "fp16")
+            for m, is_ours in ((tv, False), (ours_model, True))
+        ]
         infers = [infer_fn(m, images, is_ours, autocast) for m, is_ours in ((tv, False), (ours_model, True))]
         train_t = interleaved_median_times(steps, repeats, sync=torch.cuda.synchronize)
         infer_t = interleaved_median_times(infers, repeats, sync=torch.cuda.synchronize)
         syncs = [(_count_syncs(s), _count_syncs(i)) for s, i in zip(steps, infers)]
         for k, name in enumerate(("torchvision RetinaNet", "retinanet (defaults)")):
-            out.append(f"| {amp} | {name} | {batch / train_t[k]:.1f} | {train_t[0] / train_t[k]:.2f}x | {syncs[k][0]} | "
-                       f"{batch / infer_t[k]:.1f} | {infer_t[0] / infer_t[k]:.2f}x | {syncs[k][1]} |")
+            out.append(
+                f"| {amp} | {name} | {batch / train_t[k]:.1f} | {train_t[0] / train_t[k]:.2f}x | {syncs[k][0]} | "
+                f"{batch / infer_t[k]:.1f} | {infer_t[0] / infer_t[k]:.2f}x | {syncs[k][1]} |"
+            )
             print(out[-1], flush=True)
     out += ["", "Target: at least 1.5x torchvision's training throughput with the same AMP."]
     return "\n".join(out)
@@ -348,13 +409,20 @@ def _count_syncs(fn) -> int:
 def dense_scene(dev: str, repeats: int) -> str:
     """Peak memory of one training step on a 1024x1024 image with 1,000 boxes vs 10 boxes, ours and torchvision's."""
     peak = peak_extra_cuda_bytes if dev == "cuda" else peak_extra_cpu_bytes
-    out = ["Dense scene: peak extra memory of one training step (loss + backward), one 1024x1024 image.", "",
-           "| model | 10 boxes (MiB) | 1,000 boxes (MiB) | ratio |", "|---|---:|---:|---:|"]  # fmt: skip
+    out = [
+        "Dense scene: peak extra memory of one training step (loss + backward), one 1024x1024 image.",
+        "",
+        "| model | 10 boxes (MiB) | 1,000 boxes (MiB) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
     for name in ("retinanet", "torchvision RetinaNet"):
         torch.manual_seed(0)
         if name == "retinanet":
-            model = build_model("retinanet_r50_fpn", num_classes=80, min_size=1024, max_size=1024,
-                                **PRETRAINED_SETUP).to(dev).train()  # fmt: skip
+            model = (
+                build_model("retinanet_r50_fpn", num_classes=80, min_size=1024, max_size=1024, **PRETRAINED_SETUP)
+                .to(dev)
+                .train()
+            )
         else:
             model = torchvision_model(80, 1024).to(dev).train()
         result = []

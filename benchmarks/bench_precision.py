@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_section  # noqa: E402
 
-from retinanet.runtime import fastpath  # noqa: E402
 from retinanet.commands.demo import demo_config, run_demo  # noqa: E402
+from retinanet.runtime import fastpath  # noqa: E402
 
 
 def main() -> None:
@@ -27,12 +27,16 @@ def main() -> None:
     args = parser.parse_args()
     cpu = fastpath.cpu_info()
     cfg = demo_config()
-    lines = [f"`retinanet demo` ({cfg.train.max_iters} iterations of batch {cfg.train.batch_size}, evaluated on "
-             f"{cfg.data.synthetic_val_images} validation images) trained and evaluated in each precision "
-             f"(`--set train.amp=...`); {machine_line()}.", ""]  # fmt: skip
+    lines = [
+        f"`retinanet demo` ({cfg.train.max_iters} iterations of batch {cfg.train.batch_size}, evaluated on "
+        f"{cfg.data.synthetic_val_images} validation images) trained and evaluated in each precision "
+        f"(`--set train.amp=...`); {machine_line()}.",
+        "",
+    ]
     if not cpu.native_bf16:
-        lines.append(f"This CPU ({cpu.describe()}) has no native bfloat16: `amp: auto` runs float32 here, "
-                     "nothing to compare.")  # fmt: skip
+        lines.append(
+            f"This CPU ({cpu.describe()}) has no native bfloat16: `amp: auto` runs float32 here, nothing to compare."
+        )
     else:
         rows = {amp: run_demo(args.output / amp, [f"train.amp={amp}"]) for amp in ("none", "bf16")}
         lines += ["| precision | AP | AP50 | AP75 | training time (s) |", "|---|---:|---:|---:|---:|"]
@@ -41,8 +45,11 @@ def main() -> None:
             lines.append(f"| {name} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | {r['train_seconds']:.0f} |")
         gap = 100 * (rows["bf16"]["AP"] - rows["none"]["AP"])
         speed = rows["none"]["train_seconds"] / rows["bf16"]["train_seconds"]
-        lines += ["", f"bfloat16 - float32: {gap:+.1f} AP points ({'within' if abs(gap) <= 1 else 'NOT within'} 1 "
-                  f"point); training {speed:.2f}x as fast."]  # fmt: skip
+        lines += [
+            "",
+            f"bfloat16 - float32: {gap:+.1f} AP points ({'within' if abs(gap) <= 1 else 'NOT within'} 1 "
+            f"point); training {speed:.2f}x as fast.",
+        ]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -39,8 +39,12 @@ def synthetic_evaluation(images: int, per_image: int, classes: int = 5, size=(48
         moved = boxes + torch.randn(n, 4, generator=g) * 3
         other = torch.rand(per_image - n, 2, generator=g) * torch.tensor([size[1] - 40, size[0] - 40])
         found = torch.cat([moved, torch.cat([other, other + 30], 1)])
-        found_labels = torch.cat([torch.where(torch.rand(n, generator=g) < 0.1, (labels + 1) % classes, labels),
-                                  torch.randint(0, classes, (per_image - n,), generator=g)])  # fmt: skip
+        found_labels = torch.cat(
+            [
+                torch.where(torch.rand(n, generator=g) < 0.1, (labels + 1) % classes, labels),
+                torch.randint(0, classes, (per_image - n,), generator=g),
+            ]
+        )
         gts.append({"boxes": boxes, "labels": labels})
         dets.append({"boxes": found, "scores": torch.rand(per_image, generator=g), "labels": found_labels})
         shown.append(ReportImage(f"image_{i:05d}", size, None, blank))
@@ -64,8 +68,11 @@ def browser_times(page: Path) -> tuple[float, float] | None:
         tab.goto(page.as_uri())
         tab.wait_for_selector("#gallery .card svg")
         load = time.perf_counter() - t0
-        move = tab.evaluate("""() => { const e = document.getElementById('threshold'); const t0 = performance.now();
-            e.value = 0.7; e.dispatchEvent(new Event('input')); return performance.now() - t0; }""") / 1000
+        move = (
+            tab.evaluate("""() => { const e = document.getElementById('threshold'); const t0 = performance.now();
+            e.value = 0.7; e.dispatchEvent(new Event('input')); return performance.now() - t0; }""")
+            / 1000
+        )
         browser.close()
     return load, move
 
@@ -87,16 +94,22 @@ def main() -> None:
     t_write = time.perf_counter() - t0
     thumbs = sum(f.stat().st_size for f in (args.output / "images").iterdir())
     times = browser_times(page)
-    lines = [f"{args.images} images, {args.images * args.per_image} detections (synthetic: found, moved, missed, "
-             "wrong classes, duplicates, background), 5 classes.", "",
-             "| step | figure |", "|---|---:|",
-             f"| error analysis (TIDE decomposition at 10 IoU thresholds) | {t_errors:.1f} s |",
-             f"| writing the page and 1,000 thumbnails | {t_write:.1f} s |",
-             f"| index.html | {page.stat().st_size / 1e6:.1f} MB |",
-             f"| images/ (1,000 thumbnails) | {thumbs / 1e6:.1f} MB |"]  # fmt: skip
+    lines = [
+        f"{args.images} images, {args.images * args.per_image} detections (synthetic: found, moved, missed, "
+        "wrong classes, duplicates, background), 5 classes.",
+        "",
+        "| step | figure |",
+        "|---|---:|",
+        f"| error analysis (TIDE decomposition at 10 IoU thresholds) | {t_errors:.1f} s |",
+        f"| writing the page and 1,000 thumbnails | {t_write:.1f} s |",
+        f"| index.html | {page.stat().st_size / 1e6:.1f} MB |",
+        f"| images/ (1,000 thumbnails) | {thumbs / 1e6:.1f} MB |",
+    ]
     if times:
-        lines += [f"| headless Chromium: navigation to the first gallery page drawn | {times[0]:.2f} s |",
-                  f"| headless Chromium: one move of the threshold control (recount, redraw) | {1000 * times[1]:.0f} ms |"]
+        lines += [
+            f"| headless Chromium: navigation to the first gallery page drawn | {times[0]:.2f} s |",
+            f"| headless Chromium: one move of the threshold control (recount, redraw) | {1000 * times[1]:.0f} ms |",
+        ]
     else:
         lines += ["", "No browser figures: Chromium or playwright is not installed."]
     text = "\n".join(lines)

@@ -22,10 +22,25 @@ from common import machine_line, write_section  # noqa: E402
 
 
 def command(output: Path, iterations: int) -> list[str]:
-    return [sys.executable, "-m", "retinanet.cli", "train", "--set", "model.preset=retinanet_tiny", "model.min_size=256",
-            "model.max_size=256", "data.synthetic_train_images=64", "data.synthetic_val_images=4",
-            "data.synthetic_image_size=256", f"train.max_iters={iterations}", "train.batch_size=4",
-            "train.eval_every=100000", "train.log_every=1000", f"train.output_dir={output}", "--overwrite"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "retinanet.cli",
+        "train",
+        "--set",
+        "model.preset=retinanet_tiny",
+        "model.min_size=256",
+        "model.max_size=256",
+        "data.synthetic_train_images=64",
+        "data.synthetic_val_images=4",
+        "data.synthetic_image_size=256",
+        f"train.max_iters={iterations}",
+        "train.batch_size=4",
+        "train.eval_every=100000",
+        "train.log_every=1000",
+        f"train.output_dir={output}",
+        "--overwrite",
+    ]
 
 
 def run_together(folder: Path, count: int, iterations: int, env: dict[str, str]) -> list[float]:
@@ -33,8 +48,15 @@ def run_together(folder: Path, count: int, iterations: int, env: dict[str, str])
     procs, starts = [], []
     for i in range(count):
         starts.append(time.perf_counter())
-        procs.append(subprocess.Popen(command(folder / f"run{i}", iterations), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True, env=env))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                command(folder / f"run{i}", iterations),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
     times = [0.0] * count
     pending = set(range(count))
     while pending:
@@ -63,12 +85,18 @@ def main() -> None:
         together.append(max(pair))
         print(f"alone {alone[-1]:.1f} s; together {pair[0]:.1f} s and {pair[1]:.1f} s", flush=True)
     one, two = statistics.median(alone), statistics.median(together)
-    lines = [f"`retinanet train`, retinanet_tiny on the synthetic shapes at 256 px, {args.iterations} iterations of "
-             f"batch 4, each in its own process with the project's defaults (its thread settings included); "
-             f"medians of {args.repeats} rounds. {machine_line()}.", "",
-             "| trainings at once | wall time of the slower (s) | x the time of one alone |", "|---:|---:|---:|",
-             f"| 1 | {one:.1f} | 1.00 |", f"| 2 | {two:.1f} | {two / one:.2f} |", "",
-             f"Fair sharing of the cores is 2x; the target is at most 2.3x: {'met' if two / one <= 2.3 else 'missed'}."]  # fmt: skip
+    lines = [
+        f"`retinanet train`, retinanet_tiny on the synthetic shapes at 256 px, {args.iterations} iterations of "
+        f"batch 4, each in its own process with the project's defaults (its thread settings included); "
+        f"medians of {args.repeats} rounds. {machine_line()}.",
+        "",
+        "| trainings at once | wall time of the slower (s) | x the time of one alone |",
+        "|---:|---:|---:|",
+        f"| 1 | {one:.1f} | 1.00 |",
+        f"| 2 | {two:.1f} | {two / one:.2f} |",
+        "",
+        f"Fair sharing of the cores is 2x; the target is at most 2.3x: {'met' if two / one <= 2.3 else 'missed'}.",
+    ]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -19,8 +19,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 # headless Chromium for the report's pages: Debian's build (what .ci/run installs), driven by playwright
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def chromium() -> str | None:
@@ -28,7 +34,9 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
+def median_time(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> float:
     """Median wall time of fn() in seconds over `repeats` runs after `warmup` runs."""
     return interleaved_median_times([fn], repeats, warmup, sync)[0]
 
@@ -89,10 +97,21 @@ def machine_line() -> str:
     from retinanet.runtime.fastpath import cpu_info
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    family = next((line.split(":")[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("cpu family")), "?") if Path("/proc/cpuinfo").exists() else "?"  # fmt: skip
+    family = (
+        next(
+            (
+                line.split(":")[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("cpu family")
+            ),
+            "?",
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "?"
+    )
     return (
-        f"{cpu_info().describe()}, CPU family {family}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
+        f"{cpu_info().describe()}, CPU family {family}, {os.cpu_count()} cores{gpu}; "
+        f"Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
 
@@ -120,7 +139,9 @@ def write_section(name: str, body: str) -> None:
     forced = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
     command = " ".join([*forced, Path(sys.executable).name, *sys.argv])
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         rev = "?"
     stamp = (
@@ -129,7 +150,11 @@ def write_section(name: str, body: str) -> None:
     )
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     section = f"{begin}\n{stamp}\n{body.strip()}\n{end}"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
+    text = (
+        BENCHMARKS_MD.read_text()
+        if BENCHMARKS_MD.exists()
+        else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
+    )
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + f"\n\n{section}\n"
     BENCHMARKS_MD.write_text(text)
@@ -142,8 +167,24 @@ def untrained_tiny(folder: Path, size: int) -> Path:
 
     checkpoint = folder / "last.pt"
     if not checkpoint.exists():
-        assert cli(["train", "--set", "model.preset=retinanet_tiny", f"model.min_size={size}", f"model.max_size={size}",
-                    "data.synthetic_train_images=8", "data.synthetic_val_images=2", "data.synthetic_image_size=128",
-                    "train.max_iters=1", "train.batch_size=2", "train.num_workers=0", f"train.output_dir={folder}",
-                    "--overwrite"]) == 0  # fmt: skip
+        assert (
+            cli(
+                [
+                    "train",
+                    "--set",
+                    "model.preset=retinanet_tiny",
+                    f"model.min_size={size}",
+                    f"model.max_size={size}",
+                    "data.synthetic_train_images=8",
+                    "data.synthetic_val_images=2",
+                    "data.synthetic_image_size=128",
+                    "train.max_iters=1",
+                    "train.batch_size=2",
+                    "train.num_workers=0",
+                    f"train.output_dir={folder}",
+                    "--overwrite",
+                ]
+            )
+            == 0
+        )
     return checkpoint

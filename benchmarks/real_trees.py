@@ -85,8 +85,15 @@ def starts(length: int, tile: int, stride: int) -> list[int]:
 def cut(image: Annotated, x0: int, y0: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The tile at (x0, y0) and its boxes in tile pixels: clipped, those with less than MIN_VISIBLE inside dropped."""
     b = image.boxes
-    clipped = np.stack([b[:, 0].clip(x0, x0 + size), b[:, 1].clip(y0, y0 + size),
-                        b[:, 2].clip(x0, x0 + size), b[:, 3].clip(y0, y0 + size)], 1)  # fmt: skip
+    clipped = np.stack(
+        [
+            b[:, 0].clip(x0, x0 + size),
+            b[:, 1].clip(y0, y0 + size),
+            b[:, 2].clip(x0, x0 + size),
+            b[:, 3].clip(y0, y0 + size),
+        ],
+        1,
+    )
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     keep = inside >= MIN_VISIBLE * area
@@ -112,13 +119,25 @@ def write_split(folder: Path, split: str, items: list[tuple[str, np.ndarray, np.
         Image.fromarray(pixels).save(folder / "images" / name)
         images.append({"id": i, "file_name": name, "width": int(pixels.shape[1]), "height": int(pixels.shape[0])})
         for x1, y1, x2, y2 in boxes.tolist():
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                }
+            )
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "tree"}]}
     (folder / f"{split}.json").write_text(json.dumps(coco))
     sides = [np.sqrt(a["area"]) for a in annotations]
-    return {"split": split, "images": len(images), "boxes": len(annotations),
-            "median_side_px": round(float(np.median(sides)), 1) if sides else None}  # fmt: skip
+    return {
+        "split": split,
+        "images": len(images),
+        "boxes": len(annotations),
+        "median_side_px": round(float(np.median(sides)), 1) if sides else None,
+    }
 
 
 def build(data: Path) -> list[dict]:
@@ -132,8 +151,11 @@ def build(data: Path) -> list[dict]:
     top = height - STRIP
     train = tiles(yell, (0, 0, width, top), STRIDE)  # every tile ends above the strip
     val = tiles(yell, (0, top, width, height), TILE)  # inside the strip, side by side
-    summary = [write_split(data, "train", train), write_split(data, "val", val),
-               write_split(data, "val_soap", [(f"{soap.name}.png", soap.pixels, soap.boxes)])]  # fmt: skip
+    summary = [
+        write_split(data, "train", train),
+        write_split(data, "val", val),
+        write_split(data, "val_soap", [(f"{soap.name}.png", soap.pixels, soap.boxes)]),
+    ]
     summary_file.write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -144,8 +166,13 @@ OTHER_SITE_SET = "other_site"  # the name of SOAP_061's validation set in our ru
 def data_config(data: Path, val: str = "val", other_site: bool = True) -> dict:
     """The `data` section of a run config on the development set, validating on `val` (val or val_soap) and, with
     other_site, on SOAP_061 as a second validation set (data.extra_val: reported on its own, weighed for best.pt)."""
-    out = {"format": "coco", "train_images": str(data / "images"), "train_annotations": str(data / "train.json"),
-           "val_images": str(data / "images"), "val_annotations": str(data / f"{val}.json")}  # fmt: skip
+    out = {
+        "format": "coco",
+        "train_images": str(data / "images"),
+        "train_annotations": str(data / "train.json"),
+        "val_images": str(data / "images"),
+        "val_annotations": str(data / f"{val}.json"),
+    }
     if other_site:
         out["extra_val"] = {OTHER_SITE_SET: {"val_annotations": str(data / "val_soap.json")}}
     return out
@@ -156,8 +183,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("runs/real_trees"))
     args = parser.parse_args()
     for row in build(args.data):
-        print(f"{row['split']:>9}: {row['images']:4d} tiles, {row['boxes']:5d} crowns, median side "
-              f"{row['median_side_px']} px")  # fmt: skip
+        print(
+            f"{row['split']:>9}: {row['images']:4d} tiles, {row['boxes']:5d} crowns, median side "
+            f"{row['median_side_px']} px"
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,20 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     folder = args.run / "eval_report"
-    subprocess.run([sys.executable, "-m", "retinanet.cli", "eval", "--checkpoint", str(args.run / "last.pt"),
-                    "--output", str(folder), "--report"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retinanet.cli",
+            "eval",
+            "--checkpoint",
+            str(args.run / "last.pt"),
+            "--output",
+            str(folder),
+            "--report",
+        ],
+        check=True,
+    )
     args.output.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)

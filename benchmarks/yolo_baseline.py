@@ -47,8 +47,10 @@ def yolo_dataset(data: Path, folder: Path) -> Path:
             if not link.exists():
                 link.symlink_to((data / "images" / image["file_name"]).resolve())
             w, h = image["width"], image["height"]
-            lines = [f"0 {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}"
-                     for x, y, bw, bh in boxes.get(image["id"], [])]  # fmt: skip
+            lines = [
+                f"0 {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}"
+                for x, y, bw, bh in boxes.get(image["id"], [])
+            ]
             (folder / "labels" / split / f"{Path(image['file_name']).stem}.txt").write_text("\n".join(lines))
     spec = folder / "trees.yaml"
     spec.write_text(f"path: {folder.resolve()}\ntrain: images/train\nval: images/val\nnames:\n  0: tree\n")
@@ -64,9 +66,24 @@ def train_yolo(spec: Path, output: Path, minutes: float, seed: int = 0, name: st
     model = YOLO(f"{name}.yaml")
     t0 = time.perf_counter()
     # an absolute project folder: Ultralytics puts a relative one under its own runs_dir setting
-    model.train(data=str(spec), epochs=10_000, time=minutes / 60, imgsz=IMAGE_SIZE, batch=8, device="cpu",
-                workers=1, pretrained=False, amp=False, plots=False, val=False, seed=seed,
-                project=str(output.resolve()), name="train", exist_ok=True, verbose=False)  # fmt: skip
+    model.train(
+        data=str(spec),
+        epochs=10_000,
+        time=minutes / 60,
+        imgsz=IMAGE_SIZE,
+        batch=8,
+        device="cpu",
+        workers=1,
+        pretrained=False,
+        amp=False,
+        plots=False,
+        val=False,
+        seed=seed,
+        project=str(output.resolve()),
+        name="train",
+        exist_ok=True,
+        verbose=False,
+    )
     wall = time.perf_counter() - t0
     weights, seconds = trained_yolo(output)
     return weights, seconds or wall
@@ -96,16 +113,36 @@ def evaluate_yolo(weights: Path, data: Path, split: str) -> dict[str, float]:
     for image in coco["images"]:
         anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
-        gts.append({"image_id": image["id"], "boxes": boxes, "labels": torch.zeros(len(anns), dtype=torch.int64),
-                    "width": image["width"], "height": image["height"]})  # fmt: skip
-        found = model.predict(str(data / "images" / image["file_name"]), imgsz=IMAGE_SIZE, conf=0.001, max_det=100,
-                              device="cpu", verbose=False)[0].boxes  # fmt: skip
-        dets.append({"image_id": image["id"], "boxes": found.xyxy.float(), "scores": found.conf.float(),
-                     "labels": found.cls.long()})  # fmt: skip
+        gts.append(
+            {
+                "image_id": image["id"],
+                "boxes": boxes,
+                "labels": torch.zeros(len(anns), dtype=torch.int64),
+                "width": image["width"],
+                "height": image["height"],
+            }
+        )
+        found = model.predict(
+            str(data / "images" / image["file_name"]),
+            imgsz=IMAGE_SIZE,
+            conf=0.001,
+            max_det=100,
+            device="cpu",
+            verbose=False,
+        )[0].boxes
+        dets.append(
+            {
+                "image_id": image["id"],
+                "boxes": found.xyxy.float(),
+                "scores": found.conf.float(),
+                "labels": found.cls.long(),
+            }
+        )
     metrics = evaluate_coco(gts, dets, [{"id": 1, "name": "tree"}])
     errors = analyze_errors(gts, dets)
     return {k: float(getattr(metrics, k)) for k in ("AP", "AP50", "AP75", "AR100")} | {
-        f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}
+        f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES
+    }
 
 
 def main() -> None:
@@ -118,7 +155,10 @@ def main() -> None:
     real_trees.build(args.data)
     spec = yolo_dataset(args.data, args.output / "data")
     weights, seconds = train_yolo(spec, args.output, args.minutes, name=args.model)
-    result = {"train_seconds": seconds, **{split: evaluate_yolo(weights, args.data, split) for split in ("val", "val_soap")}}
+    result = {
+        "train_seconds": seconds,
+        **{split: evaluate_yolo(weights, args.data, split) for split in ("val", "val_soap")},
+    }
     (args.output / "results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

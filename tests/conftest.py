@@ -30,9 +30,17 @@ def pytest_collection_modifyitems(config, items):
 TINY_RUN = {
     "model": {"preset": "retinanet_tiny", "min_size": 64, "max_size": 64},
     "data": {"format": "synthetic", "synthetic_train_images": 8, "synthetic_val_images": 4, "synthetic_image_size": 64},
-    "train": {"max_iters": 3, "batch_size": 2, "num_workers": 0, "warmup_iters": 1, "lr": 0.001, "log_every": 1,
-              "checkpoint_every": 2, "device": "cpu"},
-}  # fmt: skip
+    "train": {
+        "max_iters": 3,
+        "batch_size": 2,
+        "num_workers": 0,
+        "warmup_iters": 1,
+        "lr": 0.001,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "device": "cpu",
+    },
+}
 
 
 def tiny_settings() -> list[str]:

@@ -26,14 +26,17 @@ def max_error(actual: Tensor, reference: Tensor) -> float:
     return (actual.double() - reference.double()).abs().max().item() if reference.numel() else 0.0
 
 
-def assert_as_accurate(actual: Tensor, baseline: Tensor, reference: Tensor, factor: float = 8.0, what: str = "") -> None:
+def assert_as_accurate(
+    actual: Tensor, baseline: Tensor, reference: Tensor, factor: float = 8.0, what: str = ""
+) -> None:
     """`actual` is no further from the float64 `reference` than `factor` times the float32 `baseline` is, give or
     take 64 float32 ulps of the reference's largest magnitude."""
     assert actual.shape == reference.shape and baseline.shape == reference.shape, (actual.shape, reference.shape)
     err, base = max_error(actual, reference), max_error(baseline, reference)
     floor = 64 * EPS32 * (reference.double().abs().max().item() if reference.numel() else 0.0)
     assert err <= factor * base + floor, (
-        f"{what}: error {err:.3g} against float64, torch's float32 path {base:.3g} (allowed {factor} x that + {floor:.3g})"
+        f"{what}: error {err:.3g} against float64, torch's float32 path {base:.3g} "
+        f"(allowed {factor} x that + {floor:.3g})"
     )
 
 

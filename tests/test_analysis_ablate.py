@@ -20,8 +20,10 @@ from retinanet.analysis.tables import format_value, render_table
 from retinanet.config import load_run_config
 from retinanet.train.loop import NonFiniteLossError
 
-TINY = {"data": {"synthetic_train_images": 4, "synthetic_val_images": 2},
-        "train": {"max_iters": 2, "warmup_iters": 0}}  # two iterations a cell
+TINY = {
+    "data": {"synthetic_train_images": 4, "synthetic_val_images": 2},
+    "train": {"max_iters": 2, "warmup_iters": 0},
+}  # two iterations a cell
 
 GRID = {
     "table": "t",
@@ -62,13 +64,16 @@ def test_shipped_grids_load_and_build_every_cell_on_the_shipped_base():
     assert d["ohem_1to3_512"].model.ohem_neg_pos_ratio == 3.0 and d["ohem_512"].model.ohem_budget == 512
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"colums": []}, "unknown key"),
-    ({"cells": [{"name": "x", "values": {}}]}, r"values must give exactly the columns \['alpha'\]; missing"),
-    ({"cells": [{"name": "x/y", "values": {"alpha": 1}}]}, "names a folder"),
-    ({"cells": GRID["cells"] + GRID["cells"][:1]}, "repeated"),
-    ({"set": {"alpha": 0.5}}, "must be section.key"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colums": []}, "unknown key"),
+        ({"cells": [{"name": "x", "values": {}}]}, r"values must give exactly the columns \['alpha'\]; missing"),
+        ({"cells": [{"name": "x/y", "values": {"alpha": 1}}]}, "names a folder"),
+        ({"cells": GRID["cells"] + GRID["cells"][:1]}, "repeated"),
+        ({"set": {"alpha": 0.5}}, "must be section.key"),
+    ],
+)
 def test_bad_grids_are_named_errors(tmp_path, change, message):
     path = _write(tmp_path / "bad.yaml", {**GRID, **change})
     with pytest.raises(ValueError, match=message) as info:
@@ -106,8 +111,11 @@ def test_grid_runs_each_cell_once_and_resume_skips_finished_cells(setup, capsys)
     assert capsys.readouterr().out.count("ablate: running") == 2
 
     other = load_run_config(out.parent / "base.yaml", ["train.max_iters=3"])
-    with pytest.raises(ValueError, match=r"alpha_0.5: this cell was finished with another config \(differs in "
-                                         r"\['train.max_iters'\]\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"alpha_0.5: this cell was finished with another config \(differs in "
+        r"\['train.max_iters'\]\)",
+    ):
         run_grids([grid], other, out)
 
 
@@ -119,7 +127,8 @@ def test_a_non_finite_loss_is_the_cells_result_and_the_grid_goes_on(setup, monke
         trained.append(cfg.model.alpha)
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.output_dir) / "log.jsonl").write_text(
-            '{"iter": 1, "loss": 2.0}\n{"iter": 2, "loss": 30.0}\n{"iter": 3, "loss": 1e6}\n')
+            '{"iter": 1, "loss": 2.0}\n{"iter": 2, "loss": 30.0}\n{"iter": 3, "loss": 1e6}\n'
+        )
         raise NonFiniteLossError("non-finite loss at iteration 4: loss_cls = nan; stopped before the optimiser step")
 
     monkeypatch.setattr(ablate, "run_train", fake_train)
@@ -136,9 +145,19 @@ def test_a_non_finite_loss_is_the_cells_result_and_the_grid_goes_on(setup, monke
 def test_held_cells_are_left_to_their_holder_and_stale_locks_are_broken(setup, monkeypatch):
     base, grid, out = setup
     ran = []
-    monkeypatch.setattr(ablate, "run_cell", lambda p: ran.append(p.cell.name) or {"status": "finished",
-                        "metrics": {"AP": 0.5, "AP50": 0.6, "AP75": 0.4}, "train_seconds": 1.0,
-                        "config": p.plan()})  # fmt: skip
+    monkeypatch.setattr(
+        ablate,
+        "run_cell",
+        lambda p: (
+            ran.append(p.cell.name)
+            or {
+                "status": "finished",
+                "metrics": {"AP": 0.5, "AP50": 0.6, "AP75": 0.4},
+                "train_seconds": 1.0,
+                "config": p.plan(),
+            }
+        ),
+    )
     folder = out / "t"
     folder.mkdir(parents=True)
     # alpha_0.5 held by a live process of this host (this one), alpha_0.75 by a process that has exited
@@ -176,11 +195,23 @@ def test_two_processes_share_a_grid_without_running_a_cell_twice(tmp_path):
     base = write_run_config(tmp_path / "base.yaml", **TINY)
     cells = [{"name": f"alpha_{a}", "values": {"alpha": a}, "set": {"model.alpha": a}} for a in (0.25, 0.5, 0.75)]
     grid = _write(tmp_path / "grid.yaml", {**GRID, "cells": cells})
-    command = [sys.executable, "-m", "retinanet.cli", "ablate", "--grid", str(grid), "--config", str(base),
-               "--output", str(tmp_path / "out")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "retinanet.cli",
+        "ablate",
+        "--grid",
+        str(grid),
+        "--config",
+        str(base),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     started = [line for out in outputs for line in out.splitlines() if line.startswith("ablate: running")]
@@ -202,8 +233,14 @@ def test_torchrun_ranks_train_alone_from_their_own_place(setup, monkeypatch):
 
 def test_loss_history_finds_the_peak_and_a_blow_up(tmp_path):
     log = tmp_path / "log.jsonl"
-    lines = [{"iter": 1, "loss": 5.0}, {"iter": 2, "loss": 1.0}, {"iter": 2, "eval/AP": 0.1}, {"iter": 3, "loss": 9.0},
-             {"iter": 4, "loss": 11.0}, {"iter": 5, "loss": 0.5}]  # fmt: skip
+    lines = [
+        {"iter": 1, "loss": 5.0},
+        {"iter": 2, "loss": 1.0},
+        {"iter": 2, "eval/AP": 0.1},
+        {"iter": 3, "loss": 9.0},
+        {"iter": 4, "loss": 11.0},
+        {"iter": 5, "loss": 0.5},
+    ]
     log.write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut short")
     assert loss_history(log) == {"start": [1, 5.0], "peak": [4, 11.0], "end": [5, 0.5], "blow_up": 4}
     assert loss_history(tmp_path / "missing.jsonl") is None
@@ -212,10 +249,14 @@ def test_loss_history_finds_the_peak_and_a_blow_up(tmp_path):
 def test_rows_sharing_a_name_show_their_best_cell(tmp_path):
     cells = [{"name": f"g2_a{a}", "row": "g2", "values": {"gamma": 2, "alpha": a}} for a in (0.25, 0.5)]
     grid = load_grid(_write(tmp_path / "g.yaml", {"table": "b", "columns": ["gamma", "alpha"], "cells": cells}))
-    results = {"g2_a0.25": {"status": "finished", "metrics": {"AP": 0.30, "AP50": 0.5, "AP75": 0.3},
-                            "train_seconds": 10},
-               "g2_a0.5": {"status": "finished", "metrics": {"AP": 0.341, "AP50": 0.525, "AP75": 0.365},
-                           "train_seconds": 12.4}}  # fmt: skip
+    results = {
+        "g2_a0.25": {"status": "finished", "metrics": {"AP": 0.30, "AP50": 0.5, "AP75": 0.3}, "train_seconds": 10},
+        "g2_a0.5": {
+            "status": "finished",
+            "metrics": {"AP": 0.341, "AP50": 0.525, "AP75": 0.365},
+            "train_seconds": 12.4,
+        },
+    }
     lines = render_table(grid, results).splitlines()
     assert lines[2] == "| gamma | alpha | AP | AP50 | AP75 | train s |"
     assert lines[4] == "| 2 | .5 (best of 2) | 34.1 | 52.5 | 36.5 | 12 |" and len(lines) == 5
@@ -249,10 +290,17 @@ def test_a_setting_added_by_newer_code_does_not_void_finished_cells():
 
 def test_a_cell_that_is_the_same_run_as_a_finished_one_of_another_grid_takes_its_result(setup, monkeypatch):
     base, grid, out = setup
-    other = load_grid(_write(out.parent / "other.yaml", {
-        **GRID, "table": "u", "title": "Table U",
-        "cells": [{"name": f"a{a}", "values": {"alpha": a}, "set": {"model.alpha": a}} for a in (0.75, 0.9)],
-    }))  # fmt: skip
+    other = load_grid(
+        _write(
+            out.parent / "other.yaml",
+            {
+                **GRID,
+                "table": "u",
+                "title": "Table U",
+                "cells": [{"name": f"a{a}", "values": {"alpha": a}, "set": {"model.alpha": a}} for a in (0.75, 0.9)],
+            },
+        )
+    )
     trained = []
 
     def fake_train(cfg, resume=None, evaluate=True):

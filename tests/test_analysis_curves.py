@@ -44,8 +44,11 @@ def test_figure1_reproduces_the_papers_down_weighting():
 
 def test_figure5_fl_star_against_closed_forms():
     curves = focal_loss_star_vs_xt(torch.tensor(X_T, dtype=torch.float64))
-    for (gamma, beta), name in [((1.0, 0.0), "FL* gamma 1 beta 0 (= CE)"), ((2.0, 1.0), "FL* gamma 2 beta 1"),
-                                ((4.0, 0.0), "FL* gamma 4 beta 0")]:  # fmt: skip
+    for (gamma, beta), name in [
+        ((1.0, 0.0), "FL* gamma 1 beta 0 (= CE)"),
+        ((2.0, 1.0), "FL* gamma 2 beta 1"),
+        ((4.0, 0.0), "FL* gamma 4 beta 0"),
+    ]:
         for x, value in zip(X_T, curves.series[name].tolist()):
             assert value == pytest.approx(-math.log(_sigmoid(gamma * x + beta)) / gamma, rel=1e-12)
     for x, value in zip(X_T, curves.series["FL gamma 2"].tolist()):
@@ -68,8 +71,9 @@ def test_figure6_derivatives_are_appendix_b():
 def test_write_loss_curves_gives_png_and_csv(tmp_path):
     files = write_loss_curves(tmp_path, points=100)
     names = sorted(p.name for p in files)
-    assert names == sorted(f"{s}.{e}" for s in ("fig1_focal_loss", "fig5_focal_loss_star", "fig6_derivatives")
-                           for e in ("png", "csv"))  # fmt: skip
+    assert names == sorted(
+        f"{s}.{e}" for s in ("fig1_focal_loss", "fig5_focal_loss_star", "fig6_derivatives") for e in ("png", "csv")
+    )
     assert all(p.stat().st_size > 1000 for p in files if p.suffix == ".png")
     with open(tmp_path / "fig1_focal_loss.csv") as f:
         rows = list(csv.reader(f))

@@ -74,8 +74,9 @@ def test_anchor_losses_by_hand():
 def _model_and_data(num_images: int = 5):
     torch.manual_seed(0)
     model = build_model("retinanet_tiny", num_classes=5, min_size=SIZE, max_size=SIZE).eval()
-    data = SyntheticShapes("val", num_images=num_images, image_size=(SIZE, SIZE),
-                           transforms=eval_transforms(SIZE, SIZE))
+    data = SyntheticShapes(
+        "val", num_images=num_images, image_size=(SIZE, SIZE), transforms=eval_transforms(SIZE, SIZE)
+    )
     return model, data
 
 
@@ -143,17 +144,35 @@ def test_loss_cdf_command_writes_figure_csv_and_summary(tmp_path, capsys):
     model, _ = _model_and_data()
     checkpoint = save_checkpoint(tmp_path / "model.pt", model)
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"data": {"format": "synthetic", "synthetic_val_images": 3,
-                                               "synthetic_image_size": SIZE}}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump({"data": {"format": "synthetic", "synthetic_val_images": 3, "synthetic_image_size": SIZE}})
+    )
     out = tmp_path / "cdf"
-    code = main(["analyze", "loss-cdf", "--checkpoint", str(checkpoint), "--config", str(config), "--output", str(out),
-                 "--gammas", "0", "2"])  # fmt: skip
+    code = main(
+        [
+            "analyze",
+            "loss-cdf",
+            "--checkpoint",
+            str(checkpoint),
+            "--config",
+            str(config),
+            "--output",
+            str(out),
+            "--gammas",
+            "0",
+            "2",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "3 images:" in printed and "gamma 2:" in printed
     summary = json.loads((out / "loss_cdf.json").read_text())
     assert summary["counts"]["images"] == 3 and set(summary["curves"]) == {
-        "positive gamma 0", "positive gamma 2", "negative gamma 0", "negative gamma 2"}
+        "positive gamma 0",
+        "positive gamma 2",
+        "negative gamma 0",
+        "negative gamma 2",
+    }
     with open(out / "loss_cdf.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["kind", "gamma", "fraction_of_anchors", "cumulative_loss"]

@@ -83,8 +83,10 @@ def test_every_import_goes_down_the_layers():
     for module, path in MODULES.items():
         for line, target, _ in _imports(path, module):
             if _layer(target) > _layer(module):
-                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {module} ({LAYERS[_layer(module)][0]}) "
-                             f"imports {target} ({LAYERS[_layer(target)][0]})")
+                wrong.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {module} ({LAYERS[_layer(module)][0]}) "
+                    f"imports {target} ({LAYERS[_layer(target)][0]})"
+                )
     assert not wrong, "imports from a higher layer:\n" + "\n".join(wrong)
 
 
@@ -98,7 +100,9 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(nxt) :] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}"
+                )
             elif nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = 2
@@ -124,15 +128,22 @@ def test_no_private_name_crosses_a_module():
                     if full in MODULES:
                         aliases[a.asname or a.name.split(".")[-1]] = full
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
-                    and not node.attr.startswith("__") and node.value.id in aliases:  # fmt: skip
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.value.id in aliases
+            ):
                 wrong.append(f"{module}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not wrong, "private names used across modules:\n" + "\n".join(wrong)
 
 
 def test_every_layer_is_in_the_architecture_document():
     doc = (PACKAGE.parent.parent / "docs" / "architecture.md").read_text()
-    missing = [m for m in MODULES if m != "retinanet" and f"`{m.removeprefix('retinanet.').replace('.', '/')}" not in doc]
+    missing = [
+        m for m in MODULES if m != "retinanet" and f"`{m.removeprefix('retinanet.').replace('.', '/')}" not in doc
+    ]
     assert not missing, f"modules docs/architecture.md does not describe: {missing}"
 
 

@@ -18,11 +18,18 @@ from retinanet.train.run import detection_cap
 def _dense(n: int) -> tuple[dict, dict]:
     """One image with n objects of 6 px in a grid, and a perfect detection of each."""
     side = int(n**0.5) + 1
-    boxes = torch.tensor([[10.0 * (i % side), 10.0 * (i // side), 10.0 * (i % side) + 6, 10.0 * (i // side) + 6]
-                          for i in range(n)])  # fmt: skip
+    boxes = torch.tensor(
+        [[10.0 * (i % side), 10.0 * (i // side), 10.0 * (i % side) + 6, 10.0 * (i // side) + 6] for i in range(n)]
+    )
     labels = torch.zeros(n, dtype=torch.long)
-    gt = {"image_id": 1, "boxes": boxes, "labels": labels, "iscrowd": torch.zeros(n, dtype=torch.bool),
-          "width": 10 * side, "height": 10 * side}  # fmt: skip
+    gt = {
+        "image_id": 1,
+        "boxes": boxes,
+        "labels": labels,
+        "iscrowd": torch.zeros(n, dtype=torch.bool),
+        "width": 10 * side,
+        "height": 10 * side,
+    }
     det = {"image_id": 1, "boxes": boxes, "scores": torch.linspace(1.0, 0.5, n), "labels": labels}
     return gt, det
 
@@ -66,8 +73,23 @@ def test_detect_max_detections_sets_the_cap(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 64), (120, 80, 40)).save(tmp_path / "imgs" / "a.png")
     out = tmp_path / "out"
-    assert main(["detect", str(tmp_path / "imgs"), "--checkpoint", str(run / "last.pt"), "--output", str(out),
-                 "--score-thresh", "0.0", "--max-detections", "7"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(tmp_path / "imgs"),
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--output",
+                str(out),
+                "--score-thresh",
+                "0.0",
+                "--max-detections",
+                "7",
+            ]
+        )
+        == 0
+    )
     records = json.loads((out / "detections.json").read_text())
     assert len(records[0]["detections"]) == 7  # an untrained model scores every anchor: exactly the cap
     assert "reached the model's cap of 7 detections" in capsys.readouterr().err

@@ -32,7 +32,10 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"data": saved["data"]}))
-    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev")])
+        == 0
+    )
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "VOC_mAP50", "per_class_ap"} <= set(metrics)
     assert (tmp_path / "ev" / "detections.json").exists() and (tmp_path / "ev" / "pr_curves.png").exists()
@@ -40,12 +43,44 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     assert metrics == json.loads((run / "eval" / "metrics.json").read_text())
     detections = (tmp_path / "ev" / "detections.json").read_text()
     assert len(json.loads(detections)) == 4 * 100 and detections == (run / "eval" / "detections.json").read_text()
-    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev2"),
-                 "--min-size", "96", "--max-size", "96"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--config",
+                str(cfg),
+                "--output",
+                str(tmp_path / "ev2"),
+                "--min-size",
+                "96",
+                "--max-size",
+                "96",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "ev2" / "detections.json").read_text()) != json.loads(
-        (tmp_path / "ev" / "detections.json").read_text())  # another size, other detections
-    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--config", str(cfg), "--output", str(tmp_path / "ev3"),
-                 "--set", "model.min_size=96", "model.max_size=96"]) == 0  # fmt: skip
+        (tmp_path / "ev" / "detections.json").read_text()
+    )  # another size, other detections
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--config",
+                str(cfg),
+                "--output",
+                str(tmp_path / "ev3"),
+                "--set",
+                "model.min_size=96",
+                "model.max_size=96",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "ev3" / "detections.json").read_text() == (tmp_path / "ev2" / "detections.json").read_text()
 
     images = tmp_path / "images"
@@ -54,16 +89,35 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     for i in range(2):
         ds.load_image(i).save(images / f"img{i}.png")
     out = tmp_path / "det"
-    code = main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
-                 "--score-thresh", "0.0"])  # fmt: skip
+    code = main(
+        ["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out), "--score-thresh", "0.0"]
+    )
     assert code == 0
     result = json.loads((out / "detections.json").read_text())
     assert [Path(r["file"]).name for r in result] == ["img0.png", "img1.png"]
     assert all(d["name"] in ds.category_names for r in result for d in r["detections"])
     assert Image.open(out / "img0.png").size == (80 * 6, 64 * 6)  # small images are drawn enlarged
     bigger = tmp_path / "det96"
-    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(bigger),
-                 "--score-thresh", "0.0", "--min-size", "96", "--max-size", "120", "--no-draw"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(images),
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--output",
+                str(bigger),
+                "--score-thresh",
+                "0.0",
+                "--min-size",
+                "96",
+                "--max-size",
+                "120",
+                "--no-draw",
+            ]
+        )
+        == 0
+    )
     at_96 = json.loads((bigger / "detections.json").read_text())
     assert at_96 != result  # another size, other detections: the option reaches the model
     from retinanet import load
@@ -75,19 +129,48 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out)]) == 2
     assert "earlier detection" in _error(capsys)  # the folder holds the first detection: refused, kept
-    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
-                 "--overwrite"]) == 2  # fmt: skip
+    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out), "--overwrite"]) == 2
     assert "broken.png" in _error(capsys)
     # the failed run left the earlier detection whole: --overwrite replaces files only once new ones are written
     assert json.loads((out / "detections.json").read_text()) == result and (out / "img0.png").exists()
-    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
-                 "--skip-bad", "--overwrite"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(images),
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--output",
+                str(out),
+                "--skip-bad",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert "broken.png" in capsys.readouterr().err
     result = json.loads((out / "detections.json").read_text())
-    assert [(Path(r["file"]).name, "skipped" in r) for r in result] == [("img0.png", False), ("img1.png", False),
-                                                                        ("broken.png", True)]  # fmt: skip
-    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out),
-                 "--skip-bad", "--overwrite", "--no-draw"]) == 0  # fmt: skip
+    assert [(Path(r["file"]).name, "skipped" in r) for r in result] == [
+        ("img0.png", False),
+        ("img1.png", False),
+        ("broken.png", True),
+    ]
+    assert (
+        main(
+            [
+                "detect",
+                str(images),
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--output",
+                str(out),
+                "--skip-bad",
+                "--overwrite",
+                "--no-draw",
+            ]
+        )
+        == 0
+    )
     assert not (out / "img0.png").exists()  # the earlier drawings, not written again, are gone
     assert main(["detect", str(tmp_path / "nothing.png"), "--checkpoint", str(run / "last.pt")]) == 2
     assert "nothing.png" in _error(capsys)
@@ -96,13 +179,37 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
 def test_resume_from_cli_continues(tmp_path):
     assert _train(tmp_path) == 0
     run = tmp_path / "run"
-    assert main(["train", "--set", *tiny_settings(), f"train.output_dir={run}", "train.max_iters=4",
-                 "--resume", str(run / "last.pt")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                *tiny_settings(),
+                f"train.output_dir={run}",
+                "train.max_iters=4",
+                "--resume",
+                str(run / "last.pt"),
+            ]
+        )
+        == 0
+    )
     iters = [json.loads(x)["iter"] for x in (run / "log.jsonl").read_text().splitlines()]
     assert [i for i in iters][-1] == 4
     # resumed again at its end: nothing to train, said as such
-    assert main(["train", "--set", *tiny_settings(), f"train.output_dir={run}", "train.max_iters=4",
-                 "--resume", str(run / "last.pt")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                *tiny_settings(),
+                f"train.output_dir={run}",
+                "train.max_iters=4",
+                "--resume",
+                str(run / "last.pt"),
+            ]
+        )
+        == 0
+    )
     log = (run / "train.log").read_text()
     assert "nothing left to train: the checkpoint had reached iteration 4" in log
     assert "trained iterations 5..4" not in log
@@ -134,14 +241,17 @@ def test_config_file_errors(tmp_path, capsys):
 def _coco_files(tmp_path: Path, annotations: list[dict], images: list[dict] | None = None, write=True) -> list[str]:
     img_dir = tmp_path / "imgs"
     img_dir.mkdir(exist_ok=True)
-    images = images or [{"id": 1, "file_name": "a.png", "width": 64, "height": 64},
-                        {"id": 2, "file_name": "b.png", "width": 64, "height": 64}]  # fmt: skip
+    images = images or [
+        {"id": 1, "file_name": "a.png", "width": 64, "height": 64},
+        {"id": 2, "file_name": "b.png", "width": 64, "height": 64},
+    ]
     if write:
         for im in images:
             Image.new("RGB", (64, 64), (90, 120, 30)).save(img_dir / im["file_name"])
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": images, "annotations": annotations,
-                               "categories": [{"id": 3, "name": "thing"}]}))  # fmt: skip
+    ann.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 3, "name": "thing"}]})
+    )
     return ["data.format=coco", f"data.train_images={img_dir}", f"data.train_annotations={ann}"]
 
 
@@ -231,8 +341,9 @@ def test_demo_writes_its_outputs(tmp_path, capsys, monkeypatch):
 
     def fewer_images(*args, **kwargs):  # the demo's run as it is, on 64 + 16 of its images: its outputs are tested
         cfg = full(*args, **kwargs)
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, synthetic_train_images=64,
-                                                                 synthetic_val_images=16))  # fmt: skip
+        return dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, synthetic_train_images=64, synthetic_val_images=16)
+        )
 
     monkeypatch.setattr(jobs, "demo_config", fewer_images)
     out = tmp_path / "demo"
@@ -244,7 +355,9 @@ def test_demo_writes_its_outputs(tmp_path, capsys, monkeypatch):
     assert "AP" in capsys.readouterr().out
     first = (out / "last.pt").stat().st_mtime_ns
     assert main(["demo", "--output", str(out), "--set", "train.max_iters=1"]) == 0  # a demo again replaces it
-    assert (out / "last.pt").stat().st_mtime_ns != first and json.loads((out / "metrics.json").read_text())["iterations"] == 1
+    assert (out / "last.pt").stat().st_mtime_ns != first and json.loads((out / "metrics.json").read_text())[
+        "iterations"
+    ] == 1
     assert _train(tmp_path, "train.max_iters=1") == 0
     assert main(["demo", "--output", str(tmp_path / "run")]) == 2  # another run is never replaced by a demo
     assert "holds a training run" in _error(capsys)
@@ -258,8 +371,21 @@ def test_torchrun_two_processes_from_the_command_line(tmp_path):
     import sys
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retinanet.cli", "train", "--set", *tiny_settings(), "train.batch_size=4", f"train.output_dir={run}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "retinanet.cli",
+        "train",
+        "--set",
+        *tiny_settings(),
+        "train.batch_size=4",
+        f"train.output_dir={run}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -292,14 +418,28 @@ def test_bad_image_found_in_a_loader_worker_gives_one_line(tmp_path, capsys):
 
 
 def _losses(folder: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k.startswith("loss")}
-            for x in (folder / "log.jsonl").read_text().splitlines() if '"loss"' in x]  # fmt: skip
+    return [
+        {k: v for k, v in json.loads(x).items() if k.startswith("loss")}
+        for x in (folder / "log.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_fresh_runs_with_the_same_seed_give_the_same_losses_from_the_first_iteration(tmp_path, workers):
     for name in ("a", "b"):
-        assert main(["train", "--set", *tiny_settings(), f"train.num_workers={workers}", f"train.output_dir={tmp_path / name}"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--set",
+                    *tiny_settings(),
+                    f"train.num_workers={workers}",
+                    f"train.output_dir={tmp_path / name}",
+                ]
+            )
+            == 0
+        )
     first, second = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(first) == 3 and first == second
     assert main(["train", "--set", *tiny_settings(), "train.seed=1", f"train.output_dir={tmp_path / 'c'}"]) == 0
@@ -310,8 +450,17 @@ def test_the_run_says_what_it_will_do_and_where_its_schedule_was_fitted(tmp_path
     assert _train(tmp_path, "train.warmup_iters=50") == 0
     out = capsys.readouterr()
     line = next(x for x in out.out.splitlines() if x.startswith("run: "))
-    for part in ("8 training images (synthetic, 5 classes)", "4 validation images", "3 iterations of 2 images",
-                 "0.8 epochs", "shorter side 64", "lr 0.001", "device cpu", "amp none", "0 data workers"):
+    for part in (
+        "8 training images (synthetic, 5 classes)",
+        "4 validation images",
+        "3 iterations of 2 images",
+        "0.8 epochs",
+        "shorter side 64",
+        "lr 0.001",
+        "device cpu",
+        "amp none",
+        "0 data workers",
+    ):
         assert part in line, part
     log = (tmp_path / "run" / "train.log").read_text()
     assert line in log and "warmup_iters 50 is more than a fifth of max_iters 3" in log and "fast paths (" in log
@@ -333,14 +482,28 @@ def test_a_gpu_the_machine_lacks_is_one_line_before_anything_is_written(tmp_path
     assert _train(tmp_path, "train.max_iters=1") == 0
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "a.png")
-    assert main(["detect", str(tmp_path / "imgs"), "--checkpoint", str(tmp_path / "run" / "last.pt"), "--device", "cuda",
-                 "--output", str(tmp_path / "out")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(tmp_path / "imgs"),
+                "--checkpoint",
+                str(tmp_path / "run" / "last.pt"),
+                "--device",
+                "cuda",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = _error(capsys)
     assert "use --device cpu" in err and "train.device" not in err and "train config" not in err
 
 
-def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys,
-                                                                                              monkeypatch):
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
     from retinanet.runtime import fastpath
 
     avx2 = fastpath.CpuInfo("AMD EPYC (test)", "AVX2", None, frozenset({"avx2", "fma"}))
@@ -400,11 +563,24 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, workers):
     import sys
 
     run = tmp_path / "run"
-    args = ["train", "--set", *tiny_settings(), "train.max_iters=2000", "train.checkpoint_every=1000", f"train.output_dir={run}",
-            f"train.num_workers={workers}"]  # fmt: skip
+    args = [
+        "train",
+        "--set",
+        *tiny_settings(),
+        "train.max_iters=2000",
+        "train.checkpoint_every=1000",
+        f"train.output_dir={run}",
+        f"train.num_workers={workers}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "retinanet.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retinanet.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     wait_for_first_iteration(run)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -432,8 +608,20 @@ def test_every_command_has_a_handler_is_documented_and_shows_its_defaults():
 
     parser = cli._parser()
     commands = dict(_subcommands(parser))
-    assert set(commands) >= {"train", "eval", "detect", "export", "demo", "anchors", "inspect", "analyze",
-                             "loss-curves", "examples", "loss-cdf", "ablate"}  # fmt: skip
+    assert set(commands) >= {
+        "train",
+        "eval",
+        "detect",
+        "export",
+        "demo",
+        "anchors",
+        "inspect",
+        "analyze",
+        "loss-curves",
+        "examples",
+        "loss-cdf",
+        "ablate",
+    }
     for name, sub in commands.items():
         if name == "analyze":  # a group of analyses, each with its own handler
             continue
@@ -461,15 +649,26 @@ def test_help_answers_at_once_without_loading_torch():
     import subprocess
     import sys
 
-    code = "import sys; from retinanet.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
-           "print('torch' in sys.modules)"  # fmt: skip
+    code = (
+        "import sys; from retinanet.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().endswith("False"), done.stdout + done.stderr
 
 
 def test_validation_during_training_logs_the_gap_keeps_the_best_and_draws_the_curves(tmp_path):
-    assert _train(tmp_path, "train.eval_every=2", "train.max_iters=4", "train.eval_train_images=4",
-                  "train.ema_decay=0.9", "data.augment=top_down") == 0  # fmt: skip
+    assert (
+        _train(
+            tmp_path,
+            "train.eval_every=2",
+            "train.max_iters=4",
+            "train.eval_train_images=4",
+            "train.ema_decay=0.9",
+            "data.augment=top_down",
+        )
+        == 0
+    )
     run = tmp_path / "run"
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/AP" in r]

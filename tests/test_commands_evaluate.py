@@ -5,16 +5,22 @@ import pytest
 from PIL import Image
 
 from retinanet import build_model
-from retinanet.config import DataConfig
 from retinanet.commands.evaluate import run_eval
+from retinanet.config import DataConfig
 from retinanet.model.checkpoint import save_checkpoint
 
 
 @pytest.fixture
 def trained_on_ant_cat_dog(tmp_path: Path) -> Path:
     # a checkpoint of a model whose labels 0, 1, 2 are ant, cat, dog (the training csv's sorted names)
-    model = build_model("retinanet_tiny", num_classes=3, class_names=("ant", "cat", "dog"), category_ids=(1, 2, 3),
-                        min_size=64, max_size=64)  # fmt: skip
+    model = build_model(
+        "retinanet_tiny",
+        num_classes=3,
+        class_names=("ant", "cat", "dog"),
+        category_ids=(1, 2, 3),
+        min_size=64,
+        max_size=64,
+    )
     return save_checkpoint(tmp_path / "model.pt", model)
 
 
@@ -38,3 +44,22 @@ def test_eval_names_an_unknown_class_of_a_csv(tmp_path, trained_on_ant_cat_dog):
     data = _csv_data(tmp_path, "img/a.png,4,4,30,30,zebra\n")
     with pytest.raises(Exception, match=r"val.csv: line 1: unknown class 'zebra'"):
         run_eval(trained_on_ant_cat_dog, data, tmp_path / "eval")
+
+
+def test_a_full_disk_keeps_the_earlier_metrics_and_says_so_in_one_line(tmp_path, trained_on_ant_cat_dog, monkeypatch):
+    import errno
+
+    from retinanet.runtime import outputs
+
+    data = _csv_data(tmp_path, "img/a.png,4,4,30,30,dog\n")
+    run_eval(trained_on_ant_cat_dog, data, tmp_path / "eval")
+    before = (tmp_path / "eval" / "metrics.json").read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "fsync", no_space)
+    with pytest.raises(outputs.WriteError, match=r"cannot write .*\.json \(No space left on device\); [\d.]+ GB free"):
+        run_eval(trained_on_ant_cat_dog, data, tmp_path / "eval")
+    assert (tmp_path / "eval" / "metrics.json").read_bytes() == before
+    assert not [p for p in (tmp_path / "eval").iterdir() if p.name.endswith(".tmp")]

@@ -43,8 +43,9 @@ def test_unknown_preset_names_it():
 
 
 def test_dict_round_trip_turns_lists_into_tuples():
-    cfg = model_config("retinanet_tiny", num_classes=4, anchor_sizes_per_level=[[16, 20], [32, 40], [64, 80],
-                                                                                  [128, 160], [256, 320]])
+    cfg = model_config(
+        "retinanet_tiny", num_classes=4, anchor_sizes_per_level=[[16, 20], [32, 40], [64, 80], [128, 160], [256, 320]]
+    )
     data = cfg.to_dict()
     assert isinstance(data["aspect_ratios"], list)
     back = ModelConfig.from_dict(data)

@@ -46,22 +46,33 @@ def test_a_type_error_names_the_declared_default_not_the_files_value(tmp_path):
         load_run_config(config, ["train.max_iters=abc"])
 
 
-@pytest.mark.parametrize("item, message", [
-    ("train.grad_clip=abc", r"train: grad_clip = 'abc' is not a number or null \(the default is None\)"),
-    ("model.backbone_weights=5", r"model: backbone_weights = 5 is not a string or null"),
-    ("model.train_min_sizes=[abc]", r"model: train_min_sizes = \['abc'\] is not a list of integers"),
-    ("model.box_coder_weights=[1, 1, 1]", r"box_coder_weights = \[1, 1, 1\] is not a list of 4 values"),
-    ("train.device=gpu", r"train: device = 'gpu' is not one of 'auto', 'cpu', 'cuda', 'cuda:N'"),
-    ("train.steps=[0.5, 2]", r"steps must be positive and increasing .* got \[0.5, 2\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.grad_clip=abc", r"train: grad_clip = 'abc' is not a number or null \(the default is None\)"),
+        ("model.backbone_weights=5", r"model: backbone_weights = 5 is not a string or null"),
+        ("model.train_min_sizes=[abc]", r"model: train_min_sizes = \['abc'\] is not a list of integers"),
+        ("model.box_coder_weights=[1, 1, 1]", r"box_coder_weights = \[1, 1, 1\] is not a list of 4 values"),
+        ("train.device=gpu", r"train: device = 'gpu' is not one of 'auto', 'cpu', 'cuda', 'cuda:N'"),
+        ("train.steps=[0.5, 2]", r"steps must be positive and increasing .* got \[0.5, 2\]"),
+    ],
+)
 def test_fields_that_default_to_none_or_hold_lists_are_checked_by_their_declared_type(item, message):
     with pytest.raises(ValueError, match=message):
         load_run_config(None, [item])
 
 
 def test_declared_types_still_take_what_they_declare():
-    cfg = load_run_config(None, ["train.grad_clip=5", "model.train_min_sizes=[640, 800]", "train.device=cuda:1",
-                                 "train.steps=[0.5, 60000]", "model.ohem_neg_pos_ratio=null"])  # fmt: skip
+    cfg = load_run_config(
+        None,
+        [
+            "train.grad_clip=5",
+            "model.train_min_sizes=[640, 800]",
+            "train.device=cuda:1",
+            "train.steps=[0.5, 60000]",
+            "model.ohem_neg_pos_ratio=null",
+        ],
+    )
     assert cfg.train.grad_clip == 5.0 and isinstance(cfg.train.grad_clip, float)
     assert cfg.model.train_min_sizes == (640, 800) and cfg.train.steps == (0.5, 60000)
     assert cfg.train.device == "cuda:1" and cfg.model.ohem_neg_pos_ratio is None

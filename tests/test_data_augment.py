@@ -18,10 +18,15 @@ def _image_with(rectangles, height=48, width=64, values=None):
     image = torch.zeros(3, height, width, dtype=torch.uint8)
     for (x1, y1, x2, y2), v in zip(rectangles, values):
         image[:, y1:y2, x1:x2] = v
-    target = {"boxes": tv_tensors.BoundingBoxes(torch.tensor(rectangles, dtype=torch.float32).reshape(-1, 4),
-                                                format="XYXY", canvas_size=(height, width)),
-              "labels": torch.arange(len(rectangles)), "iscrowd": torch.zeros(len(rectangles), dtype=torch.bool),
-              "image_id": 1, "orig_size": (height, width)}  # fmt: skip
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor(rectangles, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(height, width)
+        ),
+        "labels": torch.arange(len(rectangles)),
+        "iscrowd": torch.zeros(len(rectangles), dtype=torch.bool),
+        "image_id": 1,
+        "orig_size": (height, width),
+    }
     return tv_tensors.Image(image), target
 
 
@@ -91,8 +96,15 @@ def test_the_top_down_preset_keeps_every_box_on_its_object(seed):
 
 
 def test_the_dataset_makes_mosaics_of_its_own_images(tmp_path):
-    data = DataConfig(synthetic_train_images=6, synthetic_image_size=64, augment="top_down", mosaic_prob=1.0,
-                      crop_prob=0.0, scale_jitter=(1.0, 1.0), rotate90_prob=0.0)  # fmt: skip
+    data = DataConfig(
+        synthetic_train_images=6,
+        synthetic_image_size=64,
+        augment="top_down",
+        mosaic_prob=1.0,
+        crop_prob=0.0,
+        scale_jitter=(1.0, 1.0),
+        rotate90_prob=0.0,
+    )
     dataset = build_dataset(data, model_config("retinanet_tiny", min_size=64, max_size=64), "train", train_mode=True)
     assert dataset.mosaic == 1.0
     torch.manual_seed(0)
@@ -115,14 +127,17 @@ def test_cached_images_are_decoded_once_and_give_the_same_samples(tmp_path):
     rows = []
     for i, record in enumerate(shapes.records):
         shapes.load_image(i).save(tmp_path / f"{i}.png")
-        rows += [f"{i}.png,{','.join(str(round(v)) for v in box.tolist())},{shapes.category_names[int(label)]}"
-                 for box, label in zip(record.boxes, record.labels)]  # fmt: skip
+        rows += [
+            f"{i}.png,{','.join(str(round(v)) for v in box.tolist())},{shapes.category_names[int(label)]}"
+            for box, label in zip(record.boxes, record.labels)
+        ]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     model = model_config("retinanet_tiny", min_size=48, max_size=64)
     samples = {}
     for cache in (False, True):
-        data = DataConfig(format="csv", train_annotations=str(tmp_path / "train.csv"), augment="top_down",
-                          cache_images=cache)  # fmt: skip
+        data = DataConfig(
+            format="csv", train_annotations=str(tmp_path / "train.csv"), augment="top_down", cache_images=cache
+        )
         dataset = build_dataset(data, model, "train", train_mode=True)
         decoded = []
         load = dataset.load_image

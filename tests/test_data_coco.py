@@ -100,16 +100,31 @@ def _with(change) -> dict:
 BAD_ANNOTATIONS = {
     "w <= 0": (_with(lambda d: d["annotations"][1].update(bbox=[5, 5, 0, 3])), "annotation id 41 (entry 1", "w > 0"),
     "h <= 0": (_with(lambda d: d["annotations"][2].update(bbox=[1, 1, 2, -1])), "annotation id 42 (entry 2", "h > 0"),
-    "outside": (_with(lambda d: d["annotations"][0].update(bbox=[15, 2, 8, 3])), "annotation id 40 (entry 0",
-                "outside"),
-    "unknown category": (_with(lambda d: d["annotations"][2].update(category_id=5)), "annotation id 42 (entry 2",
-                         "category_id 5"),
-    "unknown image": (_with(lambda d: d["annotations"][1].update(image_id=99)), "annotation id 41 (entry 1",
-                      "image_id 99"),
-    "bbox not 4 numbers": (_with(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "annotation id 40 (entry 0",
-                           "[x, y, w, h]"),
-    "no id": (_with(lambda d: (d["annotations"][1].pop("id"), d["annotations"][1].update(bbox=[5, 5, 0, 3]))),
-              "annotation entry 1 of 'annotations'", "w > 0"),
+    "outside": (
+        _with(lambda d: d["annotations"][0].update(bbox=[15, 2, 8, 3])),
+        "annotation id 40 (entry 0",
+        "outside",
+    ),
+    "unknown category": (
+        _with(lambda d: d["annotations"][2].update(category_id=5)),
+        "annotation id 42 (entry 2",
+        "category_id 5",
+    ),
+    "unknown image": (
+        _with(lambda d: d["annotations"][1].update(image_id=99)),
+        "annotation id 41 (entry 1",
+        "image_id 99",
+    ),
+    "bbox not 4 numbers": (
+        _with(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])),
+        "annotation id 40 (entry 0",
+        "[x, y, w, h]",
+    ),
+    "no id": (
+        _with(lambda d: (d["annotations"][1].pop("id"), d["annotations"][1].update(bbox=[5, 5, 0, 3]))),
+        "annotation entry 1 of 'annotations'",
+        "w > 0",
+    ),
 }
 
 
@@ -128,8 +143,13 @@ def test_box_within_one_pixel_is_clipped_not_rejected(coco_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("", "empty file"), ("   \n", "empty file"), ('{"images": [}', "invalid JSON at line 1"),
-     ('{"images": [], "categories": []}', "'annotations'"), ("[1, 2]", "expected a JSON object")],
+    [
+        ("", "empty file"),
+        ("   \n", "empty file"),
+        ('{"images": [}', "invalid JSON at line 1"),
+        ('{"images": [], "categories": []}', "'annotations'"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
 )
 def test_bad_file_raises_naming_it(coco_dir: Path, text: str, expected: str) -> None:
     with pytest.raises(DatasetError) as e:
@@ -177,7 +197,9 @@ def test_corrupt_image_raises_in_getitem(coco_dir: Path, damage: str) -> None:
 
 def test_image_size_must_match_annotation(coco_dir: Path) -> None:
     Image.new("RGB", (9, 8)).save(coco_dir / "images" / "c.png")
-    with pytest.raises(DatasetError, match=r"image id 12 'c.png' \(entry 2 of 'images'\).*9x8 but its annotation says 8x8"):
+    with pytest.raises(
+        DatasetError, match=r"image id 12 'c.png' \(entry 2 of 'images'\).*9x8 but its annotation says 8x8"
+    ):
         _dataset(coco_dir)[2]
 
 

@@ -12,12 +12,7 @@ def csv_dir(tmp_path: Path) -> Path:
     (tmp_path / "img").mkdir()
     Image.new("RGB", (20, 16)).save(tmp_path / "img" / "a.png")
     Image.new("RGB", (10, 12)).save(tmp_path / "img" / "b.jpg")
-    (tmp_path / "ann.csv").write_text(
-        "img/a.png,1,2,11,9,dog\n"
-        "img/a.png,0,0,20,16,cat\n"
-        "\n"
-        "img/b.jpg,,,,,\n"
-    )
+    (tmp_path / "ann.csv").write_text("img/a.png,1,2,11,9,dog\nimg/a.png,0,0,20,16,cat\n\nimg/b.jpg,,,,,\n")
     (tmp_path / "classes.csv").write_text("dog,0\ncat,1\n")
     return tmp_path
 
@@ -132,8 +127,9 @@ def test_validation_set_without_classes_file_takes_the_training_label_map(tmp_pa
     Image.new("RGB", (20, 16)).save(tmp_path / "img" / "a.png")
     (tmp_path / "train.csv").write_text("img/a.png,1,2,11,9,ant\nimg/a.png,0,0,20,16,cat\nimg/a.png,2,2,9,9,dog\n")
     (tmp_path / "val.csv").write_text("img/a.png,1,2,11,9,dog\n")  # alone it would be class 1 of 1
-    data = DataConfig(format="csv", train_annotations=str(tmp_path / "train.csv"),
-                      val_annotations=str(tmp_path / "val.csv"))  # fmt: skip
+    data = DataConfig(
+        format="csv", train_annotations=str(tmp_path / "train.csv"), val_annotations=str(tmp_path / "val.csv")
+    )
     model = model_config("retinanet_tiny", min_size=64, max_size=64)
     train = build_dataset(data, model, "train", train_mode=True)
     val = val_dataset(data, model, train.categories)

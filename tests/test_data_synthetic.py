@@ -14,8 +14,9 @@ def _pixels(ds: SyntheticShapes, i: int) -> np.ndarray:
 
 def test_categories_and_item_types() -> None:
     ds = SyntheticShapes("train", num_images=4, image_size=(48, 64))
-    assert ds.categories == [{"id": k + 1, "name": n} for k, n in enumerate(("circle", "square", "triangle", "cross",
-                                                                            "ellipse"))]
+    assert ds.categories == [
+        {"id": k + 1, "name": n} for k, n in enumerate(("circle", "square", "triangle", "cross", "ellipse"))
+    ]
     image, target = ds[0]
     assert isinstance(image, tv_tensors.Image) and image.dtype == torch.float32 and image.shape == (3, 48, 64)
     assert target["boxes"].canvas_size == (48, 64) and target["orig_size"] == (48, 64) and target["image_id"] == 0

@@ -38,7 +38,9 @@ def test_resized_size_hand_values() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_train_transforms_keep_boxes_on_their_objects(flip_prob: float, seed: int) -> None:
     torch.manual_seed(seed)
-    image, target = train_transforms((24, 32, 48), max_size=64, augmentation=Augmentation(hflip=flip_prob))(*_white_rectangle())
+    image, target = train_transforms((24, 32, 48), max_size=64, augmentation=Augmentation(hflip=flip_prob))(
+        *_white_rectangle()
+    )
     assert image.dtype == torch.float32 and image.shape[1] in (24, 32, 43) and max(image.shape[1:]) <= 64
     ys, xs = torch.nonzero(image[0] > 0.5, as_tuple=True)
     white = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
@@ -50,10 +52,13 @@ def test_train_transforms_keep_boxes_on_their_objects(flip_prob: float, seed: in
 
 def test_sanitize_keeps_labels_and_iscrowd_in_step() -> None:
     image, target = _white_rectangle(40, 200)
-    target["boxes"] = tv_tensors.BoundingBoxes([[10, 5, 30, 20], [50, 5, 51.5, 20], [60, 5, 90, 30]],
-                                               format="XYXY", canvas_size=(40, 200))
+    target["boxes"] = tv_tensors.BoundingBoxes(
+        [[10, 5, 30, 20], [50, 5, 51.5, 20], [60, 5, 90, 30]], format="XYXY", canvas_size=(40, 200)
+    )
     target["labels"], target["iscrowd"] = torch.tensor([0, 1, 2]), torch.tensor([False, False, True])
-    _, out = train_transforms((10,), max_size=50, augmentation=Augmentation(hflip=0.0))(image, target)  # scale 0.25: box 1 is < 1 px
+    _, out = train_transforms((10,), max_size=50, augmentation=Augmentation(hflip=0.0))(
+        image, target
+    )  # scale 0.25: box 1 is < 1 px
     assert out["labels"].tolist() == [0, 2] and out["iscrowd"].tolist() == [False, True]
     assert out["boxes"].shape == (2, 4)
 

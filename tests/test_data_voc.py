@@ -9,13 +9,17 @@ from retinanet.data import VOC_CLASSES, DatasetError, VocDetection
 
 def _object(name: str, box: tuple, difficult: int = 0) -> str:
     xmin, ymin, xmax, ymax = box
-    return (f"<object><name>{name}</name><pose>Left</pose><truncated>0</truncated><difficult>{difficult}</difficult>"
-            f"<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
+    return (
+        f"<object><name>{name}</name><pose>Left</pose><truncated>0</truncated><difficult>{difficult}</difficult>"
+        f"<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+    )
 
 
 def _xml(width: int, height: int, objects: list[str]) -> str:
-    return (f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
-            f"<depth>3</depth></size>{''.join(objects)}</annotation>")
+    return (
+        f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
+        f"<depth>3</depth></size>{''.join(objects)}</annotation>"
+    )
 
 
 @pytest.fixture
@@ -25,7 +29,8 @@ def voc_root(tmp_path: Path) -> Path:
     Image.new("RGB", (20, 16), (200, 10, 10)).save(tmp_path / "JPEGImages" / "000001.jpg")
     Image.new("RGB", (12, 12), (10, 200, 10)).save(tmp_path / "JPEGImages" / "000002.jpg")
     (tmp_path / "Annotations" / "000001.xml").write_text(
-        _xml(20, 16, [_object("dog", (1, 1, 10, 8)), _object("person", (5, 6, 20, 16), difficult=1)]))
+        _xml(20, 16, [_object("dog", (1, 1, 10, 8)), _object("person", (5, 6, 20, 16), difficult=1)])
+    )
     (tmp_path / "Annotations" / "000002.xml").write_text(_xml(12, 12, []))
     (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n")
     return tmp_path

@@ -32,7 +32,9 @@ def yolo_dir(tmp_path: Path) -> Path:
     _labels(root / "labels" / "train" / "sub" / "c.txt", "1 0.1 0.2 0.5 0.2 0.5 0.6 0.1 0.6\n")
     _image(root / "images" / "val" / "v.png", (40, 20))
     _labels(root / "labels" / "val" / "v.txt", "1 0.5 0.5 1.0 1.0\n")
-    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnc: 2\nnames:\n  0: tree\n  1: car\n")
+    (root / "data.yaml").write_text(
+        "path: .\ntrain: images/train\nval: images/val\nnc: 2\nnames:\n  0: tree\n  1: car\n"
+    )
     return root
 
 
@@ -66,14 +68,17 @@ def test_names_as_a_list_and_splits_as_list_files(yolo_dir: Path) -> None:
     assert ds.category_names == ["tree", "car"]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("names: [tree]\nnc: 2\ntrain: images/train\n", r"nc = 2 but names holds 1 classes"),
-    ("train: images/train\n", r"'names' must list the class names"),
-    ("names: {0: tree, 2: car}\ntrain: images/train\n", r"class indices are \[0, 2\]"),
-    ("names: [tree, car]\n", r"no 'train' images named"),
-    ("names: [tree, car]\ntrain: nowhere\n", r"nowhere is neither a folder of images nor a \.txt list"),
-    ("names: [tree\n", r"not valid YAML"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("names: [tree]\nnc: 2\ntrain: images/train\n", r"nc = 2 but names holds 1 classes"),
+        ("train: images/train\n", r"'names' must list the class names"),
+        ("names: {0: tree, 2: car}\ntrain: images/train\n", r"class indices are \[0, 2\]"),
+        ("names: [tree, car]\n", r"no 'train' images named"),
+        ("names: [tree, car]\ntrain: nowhere\n", r"nowhere is neither a folder of images nor a \.txt list"),
+        ("names: [tree\n", r"not valid YAML"),
+    ],
+)
 def test_data_yaml_mistakes_name_the_file(yolo_dir: Path, text: str, expected: str) -> None:
     (yolo_dir / "bad.yaml").write_text(text)
     with pytest.raises(DatasetError, match=expected) as info:
@@ -81,13 +86,16 @@ def test_data_yaml_mistakes_name_the_file(yolo_dir: Path, text: str, expected: s
     assert "bad.yaml" in str(info.value)
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("2 0.5 0.5 0.2 0.2", r"line 2: class 2 is not a class index 0\.\.1"),
-    ("0 20 10 4 4", r"line 2: coordinates .* are not fractions of the image"),
-    ("0 0.5 0.5 0.2", r"line 2: 4 numbers; expected 'class cx cy w h'"),
-    ("tree 0.5 0.5 0.2 0.2", r"line 2: 'tree 0.5 0.5 0.2 0.2'; expected 'class cx cy w h'"),
-    ("0 0.5 0.5 0.0 0.2", r"line 2: x2 .* <= x1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("2 0.5 0.5 0.2 0.2", r"line 2: class 2 is not a class index 0\.\.1"),
+        ("0 20 10 4 4", r"line 2: coordinates .* are not fractions of the image"),
+        ("0 0.5 0.5 0.2", r"line 2: 4 numbers; expected 'class cx cy w h'"),
+        ("tree 0.5 0.5 0.2 0.2", r"line 2: 'tree 0.5 0.5 0.2 0.2'; expected 'class cx cy w h'"),
+        ("0 0.5 0.5 0.0 0.2", r"line 2: x2 .* <= x1"),
+    ],
+)
 def test_a_bad_label_line_names_its_file_and_line(yolo_dir: Path, line: str, expected: str, capsys) -> None:
     _labels(yolo_dir / "labels" / "train" / "a.txt", f"0 0.5 0.5 0.5 0.5\n{line}\n")
     with pytest.raises(DatasetError, match=expected) as info:
@@ -135,12 +143,41 @@ def test_train_on_yolo_labels_then_detect_writes_yolo_txt(yolo_dir: Path, tmp_pa
     from retinanet.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", *tiny_run(run, "data.format=yolo", f"data.root={yolo_dir / 'data.yaml'}",
-                                    "model.min_size=32", "model.max_size=64", "train.max_iters=2",
-                                    "train.batch_size=2", "model.score_thresh=0.0")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run(
+                    run,
+                    "data.format=yolo",
+                    f"data.root={yolo_dir / 'data.yaml'}",
+                    "model.min_size=32",
+                    "model.max_size=64",
+                    "train.max_iters=2",
+                    "train.batch_size=2",
+                    "model.score_thresh=0.0",
+                ),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "detect"
-    assert main(["detect", str(yolo_dir / "images" / "val"), "--checkpoint", str(run / "last.pt"), "--output",
-                 str(out), "--yolo-txt", "--score-thresh", "0.0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(yolo_dir / "images" / "val"),
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--output",
+                str(out),
+                "--yolo-txt",
+                "--score-thresh",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     records = json.loads((out / "detections.json").read_text())
     lines = (out / "labels" / "v.txt").read_text().splitlines()
     assert len(lines) == len(records[0]["detections"]) > 0
@@ -148,4 +185,6 @@ def test_train_on_yolo_labels_then_detect_writes_yolo_txt(yolo_dir: Path, tmp_pa
         label, cx, cy, w, h, score = line.split()
         x1, y1, x2, y2 = d["box"]
         assert int(label) == d["label"] and float(score) == pytest.approx(d["score"], abs=1e-6)
-        assert float(cx) == pytest.approx((x1 + x2) / 2 / 40, abs=1e-6) and float(h) == pytest.approx((y2 - y1) / 20, abs=1e-6)
+        assert float(cx) == pytest.approx((x1 + x2) / 2 / 40, abs=1e-6) and float(h) == pytest.approx(
+            (y2 - y1) / 20, abs=1e-6
+        )

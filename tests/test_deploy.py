@@ -159,11 +159,41 @@ def test_export_and_detect_from_the_command_line(tmp_path, capsys):
     images.mkdir()
     for i, im in enumerate(_images((128, 160), (160, 128))):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(images / f"im{i}.png")
-    assert main(["detect", str(images), "--onnx", str(out), "--output", str(tmp_path / "det"), "--workers", "0",
-                 "--score-thresh", "0.0"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(images),
+                "--onnx",
+                str(out),
+                "--output",
+                str(tmp_path / "det"),
+                "--workers",
+                "0",
+                "--score-thresh",
+                "0.0",
+            ]
+        )
+        == 2
+    )
     assert "keeps scores above its score_thresh 0.05" in capsys.readouterr().err  # below what the graph keeps
-    assert main(["detect", str(images), "--onnx", str(out), "--output", str(tmp_path / "det"), "--workers", "0",
-                 "--score-thresh", "0.05"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(images),
+                "--onnx",
+                str(out),
+                "--output",
+                str(tmp_path / "det"),
+                "--workers",
+                "0",
+                "--score-thresh",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     records = json.loads((tmp_path / "det" / "detections.json").read_text())
     assert [r["file"].rsplit("/", 1)[1] for r in records] == ["im0.png", "im1.png"]
     assert all(r["detections"] == [] for r in records)
@@ -209,13 +239,46 @@ def test_export_int8_from_the_command_line(exported, tmp_path, capsys):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     (folder / "val.csv").write_text("0.png,10,10,60,60,a\n1.png,20,20,90,70,a\n")
     config = tmp_path / "run.yaml"
-    config.write_text(f"data: {{format: csv, train_annotations: {folder / 'val.csv'}, val_annotations: "
-                      f"{folder / 'val.csv'}}}\n")  # fmt: skip
+    config.write_text(
+        f"data: {{format: csv, train_annotations: {folder / 'val.csv'}, val_annotations: {folder / 'val.csv'}}}\n"
+    )
     out = tmp_path / "m.onnx"
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--int8"]) == 2
     assert "--calibration" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--int8", "--calibration",
-                 str(config), "--image-size", "160", "160"]) == 0  # fmt: skip (a fixed size: half the tracing)
+    args = ["export", "--checkpoint", str(checkpoint), "--output", str(out), "--int8", "--calibration", str(config)]
+    assert main([*args, "--image-size", "160", "160"]) == 0  # a fixed size: half the tracing
     assert "INT8 model" in capsys.readouterr().out and (tmp_path / "m.int8.onnx").exists()
-    assert main(["detect", str(folder / "0.png"), "--onnx", str(tmp_path / "m.int8.onnx"), "--output",
-                 str(tmp_path / "d"), "--workers", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(folder / "0.png"),
+                "--onnx",
+                str(tmp_path / "m.int8.onnx"),
+                "--output",
+                str(tmp_path / "d"),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.slow
+def test_an_export_that_cannot_be_written_keeps_the_earlier_file(exported, tmp_path, monkeypatch):
+    import errno
+
+    from retinanet.runtime import outputs
+
+    model, path = exported
+    earlier = tmp_path / "m.onnx"
+    earlier.write_bytes(path.read_bytes())
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "fsync", no_space)
+    with pytest.raises(outputs.WriteError, match=r"cannot write .*m\.onnx \(No space left on device\)"):
+        export_onnx(model, earlier, image_size=(64, 64))
+    assert earlier.read_bytes() == path.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -59,11 +59,24 @@ def _num_pos(model: RetinaNet, targets) -> int:
 
 def test_presets_build_with_overrides():
     overrides = dict(
-        num_classes=5, min_size=320, max_size=480, fpn_channels=64, head_channels=64, anchor_scales=(1.0, 2.0),
-        aspect_ratios=(1.0,), cls_loss="ce", alpha=0.5, gamma=0.0, detections_per_image=7,
-    )  # fmt: skip
-    for name, body in [("retinanet_r50_fpn", "resnet50"), ("retinanet_r101_fpn", "resnet101"),
-                       ("retinanet_r18_fpn", "resnet18"), ("retinanet_tiny", "resnet10")]:
+        num_classes=5,
+        min_size=320,
+        max_size=480,
+        fpn_channels=64,
+        head_channels=64,
+        anchor_scales=(1.0, 2.0),
+        aspect_ratios=(1.0,),
+        cls_loss="ce",
+        alpha=0.5,
+        gamma=0.0,
+        detections_per_image=7,
+    )
+    for name, body in [
+        ("retinanet_r50_fpn", "resnet50"),
+        ("retinanet_r101_fpn", "resnet101"),
+        ("retinanet_r18_fpn", "resnet18"),
+        ("retinanet_tiny", "resnet10"),
+    ]:
         # on the meta device: the whole architecture, shapes included, without initialising 45M weights
         with torch.device("meta"):
             model = build_model(name, **overrides).eval()
@@ -100,7 +113,8 @@ def test_unknown_override_names_it():
 
 @pytest.mark.parametrize(
     ("cls_loss", "box_loss", "assigner"),
-    [(c, "smooth_l1", "iou") for c in CLS_LOSSES] + [("focal", b, "iou") for b in BOX_LOSSES[1:]]
+    [(c, "smooth_l1", "iou") for c in CLS_LOSSES]
+    + [("focal", b, "iou") for b in BOX_LOSSES[1:]]
     + [("focal", "smooth_l1", "atss"), ("quality_focal", "giou", "atss")],
 )
 def test_loss_is_a_finite_scalar_dict_for_every_loss(cls_loss, box_loss, assigner):

@@ -36,30 +36,64 @@ def _random_scene(seed: int = 0):
     gts, dets, images, anns, results = [], [], [], [], []
     for i, image_id in enumerate(IMAGE_IDS):
         n = 0 if i == 0 else int(g.integers(1, 6))  # image 10 has no ground truth at all
-        xywh = [[int(g.integers(0, 300)), int(g.integers(0, 300)), int(g.integers(4, 150)), int(g.integers(4, 150))]
-                for _ in range(n)]
+        xywh = [
+            [int(g.integers(0, 300)), int(g.integers(0, 300)), int(g.integers(4, 150)), int(g.integers(4, 150))]
+            for _ in range(n)
+        ]
         labels = g.integers(0, 3, n).tolist()
         crowd = [bool(c) for c in (g.random(n) < 0.2)]
-        gts.append({"image_id": image_id, "boxes": _xyxy(xywh), "labels": torch.tensor(labels, dtype=torch.int64),
-                    "iscrowd": torch.tensor(crowd, dtype=torch.bool), "width": 500, "height": 480})
+        gts.append(
+            {
+                "image_id": image_id,
+                "boxes": _xyxy(xywh),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+                "iscrowd": torch.tensor(crowd, dtype=torch.bool),
+                "width": 500,
+                "height": 480,
+            }
+        )
         images.append({"id": image_id, "width": 500, "height": 480})
         for b, lab, c in zip(xywh, labels, crowd):
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": CATEGORIES[lab]["id"],
-                         "bbox": [float(v) for v in b], "area": float(b[2] * b[3]), "iscrowd": int(c)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": CATEGORIES[lab]["id"],
+                    "bbox": [float(v) for v in b],
+                    "area": float(b[2] * b[3]),
+                    "iscrowd": int(c),
+                }
+            )
         if i == 2:  # image 12 has ground truth but no detections
             continue
-        det_xywh = [[x + int(g.integers(-6, 7)), y + int(g.integers(-6, 7)), w + int(g.integers(-5, 6)),
-                     h + int(g.integers(-5, 6))] for x, y, w, h in xywh]
-        det_xywh += [[int(g.integers(0, 300)), int(g.integers(0, 300)), int(g.integers(4, 150)),
-                      int(g.integers(4, 150))] for _ in range(int(g.integers(0, 4)))]
+        det_xywh = [
+            [
+                x + int(g.integers(-6, 7)),
+                y + int(g.integers(-6, 7)),
+                w + int(g.integers(-5, 6)),
+                h + int(g.integers(-5, 6)),
+            ]
+            for x, y, w, h in xywh
+        ]
+        det_xywh += [
+            [int(g.integers(0, 300)), int(g.integers(0, 300)), int(g.integers(4, 150)), int(g.integers(4, 150))]
+            for _ in range(int(g.integers(0, 4)))
+        ]
         det_labels = [lab if g.random() < 0.8 else int(g.integers(0, 3)) for lab in labels]
         det_labels += g.integers(0, 3, len(det_xywh) - len(labels)).tolist()
         scores = torch.rand(len(det_xywh), generator=torch.Generator().manual_seed(seed * 100 + i))
-        dets.append({"image_id": image_id, "boxes": _xyxy(det_xywh), "scores": scores,
-                     "labels": torch.tensor(det_labels, dtype=torch.int64)})
+        dets.append(
+            {
+                "image_id": image_id,
+                "boxes": _xyxy(det_xywh),
+                "scores": scores,
+                "labels": torch.tensor(det_labels, dtype=torch.int64),
+            }
+        )
         for b, lab, s in zip(det_xywh, det_labels, scores.tolist()):
-            results.append({"image_id": image_id, "category_id": CATEGORIES[lab]["id"],
-                            "bbox": [float(v) for v in b], "score": s})
+            results.append(
+                {"image_id": image_id, "category_id": CATEGORIES[lab]["id"], "bbox": [float(v) for v in b], "score": s}
+            )
     gt_json = {"images": images, "annotations": anns, "categories": CATEGORIES}
     return gts, dets, gt_json, results
 
@@ -100,8 +134,15 @@ def test_per_class_ap_is_pycocotools_mean_precision_of_that_class(tmp_path):
 
 def test_perfect_detections_give_ap_one():
     gts, _, _, _ = _random_scene(4)
-    dets = [{"image_id": gt["image_id"], "boxes": gt["boxes"][~gt["iscrowd"]], "labels": gt["labels"][~gt["iscrowd"]],
-             "scores": torch.ones(int((~gt["iscrowd"]).sum()))} for gt in gts]
+    dets = [
+        {
+            "image_id": gt["image_id"],
+            "boxes": gt["boxes"][~gt["iscrowd"]],
+            "labels": gt["labels"][~gt["iscrowd"]],
+            "scores": torch.ones(int((~gt["iscrowd"]).sum())),
+        }
+        for gt in gts
+    ]
     metrics = evaluate_coco(gts, dets, CATEGORIES)
     # pycocotools divides tp by (tp + fp + eps), so "1" may be 1 - 2e-16
     one = pytest.approx(1.0, abs=1e-12)
@@ -111,27 +152,46 @@ def test_perfect_detections_give_ap_one():
 
 def _one_box_per_size():
     xywh = [[0, 0, 10, 10], [50, 50, 50, 50], [100, 100, 200, 200]]  # small, medium, large
-    return [{"image_id": 1, "boxes": _xyxy(xywh), "labels": torch.tensor([0, 1, 2]), "width": 400, "height": 400},
-            {"image_id": 2, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "width": 400, "height": 400}]
+    return [
+        {"image_id": 1, "boxes": _xyxy(xywh), "labels": torch.tensor([0, 1, 2]), "width": 400, "height": 400},
+        {
+            "image_id": 2,
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "width": 400,
+            "height": 400,
+        },
+    ]
 
 
 @pytest.mark.parametrize("empty", ["no_entries", "empty_tensors"])
 def test_zero_detections_give_zero(empty):
     gts = _one_box_per_size()
-    dets = [] if empty == "no_entries" else [
-        {"image_id": gt["image_id"], "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-         "labels": torch.zeros(0, dtype=torch.int64)} for gt in gts]
+    dets = (
+        []
+        if empty == "no_entries"
+        else [
+            {
+                "image_id": gt["image_id"],
+                "boxes": torch.zeros(0, 4),
+                "scores": torch.zeros(0),
+                "labels": torch.zeros(0, dtype=torch.int64),
+            }
+            for gt in gts
+        ]
+    )
     metrics = evaluate_coco(gts, dets, CATEGORIES)
     assert metrics.stats == [0.0] * 12
     assert metrics.per_class_ap == {"cat": 0.0, "dog": 0.0, "bird": 0.0}
 
 
 def test_undefined_values_are_nan_not_minus_one():
-    gts = [{"image_id": 1, "boxes": _xyxy([[0, 0, 200, 200]]), "labels": torch.tensor([0]), "width": 300,
-            "height": 300}]
-    dets = [{"image_id": 1, "boxes": _xyxy([[0, 0, 200, 200]]), "scores": torch.tensor([0.9]),
-             "labels": torch.tensor([0])}]
+    gts = [
+        {"image_id": 1, "boxes": _xyxy([[0, 0, 200, 200]]), "labels": torch.tensor([0]), "width": 300, "height": 300}
+    ]
+    dets = [
+        {"image_id": 1, "boxes": _xyxy([[0, 0, 200, 200]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
+    ]
     metrics = evaluate_coco(gts, dets, CATEGORIES)
     assert metrics.AP == pytest.approx(1.0, abs=1e-12) and metrics.APl == pytest.approx(1.0, abs=1e-12)
     assert math.isnan(metrics.APs) and math.isnan(metrics.APm)  # no small / medium ground truth
@@ -175,8 +235,10 @@ def test_pr_plot_is_a_png(tmp_path):
 
 def test_coco_results_round_trip(tmp_path):
     boxes = torch.tensor([[10.5, 20.0, 30.5, 60.0], [0.0, 0.0, 1.0, 2.0]])
-    dets = [{"image_id": 3, "boxes": boxes, "scores": torch.tensor([0.75, 0.5]), "labels": torch.tensor([0, 1])},
-            {"image_id": 4, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}]
+    dets = [
+        {"image_id": 3, "boxes": boxes, "scores": torch.tensor([0.75, 0.5]), "labels": torch.tensor([0, 1])},
+        {"image_id": 4, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)},
+    ]
     rows = coco_results(dets, CATEGORIES)
     assert [r["category_id"] for r in rows] == [7, 2] and [r["image_id"] for r in rows] == [3, 3]
     assert rows[0]["bbox"] == [10.5, 20.0, 20.0, 40.0] and rows[0]["score"] == 0.75
@@ -187,12 +249,20 @@ def test_coco_results_round_trip(tmp_path):
 
 
 def test_coco_ground_truth_fields():
-    gt = {"image_id": 9, "boxes": _xyxy([[1, 2, 3, 4], [5, 6, 7, 8]]), "labels": torch.tensor([2, 0]),
-          "iscrowd": torch.tensor([False, True]), "width": 64, "height": 48}
+    gt = {
+        "image_id": 9,
+        "boxes": _xyxy([[1, 2, 3, 4], [5, 6, 7, 8]]),
+        "labels": torch.tensor([2, 0]),
+        "iscrowd": torch.tensor([False, True]),
+        "width": 64,
+        "height": 48,
+    }
     dataset = coco_ground_truth([gt], CATEGORIES)
     assert dataset["images"] == [{"id": 9, "width": 64, "height": 48}]
     assert [(a["id"], a["category_id"], a["bbox"], a["area"], a["iscrowd"]) for a in dataset["annotations"]] == [
-        (1, 5, [1.0, 2.0, 3.0, 4.0], 12.0, 0), (2, 7, [5.0, 6.0, 7.0, 8.0], 56.0, 1)]
+        (1, 5, [1.0, 2.0, 3.0, 4.0], 12.0, 0),
+        (2, 7, [5.0, 6.0, 7.0, 8.0], 56.0, 1),
+    ]
 
 
 def test_bad_inputs_raise_value_error_naming_the_place():
@@ -200,13 +270,15 @@ def test_bad_inputs_raise_value_error_naming_the_place():
     with pytest.raises(ValueError, match=r"gts\[1\]\['boxes'\]"):
         coco_ground_truth([gts[0], {**gts[1], "boxes": torch.zeros(2, 3)}], CATEGORIES)
     with pytest.raises(ValueError, match=r"gts\[0\]\['boxes'\]: box 1"):
-        coco_ground_truth([{**gts[0], "boxes": torch.tensor([[0.0, 0, 1, 1], [5, 5, 4, 6], [0, 0, 1, 1]])}],
-                          CATEGORIES)
+        coco_ground_truth([{**gts[0], "boxes": torch.tensor([[0.0, 0, 1, 1], [5, 5, 4, 6], [0, 0, 1, 1]])}], CATEGORIES)
     with pytest.raises(ValueError, match=r"gts\[0\]\['labels'\]"):
         coco_ground_truth([{**gts[0], "labels": torch.tensor([0, 1, 3])}], CATEGORIES)
     with pytest.raises(ValueError, match=r"detections\[0\]: image_id 99"):
-        evaluate_coco(gts, [{"image_id": 99, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                             "labels": torch.zeros(0)}], CATEGORIES)
+        evaluate_coco(
+            gts,
+            [{"image_id": 99, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}],
+            CATEGORIES,
+        )
     with pytest.raises(ValueError, match="categories"):
         coco_results([], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
 
@@ -217,13 +289,24 @@ def test_bad_inputs_raise_value_error_naming_the_place():
 
 def _voc_scene(extra_dets=(), extra_gts=(), difficult=()):
     gt_boxes = [[0, 0, 10, 10], [20, 20, 30, 30], *extra_gts]
-    gts = [{"image_id": 1, "boxes": torch.tensor(gt_boxes, dtype=torch.float32),
+    gts = [
+        {
+            "image_id": 1,
+            "boxes": torch.tensor(gt_boxes, dtype=torch.float32),
             "labels": torch.zeros(len(gt_boxes), dtype=torch.int64),
-            "iscrowd": torch.tensor([False, False, *difficult])}]
+            "iscrowd": torch.tensor([False, False, *difficult]),
+        }
+    ]
     # by score: TP on gt 0, FP far away, TP on gt 1 -> recall .5 .5 1, precision 1 .5 2/3
     det_rows = [(0.9, [0, 0, 10, 10]), (0.8, [50, 50, 60, 60]), (0.7, [21, 21, 31, 31]), *extra_dets]
-    dets = [{"image_id": 1, "boxes": torch.tensor([b for _, b in det_rows], dtype=torch.float32),
-             "scores": torch.tensor([s for s, _ in det_rows]), "labels": torch.zeros(len(det_rows), dtype=torch.int64)}]
+    dets = [
+        {
+            "image_id": 1,
+            "boxes": torch.tensor([b for _, b in det_rows], dtype=torch.float32),
+            "scores": torch.tensor([s for s, _ in det_rows]),
+            "labels": torch.zeros(len(det_rows), dtype=torch.int64),
+        }
+    ]
     return gts, dets
 
 
@@ -237,8 +320,9 @@ def test_voc_hand_worked_all_point_and_11_point():
 
 def test_voc_difficult_is_neither_tp_nor_fp():
     # a difficult gt found by a 0.85 detection and one never found: both leave the AP unchanged
-    gts, dets = _voc_scene(extra_dets=[(0.85, [40, 40, 50, 50])], extra_gts=[[40, 40, 50, 50], [80, 80, 90, 90]],
-                           difficult=[True, True])
+    gts, dets = _voc_scene(
+        extra_dets=[(0.85, [40, 40, 50, 50])], extra_gts=[[40, 40, 50, 50], [80, 80, 90, 90]], difficult=[True, True]
+    )
     assert evaluate_voc(gts, dets, 1)["mAP"] == pytest.approx(0.5 + 0.5 * 2 / 3, abs=1e-12)
 
 

@@ -39,9 +39,11 @@ def _write_csv_dataset(folder: Path, split: str, n: int, classes: set[str] | Non
         name = f"{split}_{i}.png"
         shapes.load_image(i).save(folder / name)
         names = shapes.category_names
-        rows += [f"{name},{','.join(str(round(v)) for v in box.tolist())},{names[int(label)]}"
-                 for box, label in zip(record.boxes, record.labels)
-                 if classes is None or names[int(label)] in classes]  # fmt: skip
+        rows += [
+            f"{name},{','.join(str(round(v)) for v in box.tolist())},{names[int(label)]}"
+            for box, label in zip(record.boxes, record.labels)
+            if classes is None or names[int(label)] in classes
+        ]
     (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return {row.rsplit(",", 1)[1] for row in rows}
 
@@ -57,8 +59,20 @@ def test_the_small_images_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the user's folder, which holds my_images/
     # the recipe trains for train.minutes; the test for 2 iterations
     assert written["train"]["minutes"] > 0
-    assert main(["train", "--config", str(example), "--set", "train.minutes=null", "train.max_iters=2",
-                 "train.num_workers=0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(example),
+                "--set",
+                "train.minutes=null",
+                "train.max_iters=2",
+                "train.num_workers=0",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / written["train"]["output_dir"]
     assert (run / "last.pt").exists() and (run / "eval" / "metrics.json").exists()
     saved = yaml.safe_load((run / "config.yaml").read_text())

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from retinanet import build_model
+from retinanet.model.conv import Conv2d, winograd_conv3x3
 from retinanet.runtime import fastpath
 from retinanet.runtime.fastpath import CpuInfo, RunFastPaths
 from retinanet.runtime.machine import Cache
-from retinanet.model.conv import Conv2d, winograd_conv3x3
 
 
 @pytest.fixture
@@ -138,8 +138,12 @@ READER = textwrap.dedent(
 def test_processes_sharing_the_cache_file_lose_no_entries_and_never_read_half_a_file(tmp_path):
     env = {**os.environ, "RETINANET_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     done = tmp_path / "done"
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "fastpaths.json"), str(done)], env=env,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(tmp_path / "fastpaths.json"), str(done)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, f"w{k}", "40"], env=env) for k in range(4)]
     assert all(w.wait(timeout=120) == 0 for w in writers)
     done.touch()
@@ -242,8 +246,9 @@ def test_cpu_info_of_this_machine():
 
 def test_a_run_measures_once_and_its_choices_travel_as_a_dict(cache, monkeypatch):
     model = _tiny()
-    monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: {"choice": "contiguous", "channels_last_ms": 2.0,
-                                                                "contiguous_ms": 1.0})  # fmt: skip
+    monkeypatch.setattr(
+        fastpath, "_probe_layouts", lambda *a: {"choice": "contiguous", "channels_last_ms": 2.0, "contiguous_ms": 1.0}
+    )
     run, lines = fastpath.begin_run(model, _batch(), "none", "cpu")
     assert lines == [] and run.memory_format == "contiguous" and model.memory_format == "contiguous"
     assert run.amp == "none" and run.machine == fastpath.machine_id() and model.fast_paths is run
@@ -253,8 +258,12 @@ def test_a_run_measures_once_and_its_choices_travel_as_a_dict(cache, monkeypatch
 
 
 def test_a_resumed_run_takes_its_checkpoints_choices_whatever_the_cache_holds(cache, monkeypatch):
-    saved = RunFastPaths(fastpath.machine_id(), amp="none", memory_format="contiguous",
-                         records={"conv3x3": {"64->64 n2 ~64px train cl": {"choice": "winograd"}}}).to_dict()
+    saved = RunFastPaths(
+        fastpath.machine_id(),
+        amp="none",
+        memory_format="contiguous",
+        records={"conv3x3": {"64->64 n2 ~64px train cl": {"choice": "winograd"}}},
+    ).to_dict()
     monkeypatch.setattr(fastpath, "_probe_layouts", lambda *a: pytest.fail("probed"))
     monkeypatch.setattr(fastpath, "_CACHE", Cache())
     fastpath._CACHE.memory["conv3x3"] = {"64->64 n2 ~64px train cl": {"choice": "direct"}}  # the cache says otherwise
@@ -312,8 +321,9 @@ def test_two_models_with_different_choices_run_side_by_side_in_one_process(cache
     assert len(calls) == 2  # the Winograd model's two calls, none of the other's
     model = _tiny()
     run = RunFastPaths(fastpath.machine_id())
-    assert model.use_fast_paths(run) is model and all(m.fast_paths is run for m in model.modules()
-                                                      if isinstance(m, Conv2d))  # fmt: skip
+    assert model.use_fast_paths(run) is model and all(
+        m.fast_paths is run for m in model.modules() if isinstance(m, Conv2d)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,8 +358,7 @@ def test_a_poisoned_layout_is_measured_again_and_the_log_says_so(cache, monkeypa
 
 def test_a_quiet_machine_keeps_its_cached_choice_without_measuring_again(cache, monkeypatch):
     model, (images, targets) = _tiny(), _batch()
-    _poison_layout(model, images, {"choice": "channels_last", "channels_last_ms": 5.0, "contiguous_ms": 6.0,
-                                   "busy": 0})  # fmt: skip
+    _poison_layout(model, images, {"choice": "channels_last", "channels_last_ms": 5.0, "contiguous_ms": 6.0, "busy": 0})
     calls = []
 
     def probe(model, images, targets, rounds=fastpath.ROUNDS):
@@ -364,8 +373,9 @@ def test_a_quiet_machine_keeps_its_cached_choice_without_measuring_again(cache, 
 
 def test_a_choice_measured_on_a_busy_machine_is_measured_again_when_it_is_quiet(cache, monkeypatch):
     x, w = _conv_input(grad=True)
-    monkeypatch.setattr(fastpath, "_probe_conv", lambda *a: {"choice": "winograd", "direct_ms": 9.0,
-                                                               "winograd_ms": 3.0})  # fmt: skip
+    monkeypatch.setattr(
+        fastpath, "_probe_conv", lambda *a: {"choice": "winograd", "direct_ms": 9.0, "winograd_ms": 3.0}
+    )
     monkeypatch.setattr(fastpath, "busy_processes", lambda *a, **k: 2)
     assert _algorithm(x, w) == "winograd"
     ((key, record),) = _records(cache, "conv3x3").items()
@@ -388,8 +398,9 @@ def test_a_choice_measured_on_a_busy_machine_is_measured_again_when_it_is_quiet(
 def test_the_fastpaths_command_shows_and_resets_the_cache(cache, capsys):
     from retinanet.cli import main
 
-    fastpath._CACHE.put("amp", "conv 256->256 n2 64x64 train", {"choice": "bf16", "none_ms": 20.0, "bf16_ms": 5.0,
-                                                                "busy": 1})  # fmt: skip
+    fastpath._CACHE.put(
+        "amp", "conv 256->256 n2 64x64 train", {"choice": "bf16", "none_ms": 20.0, "bf16_ms": 5.0, "busy": 1}
+    )
     assert main(["fastpaths"]) == 0
     out = capsys.readouterr().out
     assert str(cache) in out and "amp: 1 shape class(es)" in out

@@ -20,8 +20,9 @@ from retinanet.model.checkpoint import save_checkpoint
 
 def _tiny():
     torch.manual_seed(0)
-    model = build_model("retinanet_tiny", num_classes=3, min_size=96, max_size=96, class_names=("a", "b", "c"),
-                        category_ids=(4, 5, 6)).eval()  # fmt: skip
+    model = build_model(
+        "retinanet_tiny", num_classes=3, min_size=96, max_size=96, class_names=("a", "b", "c"), category_ids=(4, 5, 6)
+    ).eval()
     torch.nn.init.normal_(model.head.cls_logits.weight, std=0.03)  # scores across (0, 1): detections to count
     torch.nn.init.zeros_(model.head.cls_logits.bias)
     return model
@@ -74,8 +75,16 @@ def test_every_image_is_listed_and_bad_files_are_skipped_by_name(tmp_path, worke
     with pytest.raises(ValueError, match="broken.png"):
         run_inference(predictor, ordered, tmp_path / "out", batch_size=2, workers=workers, progress=False)
     capsys.readouterr()
-    result = run_inference(predictor, ordered, tmp_path / "out", batch_size=2, workers=workers, skip_bad=True,
-                           csv_file=True, progress=False)  # fmt: skip
+    result = run_inference(
+        predictor,
+        ordered,
+        tmp_path / "out",
+        batch_size=2,
+        workers=workers,
+        skip_bad=True,
+        csv_file=True,
+        progress=False,
+    )
     assert re.search(r"skipped an image: .*broken\.png", capsys.readouterr().err)
     assert [Path(p).name for p, _ in result.skipped] == ["broken.png"]
     listed = json.loads((tmp_path / "out" / "detections.json").read_text())
@@ -91,14 +100,19 @@ def test_every_image_is_listed_and_bad_files_are_skipped_by_name(tmp_path, worke
     assert len(coco) == sum(len(r["detections"]) for r in records) and {c["image_id"] for c in coco} <= {1, 2, 3}
     first = records[0]["detections"][0]
     x1, y1, x2, y2 = first["box"]
-    assert coco[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.01) and coco[0]["category_id"] == first["category_id"]
+    assert (
+        coco[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.01)
+        and coco[0]["category_id"] == first["category_id"]
+    )
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"im{i}.png" for i in range(4)]
     rows = list(csv.reader((tmp_path / "out" / "detections.csv").open()))
     assert [r for r in rows if r[0].endswith("im3.png")] == [[str(files[3]), "", "", "", "", ""]]
     assert len(rows) == sum(max(len(r["detections"]), 1) for r in records)
     # the CSV reads back as training data in the keras-retinanet layout (pseudo-labels), every image included
-    back = CsvDetection(tmp_path / "out" / "detections.csv", categories=[{"id": 4, "name": "a"}, {"id": 5, "name": "b"},
-                                                                          {"id": 6, "name": "c"}])  # fmt: skip
+    back = CsvDetection(
+        tmp_path / "out" / "detections.csv",
+        categories=[{"id": 4, "name": "a"}, {"id": 5, "name": "b"}, {"id": 6, "name": "c"}],
+    )
     assert len(back) == 4
 
 
@@ -106,14 +120,16 @@ def _assert_same_records(a: list[dict], b: list[dict]) -> None:
     """The same images and detections, up to float32 rounding: a batch of 1 and one of 3 may run other
     convolution kernels (oneDNN chooses by shape and thread count), whose last bits differ, and a last bit can
     move a rounded figure of detections.json."""
-    assert [{k: v for k, v in r.items() if k != "detections"} for r in a] == \
-        [{k: v for k, v in r.items() if k != "detections"} for r in b]  # fmt: skip
+    assert [{k: v for k, v in r.items() if k != "detections"} for r in a] == [
+        {k: v for k, v in r.items() if k != "detections"} for r in b
+    ]
     for ra, rb in zip(a, b):
         assert len(ra["detections"]) == len(rb["detections"]), ra["file"]
         for da, db in zip(ra["detections"], rb["detections"]):
             assert (da["label"], da["name"], da["category_id"]) == (db["label"], db["name"], db["category_id"])
-            assert da["box"] == pytest.approx(db["box"], abs=0.011) and da["score"] == pytest.approx(db["score"],
-                                                                                                    abs=2e-4)
+            assert da["box"] == pytest.approx(db["box"], abs=0.011) and da["score"] == pytest.approx(
+                db["score"], abs=2e-4
+            )
 
 
 def test_batched_is_one_by_one_and_tiles_work_from_files(tmp_path):
@@ -138,9 +154,30 @@ def test_detect_command_with_batches_workers_csv_and_tiles(tmp_path, capsys):
         _save(tmp_path / "in", f"im{i}.png", seed=i)
     (tmp_path / "list.txt").write_text("in/im2.png\nin/im0.png\n")
     out = tmp_path / "out"
-    assert main(["detect", str(tmp_path / "list.txt"), str(tmp_path / "in" / "im1.png"), "--checkpoint", str(checkpoint),
-                 "--output", str(out), "--batch-size", "2", "--workers", "1", "--csv", "--tile", "64",
-                 "--overlap", "0.25", "--no-draw"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(tmp_path / "list.txt"),
+                str(tmp_path / "in" / "im1.png"),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--batch-size",
+                "2",
+                "--workers",
+                "1",
+                "--csv",
+                "--tile",
+                "64",
+                "--overlap",
+                "0.25",
+                "--no-draw",
+            ]
+        )
+        == 0
+    )
     records = json.loads((out / "detections.json").read_text())
     assert [Path(r["file"]).name for r in records] == ["im2.png", "im0.png", "im1.png"]
     assert (out / "detections.csv").exists() and (out / "results.json").exists() and not list(out.glob("*.png"))
@@ -154,8 +191,9 @@ def test_outputs_are_streamed_as_json_writes_them_and_a_failed_run_leaves_the_ea
     files = [_save(folder, f"im{i}.png", seed=i) for i in range(3)]
     out = tmp_path / "out"
     predictor = Predictor(_tiny(), score_thresh=0.2)
-    result = run_inference(predictor, files, out, batch_size=1, csv_file=True, yolo_txt=True, draw=False,
-                           progress=False)  # fmt: skip
+    result = run_inference(
+        predictor, files, out, batch_size=1, csv_file=True, yolo_txt=True, draw=False, progress=False
+    )
     listed, coco = (out / "detections.json").read_text(), (out / "results.json").read_text()
     assert listed == json.dumps(json.loads(listed), indent=1) and coco == json.dumps(json.loads(coco))
     assert result.images == 3 and result.detections == sum(len(r["detections"]) for r in result.records) > 0

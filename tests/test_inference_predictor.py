@@ -24,8 +24,15 @@ H, W = 50, 70  # resized to 64 x 90 by min_size 64, max_size 96
 def checkpoint(tmp_path_factory):
     """A tiny model whose random head scores anchors above the threshold (weights spread, no prior bias)."""
     torch.manual_seed(0)
-    cfg = model_config("retinanet_tiny", num_classes=3, class_names=NAMES, category_ids=(4, 7, 9), min_size=64,
-                       max_size=96, detections_per_image=20)  # fmt: skip
+    cfg = model_config(
+        "retinanet_tiny",
+        num_classes=3,
+        class_names=NAMES,
+        category_ids=(4, 7, 9),
+        min_size=64,
+        max_size=96,
+        detections_per_image=20,
+    )
     model = build_from_config(cfg)
     with torch.no_grad():
         torch.nn.init.normal_(model.head.cls_logits.weight, std=0.05)
@@ -60,8 +67,9 @@ def test_every_uint8_input_gives_the_evaluation_detections(checkpoint, pixels, k
     det = retinanet.load(checkpoint, score_thresh=0.0)
     image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
     Image.fromarray(pixels).save(tmp_path / "a.png")  # lossless: the same pixels come back
-    given = {"path": str(tmp_path / "a.png"), "pil": Image.fromarray(pixels), "numpy": pixels,
-             "uint8 tensor": image}[kind]  # fmt: skip
+    given = {"path": str(tmp_path / "a.png"), "pil": Image.fromarray(pixels), "numpy": pixels, "uint8 tensor": image}[
+        kind
+    ]
     found = det.predict(given)
     _assert_same(found, _reference(det.model, image))
     assert found.image_size == (H, W) and found.names == [NAMES[k] for k in found.labels.tolist()]
@@ -103,12 +111,15 @@ def test_nothing_above_the_threshold_is_an_empty_prediction(checkpoint, pixels):
     assert len(found) == 0 and found.boxes.shape == (0, 4) and found.names == [] and found.to_dicts() == []
 
 
-@pytest.mark.parametrize("bad, message", [
-    (42, "image 0: cannot take a int"),
-    (np.zeros((8, 8, 3), dtype=np.float32), "expected an HxWx3 uint8 array"),
-    (torch.zeros(4, 8, 8), r"expected a \[3, H, W\] uint8 or float tensor"),
-    ("missing.jpg", "missing.jpg: image file not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (42, "image 0: cannot take a int"),
+        (np.zeros((8, 8, 3), dtype=np.float32), "expected an HxWx3 uint8 array"),
+        (torch.zeros(4, 8, 8), r"expected a \[3, H, W\] uint8 or float tensor"),
+        ("missing.jpg", "missing.jpg: image file not found"),
+    ],
+)
 def test_a_bad_input_is_a_clear_error(checkpoint, bad, message):
     with pytest.raises(ValueError, match=message):
         retinanet.load(checkpoint).predict(bad)

@@ -44,8 +44,9 @@ def test_windows_read_the_same_detections_as_the_decoded_image():
         out = []
         for c in crops:
             y, x = divmod(int(c.float().sum(0).argmax()), c.shape[-1])
-            out.append(Detections(torch.tensor([[x - 2.0, y - 2.0, x + 2.0, y + 2.0]]), torch.tensor([0.9]),
-                                  torch.tensor([0])))  # fmt: skip
+            out.append(
+                Detections(torch.tensor([[x - 2.0, y - 2.0, x + 2.0, y + 2.0]]), torch.tensor([0.9]), torch.tensor([0]))
+            )
         return out
 
     whole = detect_tiled(image, detect, 64, 0.25, batch_size=3)
@@ -54,8 +55,7 @@ def test_windows_read_the_same_detections_as_the_decoded_image():
     assert max(h for h, _ in read_sizes) <= 64 and max(w for _, w in read_sizes) <= 64  # never more than a tile
 
 
-def test_an_image_past_the_limit_names_the_option_then_is_detected_in_tiles(tmp_path, checkpoint, small_limit,
-                                                                           capsys):  # fmt: skip
+def test_an_image_past_the_limit_names_the_option_then_is_detected_in_tiles(tmp_path, checkpoint, small_limit, capsys):
     images = tmp_path / "imgs"
     images.mkdir()
     Image.fromarray(_pixels(150, 200)).save(images / "big.png")  # 30,000 px, past the 20,000 px Pillow refuses
@@ -66,33 +66,78 @@ def test_an_image_past_the_limit_names_the_option_then_is_detected_in_tiles(tmp_
     err = capsys.readouterr().err
     assert "big.png: 200x150 px" in err and "past Pillow's limit" in err and "--allow-large-images" in err
     assert "Traceback" not in err
-    assert main(["detect", str(images), "--checkpoint", str(checkpoint), "--output", str(out), "--tile", "64",
-                 "--allow-large-images", "--score-thresh", "0.0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(images),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--tile",
+                "64",
+                "--allow-large-images",
+                "--score-thresh",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     records = json.loads((out / "detections.json").read_text())
-    assert [(r["file"].split("/")[-1], r["width"], r["height"]) for r in records] == [("big.png", 200, 150),
-                                                                                     ("small.png", 64, 64)]
+    assert [(r["file"].split("/")[-1], r["width"], r["height"]) for r in records] == [
+        ("big.png", 200, 150),
+        ("small.png", 64, 64),
+    ]
     assert "drawing" not in records[0] and "drawing" in records[1]  # the large image is not drawn
     assert "past Pillow's limit were detected but not drawn" in capsys.readouterr().err
     assert not (out / "detections.geojson").exists()  # a PNG has no map coordinates
 
 
-def test_a_geotiff_is_read_by_windows_and_its_detections_written_in_map_coordinates(tmp_path, checkpoint,
-                                                                                    small_limit):  # fmt: skip
+def test_a_geotiff_is_read_by_windows_and_its_detections_written_in_map_coordinates(tmp_path, checkpoint, small_limit):
     rasterio = pytest.importorskip("rasterio")
     from rasterio.transform import from_origin
 
     path = tmp_path / "ortho.tif"
     pixels = _pixels(200, 300).transpose(2, 0, 1)
-    with rasterio.open(path, "w", driver="GTiff", width=300, height=200, count=3, dtype="uint8", crs="EPSG:32612",
-                       transform=from_origin(500000.0, 4000000.0, 0.1, 0.1), tiled=True, blockxsize=64,
-                       blockysize=64) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=300,
+        height=200,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32612",
+        transform=from_origin(500000.0, 4000000.0, 0.1, 0.1),
+        tiled=True,
+        blockxsize=64,
+        blockysize=64,
+    ) as dst:
         dst.write(pixels)
     raster = open_raster(path)  # no --allow-large-images needed: rasterio reads windows
     assert (raster.height, raster.width, raster.crs) == (200, 300, "EPSG:32612")
     torch.testing.assert_close(raster.read(Window(10, 20, 40, 60)), torch.from_numpy(pixels[:, 10:40, 20:60].copy()))
     out = tmp_path / "out"
-    assert main(["detect", str(path), "--checkpoint", str(checkpoint), "--output", str(out), "--tile", "64",
-                 "--score-thresh", "0.0", "--max-detections", "5"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(path),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--tile",
+                "64",
+                "--score-thresh",
+                "0.0",
+                "--max-detections",
+                "5",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "detections.json").read_text())[0]
     geo = json.loads((out / "detections.geojson").read_text())
     assert geo["crs"]["properties"]["name"] == "EPSG:32612"

@@ -54,7 +54,9 @@ class Oracle:
                 boxes.append([vx1 - x0, vy1 - y0, vx2 - x0, vy2 - y0])
                 scores.append(0.5 + 0.4 * seen)
                 labels.append(label)
-        return Detections(torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores), torch.tensor(labels, dtype=torch.long))
+        return Detections(
+            torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores), torch.tensor(labels, dtype=torch.long)
+        )
 
 
 def _tiled(objects, height=250, width=330, tile=100, overlap=0.2, batch_size=4):
@@ -84,10 +86,12 @@ def test_an_object_across_tile_borders_is_found_once_with_its_full_box(box):
 
 def test_neighbouring_objects_and_classes_stay_apart():
     objects = [
-        ([85.0, 10.0, 99.0, 30.0], 0), ([101.0, 10.0, 115.0, 30.0], 0),  # touching at the border x=100
-        ([86.0, 50.0, 112.0, 70.0], 0), ([88.0, 52.0, 110.0, 68.0], 2),  # one box over the other, another class
+        ([85.0, 10.0, 99.0, 30.0], 0),
+        ([101.0, 10.0, 115.0, 30.0], 0),  # touching at the border x=100
+        ([86.0, 50.0, 112.0, 70.0], 0),
+        ([88.0, 52.0, 110.0, 68.0], 2),  # one box over the other, another class
         ([200.0, 200.0, 220.0, 230.0], 1),  # one tile only: what a tile alone sees is kept as it is
-    ]  # fmt: skip
+    ]
     found, _ = _tiled(objects)
     assert _as_set(found) == {(tuple(b), k) for b, k in objects}
     assert found.scores.tolist() == sorted(found.scores.tolist(), reverse=True)

@@ -59,8 +59,9 @@ def test_seed_values_closed_form(p, y, kind, expected, digits):
     gamma = 2.0 if kind == "fl" else 0.0
     exact = -at * (1 - pt) ** gamma * math.log(pt)
     x = torch.tensor([_logit(p)], dtype=torch.float64)
-    value = L.sigmoid_focal_loss(x, torch.tensor([float(y)], dtype=torch.float64), alpha=-1 if kind == "ce" else 0.25,
-                                 gamma=gamma).item()
+    value = L.sigmoid_focal_loss(
+        x, torch.tensor([float(y)], dtype=torch.float64), alpha=-1 if kind == "ce" else 0.25, gamma=gamma
+    ).item()
     assert value == pytest.approx(exact, rel=1e-4)
 
 
@@ -276,7 +277,9 @@ def test_eager_chunks_cover_large_inputs():
     # more rows than one chunk: the chunked eager path must equal the whole-tensor formula
     x = torch.randn(70_000, 3) * 2
     t = (torch.rand(70_000, 3) < 0.01).float()
-    torch.testing.assert_close(L.sigmoid_focal_loss(x, t, reduction="sum"), tv_focal(x, t, reduction="sum"), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        L.sigmoid_focal_loss(x, t, reduction="sum"), tv_focal(x, t, reduction="sum"), rtol=1e-5, atol=1e-3
+    )
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_hand_worked_values(p, q, qfl, vfl):
 
 def _qfl_reference(x, t, beta):
     p = torch.sigmoid(x)
-    return -(t - p).abs() ** beta * ((1 - t) * torch.log(1 - p) + t * torch.log(p))
+    return -((t - p).abs() ** beta) * ((1 - t) * torch.log(1 - p) + t * torch.log(p))
 
 
 def _vfl_reference(x, t, alpha, gamma):
@@ -80,8 +80,11 @@ def test_labels_form_equals_dense_form(kind):
     quality = torch.rand(300, generator=g)
     dense_t = (labels[:, None] == torch.arange(6)).float() * quality[:, None]
     valid = (labels != -2).float()[:, None]
-    dense_fn = (lambda a: L.quality_focal_loss(a, dense_t, 2.0)) if kind == "quality_focal" else (
-        lambda a: L.varifocal_loss(a, dense_t, 0.75, 2.0))
+    dense_fn = (
+        (lambda a: L.quality_focal_loss(a, dense_t, 2.0))
+        if kind == "quality_focal"
+        else (lambda a: L.varifocal_loss(a, dense_t, 0.75, 2.0))
+    )
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours = L.sigmoid_focal_loss_from_labels(xa, labels, alpha=0.75, gamma=2.0, beta=2.0, loss=kind, quality=quality)
     dense = (dense_fn(xb) * valid).sum()
@@ -107,10 +110,12 @@ def test_gradcheck():
     x = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 2).requires_grad_()
     soft = torch.rand(6, 5, generator=g, dtype=torch.float64) * (torch.rand(6, 5, generator=g) < 0.5)
     labels, quality = torch.tensor([0, -1, 4, -2, 2, -1]), torch.rand(6, generator=g, dtype=torch.float64)
-    for fn in [lambda a: L.quality_focal_loss(a, soft, reduction="none"),
-               lambda a: L.varifocal_loss(a, soft, reduction="sum"),
-               lambda a: L.sigmoid_focal_loss_from_labels(a, labels, loss="quality_focal", beta=2.0, quality=quality),
-               lambda a: L.sigmoid_focal_loss_from_labels(a, labels, loss="varifocal", quality=quality)]:  # fmt: skip
+    for fn in [
+        lambda a: L.quality_focal_loss(a, soft, reduction="none"),
+        lambda a: L.varifocal_loss(a, soft, reduction="sum"),
+        lambda a: L.sigmoid_focal_loss_from_labels(a, labels, loss="quality_focal", beta=2.0, quality=quality),
+        lambda a: L.sigmoid_focal_loss_from_labels(a, labels, loss="varifocal", quality=quality),
+    ]:
         assert torch.autograd.gradcheck(fn, (x,))
     boxes = torch.tensor([[0.0, 0, 4, 5], [2, 2, 9, 6], [1, 1, 3, 8]], dtype=torch.float64).requires_grad_()
     tgt = torch.tensor([[1.0, 0, 5, 4], [3, 1, 8, 7], [0, 2, 2, 9]], dtype=torch.float64)
@@ -118,8 +123,9 @@ def test_gradcheck():
     # CIoU's trade-off alpha is held constant in its gradient, as the paper's and torchvision's: the analytical
     # gradient is that of DIoU + alpha v with alpha fixed, not the finite difference of the whole formula
     alpha_fixed = torch.autograd.grad(L.ciou_loss(boxes, tgt), boxes)[0]
-    assert torch.isfinite(alpha_fixed).all() and not torch.equal(alpha_fixed, torch.autograd.grad(
-        L.diou_loss(boxes, tgt), boxes)[0])
+    assert torch.isfinite(alpha_fixed).all() and not torch.equal(
+        alpha_fixed, torch.autograd.grad(L.diou_loss(boxes, tgt), boxes)[0]
+    )
 
 
 @pytest.mark.parametrize("fn", [L.quality_focal_loss, L.varifocal_loss])

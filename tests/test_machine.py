@@ -40,8 +40,12 @@ class _Threads(Dataset):
         return 2
 
     def __getitem__(self, i):
-        empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "orig_size": (8, 8),
-                 "iscrowd": torch.zeros(0, dtype=torch.bool)}  # fmt: skip
+        empty = {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "orig_size": (8, 8),
+            "iscrowd": torch.zeros(0, dtype=torch.bool),
+        }
         return torch.zeros(3, 8, 8), {**empty, "image_id": torch.get_num_threads()}  # the worker's threads
 
 

@@ -101,7 +101,7 @@ def test_chunked_equals_unchunked(allow_low_quality):
         for is_crowd in (None, crowd):
             full = match_anchors(anchors, gt, allow_low_quality=allow_low_quality, gt_is_crowd=is_crowd)
             # 7 values = one anchor per chunk (7 gt boxes), 50 = 7 anchors, 333 = 47: chunks of uneven last size
-            for chunk in ((7, 50, 333) if seed == 0 else (50, 333)):
+            for chunk in (7, 50, 333) if seed == 0 else (50, 333):
                 small = match_anchors(
                     anchors, gt, allow_low_quality=allow_low_quality, gt_is_crowd=is_crowd, chunk_elements=chunk
                 )

@@ -58,8 +58,9 @@ def test_top_k_is_per_level():
     # two levels of 4 anchors; with top-k 2 each level keeps its own 2 best, even though level 1's are all better
     level0 = ANCHORS
     level1 = ANCHORS + 1.0
-    logits = torch.cat([_grid({(0, 0): 0.30, (1, 1): 0.20, (2, 0): 0.10}), _grid({(0, 1): 0.9, (2, 0): 0.8,
-                                                                                   (3, 1): 0.7})])
+    logits = torch.cat(
+        [_grid({(0, 0): 0.30, (1, 1): 0.20, (2, 0): 0.10}), _grid({(0, 1): 0.9, (2, 0): 0.8, (3, 1): 0.7})]
+    )
     (det,) = _run(logits, anchors=[level0, level1], topk_candidates=2, nms_thresh=1.0)
     assert det.scores.tolist() == pytest.approx([0.9, 0.8, 0.3, 0.2])
     (det,) = _run(logits, anchors=[level0, level1], topk_candidates=1000, nms_thresh=1.0)

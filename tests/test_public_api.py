@@ -4,14 +4,29 @@ import importlib
 import re
 from pathlib import Path
 
-
 import retinanet
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-PUBLIC = ["build_model", "load", "losses", "from_torchvision", "load_torchvision_coco", "ModelConfig", "model_config",
-          "Predictor", "RetinaNet", "Detections", "sigmoid_focal_loss", "sigmoid_focal_loss_star",
-          "sigmoid_focal_loss_from_labels", "binary_cross_entropy", "smooth_l1_loss", "l1_loss", "giou_loss",
-          "hard_negative_mining"]  # fmt: skip
+PUBLIC = [
+    "build_model",
+    "load",
+    "losses",
+    "from_torchvision",
+    "load_torchvision_coco",
+    "ModelConfig",
+    "model_config",
+    "Predictor",
+    "RetinaNet",
+    "Detections",
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_star",
+    "sigmoid_focal_loss_from_labels",
+    "binary_cross_entropy",
+    "smooth_l1_loss",
+    "l1_loss",
+    "giou_loss",
+    "hard_negative_mining",
+]
 
 
 def _readme_names() -> set[str]:

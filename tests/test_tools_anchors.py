@@ -28,8 +28,16 @@ from retinanet.tools.anchor_report import write_report
 from retinanet.weights.torchvision import torchvision_config
 
 # one square anchor per location, 16 px at P3 (stride 8, centres 4, 12, 20, ...), 32 px at P4 (centres 8, 24, ...)
-HAND = dict(anchor_sizes=(16, 32, 64, 128, 256), anchor_scales=(1.0,), aspect_ratios=(1.0,), anchor_offset=0.5,
-            min_size=64, max_size=64, fg_iou=0.5, bg_iou=0.4)  # fmt: skip
+HAND = dict(
+    anchor_sizes=(16, 32, 64, 128, 256),
+    anchor_scales=(1.0,),
+    aspect_ratios=(1.0,),
+    anchor_offset=0.5,
+    min_size=64,
+    max_size=64,
+    fg_iou=0.5,
+    bg_iou=0.4,
+)
 # A: touches the border (x1 = y1 = 0); best anchor P3 [4, 4, 20, 20]: IoU 16*16 / 20*20 = 0.64, positive.
 # B: 6 x 6 inside D; its best anchor, P3 [36, 36, 52, 52] (IoU 36 / 256), is D's (IoU 1): B gets none.
 # D: exactly the anchor P3 [36, 36, 52, 52]: positive.
@@ -41,8 +49,16 @@ STATUS = torch.tensor([POSITIVE, NONE, POSITIVE, LOW_QUALITY])
 
 def _record(boxes, size=(64, 64), crowd=None):
     crowd = torch.zeros(len(boxes), dtype=torch.bool) if crowd is None else crowd
-    return SimpleNamespace(boxes=boxes.float(), labels=torch.zeros(len(boxes), dtype=torch.int64), iscrowd=crowd,
-                           height=size[0], width=size[1], path=None, image_id=0, where="test")  # fmt: skip
+    return SimpleNamespace(
+        boxes=boxes.float(),
+        labels=torch.zeros(len(boxes), dtype=torch.int64),
+        iscrowd=crowd,
+        height=size[0],
+        width=size[1],
+        path=None,
+        image_id=0,
+        where="test",
+    )
 
 
 def test_coverage_by_hand_including_a_box_at_the_border():
@@ -156,8 +172,9 @@ def test_fit_raises_coverage_of_tiny_and_elongated_boxes(tmp_path):
     # the YAML, pasted into a config, gives exactly the fitted coverage
     run = tmp_path / "run.yaml"
     overrides = yaml.safe_load((tmp_path / "anchors_fit.yaml").read_text())["model"]
-    run.write_text(yaml.safe_dump({"model": {"preset": "retinanet_tiny", "min_size": 128, "max_size": 128,
-                                             **overrides}}))  # fmt: skip
+    run.write_text(
+        yaml.safe_dump({"model": {"preset": "retinanet_tiny", "min_size": 128, "max_size": 128, **overrides}})
+    )
     fitted = load_run_config(run).model
     again = coverage(training_boxes(_tiny_and_elongated(), fitted), fitted)
     assert again.value == summary["fitted_coverage"]
@@ -212,8 +229,6 @@ def test_fit_proposes_a_larger_image_size_where_anchors_alone_cannot_cover(tmp_p
     assert "# objects too small for the anchor grid at this size" in text and "#   min_size:" in text
 
 
-
-
 @pytest.mark.slow
 def test_training_logs_the_coverage_and_boxes_without_a_positive_anchor(tmp_path, capsys):
     out = tmp_path / "run"
@@ -229,8 +244,14 @@ def test_training_logs_the_coverage_and_boxes_without_a_positive_anchor(tmp_path
 
 def test_anchors_command(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"preset": "retinanet_tiny", "min_size": 64, "max_size": 64},
-                                   "data": {"synthetic_train_images": 5, "synthetic_image_size": 64}}))  # fmt: skip
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "retinanet_tiny", "min_size": 64, "max_size": 64},
+                "data": {"synthetic_train_images": 5, "synthetic_image_size": 64},
+            }
+        )
+    )
     assert main(["anchors", "--config", str(cfg), "--output", str(tmp_path / "a")]) == 0
     summary = json.loads((tmp_path / "a" / "anchors.json").read_text())
     assert 0 <= summary["coverage"] <= 1 and summary["boxes"] > 0

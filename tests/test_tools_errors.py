@@ -10,24 +10,35 @@ from retinanet.evaluation.errors import ERROR_TYPES, analyze_errors
 
 
 def _gt(boxes, labels, crowd=None):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
-            "iscrowd": torch.tensor(crowd or [False] * len(labels))}  # fmt: skip
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels),
+        "iscrowd": torch.tensor(crowd or [False] * len(labels)),
+    }
 
 
 def _det(boxes, scores, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "scores": torch.tensor(scores),
-            "labels": torch.tensor(labels)}  # fmt: skip
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "scores": torch.tensor(scores),
+        "labels": torch.tensor(labels),
+    }
 
 
 def test_every_error_type_on_a_hand_made_image():
     gt = _gt([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10], [0, 40, 10, 50]], [0, 0, 1, 0, 0])
-    det = _det([[0, 0, 10, 10],     # tp: box 0
-                [0, 0, 10, 10.5],   # dupe: box 0 is taken, IoU 0.95
-                [25, 0, 35, 10],    # loc: box 1 shifted by half its width, IoU 1/3: in [0.1, 0.5]
-                [40, 0, 50, 10],    # cls: class 0 on the class-1 box 2, IoU 1
-                [66, 0, 76, 10],    # both: class 1 near the class-0 box 3 (IoU 0.25)
-                [80, 80, 90, 90]],  # bkg: nothing there
-               [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0, 0, 0, 0, 1, 0])  # fmt: skip
+    det = _det(
+        [
+            [0, 0, 10, 10],  # tp: box 0
+            [0, 0, 10, 10.5],  # dupe: box 0 is taken, IoU 0.95
+            [25, 0, 35, 10],  # loc: box 1 shifted by half its width, IoU 1/3: in [0.1, 0.5]
+            [40, 0, 50, 10],  # cls: class 0 on the class-1 box 2, IoU 1
+            [66, 0, 76, 10],  # both: class 1 near the class-0 box 3 (IoU 0.25)
+            [80, 80, 90, 90],
+        ],  # bkg: nothing there
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+        [0, 0, 0, 0, 1, 0],
+    )
     result = analyze_errors([gt], [det])
     assert result.detections[0] == ["tp", "dupe", "loc", "cls", "both", "bkg"]
     assert result.counts == {"cls": 1, "loc": 1, "both": 1, "dupe": 1, "bkg": 1, "missed": 2}
@@ -89,21 +100,35 @@ def test_same_counts_and_dap_as_tidecv(tmp_path):
     for i, (gt, det) in enumerate(zip(gts, dets), start=1):
         images.append({"id": i, "file_name": f"{i}.png", "width": 500, "height": 500})
         for b, c in zip(gt["boxes"].tolist(), gt["labels"].tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": c + 1, "iscrowd": 0,
-                                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1]),
-                                "segmentation": [[b[0], b[1], b[2], b[1], b[2], b[3], b[0], b[3]]]})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": c + 1,
+                    "iscrowd": 0,
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "area": (b[2] - b[0]) * (b[3] - b[1]),
+                    "segmentation": [[b[0], b[1], b[2], b[1], b[2], b[3], b[0], b[3]]],
+                }
+            )
         for b, s, c in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-            results.append({"image_id": i, "category_id": c + 1, "score": s,
-                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})  # fmt: skip
+            results.append(
+                {"image_id": i, "category_id": c + 1, "score": s, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+            )
     categories = [{"id": c, "name": str(c)} for c in (1, 2, 3)]
-    (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                  "categories": categories}))  # fmt: skip
+    (tmp_path / "gt.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     (tmp_path / "dt.json").write_text(json.dumps(results))
     from tidecv import TIDE, datasets
 
     tide = TIDE()
-    run = tide.evaluate(datasets.COCO(str(tmp_path / "gt.json")), datasets.COCOResult(str(tmp_path / "dt.json")),
-                        mode=TIDE.BOX, name="shared")  # fmt: skip
+    run = tide.evaluate(
+        datasets.COCO(str(tmp_path / "gt.json")),
+        datasets.COCOResult(str(tmp_path / "dt.json")),
+        mode=TIDE.BOX,
+        name="shared",
+    )
     theirs_dap = tide.get_main_errors()["shared"]
     theirs_counts = {e.short_name: len(v) for e, v in run.error_dict.items()}
     ours = analyze_errors(gts, dets)

@@ -15,13 +15,14 @@ from retinanet.tools.inspection import COLOURS, dataset_statistics, draw_inspect
 
 
 def _config(tmp_path, **data):
-    return write_run_config(tmp_path / "run.yaml", data={"synthetic_train_images": 5, "synthetic_val_images": 3, **data})
+    return write_run_config(
+        tmp_path / "run.yaml", data={"synthetic_train_images": 5, "synthetic_val_images": 3, **data}
+    )
 
 
 def test_inspect_writes_one_image_per_input_and_the_statistics(tmp_path, capsys):
     out = tmp_path / "inspect"
-    assert main(["inspect", "--config", _config(tmp_path), "--output", str(out), "--limit", "0",
-                 "--show-anchors"]) == 0  # fmt: skip
+    assert main(["inspect", "--config", _config(tmp_path), "--output", str(out), "--limit", "0", "--show-anchors"]) == 0
     images = sorted(p.name for p in (out / "images").iterdir())
     assert images == [f"{i:05d}_image{i}.png" for i in range(5)]
     assert Image.open(out / "images" / images[0]).size == (384, 384)  # 64 px drawn six times larger
@@ -70,18 +71,38 @@ def test_boxes_are_drawn_in_their_status_colour():
 
 def test_statistics_of_hand_made_records():
     records = [
-        SimpleNamespace(boxes=torch.tensor([[0.0, 0, 10, 20], [5, 5, 45, 15]]), labels=torch.tensor([0, 1]),
-                        iscrowd=torch.tensor([False, False]), width=100, height=50, path=None),
-        SimpleNamespace(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
-                        iscrowd=torch.zeros(0, dtype=torch.bool), width=100, height=50, path=None),
-        SimpleNamespace(boxes=torch.tensor([[0.0, 0, 30, 30], [1, 1, 2, 2]]), labels=torch.tensor([1, 0]),
-                        iscrowd=torch.tensor([False, True]), width=100, height=50, path=None),
-    ]  # fmt: skip
+        SimpleNamespace(
+            boxes=torch.tensor([[0.0, 0, 10, 20], [5, 5, 45, 15]]),
+            labels=torch.tensor([0, 1]),
+            iscrowd=torch.tensor([False, False]),
+            width=100,
+            height=50,
+            path=None,
+        ),
+        SimpleNamespace(
+            boxes=torch.zeros(0, 4),
+            labels=torch.zeros(0, dtype=torch.int64),
+            iscrowd=torch.zeros(0, dtype=torch.bool),
+            width=100,
+            height=50,
+            path=None,
+        ),
+        SimpleNamespace(
+            boxes=torch.tensor([[0.0, 0, 30, 30], [1, 1, 2, 2]]),
+            labels=torch.tensor([1, 0]),
+            iscrowd=torch.tensor([False, True]),
+            width=100,
+            height=50,
+            path=None,
+        ),
+    ]
     categories = [{"id": 3, "name": "a"}, {"id": 8, "name": "b"}]
     stats = dataset_statistics(records, categories, model_config("retinanet_tiny", min_size=100, max_size=200))
     assert (stats["images"], stats["empty_images"], stats["boxes"], stats["crowd_regions"]) == (3, 1, 3, 1)
-    assert stats["classes"] == [{"label": 0, "id": 3, "name": "a", "boxes": 1, "images": 1},
-                                {"label": 1, "id": 8, "name": "b", "boxes": 2, "images": 2}]  # fmt: skip
+    assert stats["classes"] == [
+        {"label": 0, "id": 3, "name": "a", "boxes": 1, "images": 1},
+        {"label": 1, "id": 8, "name": "b", "boxes": 2, "images": 2},
+    ]
     assert stats["boxes_per_image"]["max"] == 2 and stats["boxes_per_image"]["mean"] == 1.0
     assert stats["box_width_px"]["min"] == 10 and stats["box_height_px"]["max"] == 30
     assert stats["box_size_px_after_resize"]["max"] == 60  # 50 px high -> 100: the 30 px box doubles

@@ -49,25 +49,61 @@ def test_the_runs_last_evaluation_and_eval_report_write_the_page(trained, tmp_pa
 
 def test_report_of_detections_made_anywhere(tmp_path):
     (tmp_path / "images").mkdir()
-    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / "a.png")
-    ann = {"images": [{"id": 7, "file_name": "a.png", "width": 64, "height": 48}],
-           "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [4, 4, 20, 20], "iscrowd": 0, "area": 400},
-                           {"id": 2, "image_id": 7, "category_id": 3, "bbox": [40, 10, 16, 16], "iscrowd": 0, "area": 256}],
-           "categories": [{"id": 3, "name": "tree"}]}  # fmt: skip
-    results = [{"image_id": 7, "category_id": 3, "bbox": [4, 4, 20, 20], "score": 0.9},
-               {"image_id": 7, "category_id": 3, "bbox": [4, 30, 10, 10], "score": 0.8}]  # fmt: skip
+    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)).save(
+        tmp_path / "images" / "a.png"
+    )
+    ann = {
+        "images": [{"id": 7, "file_name": "a.png", "width": 64, "height": 48}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [4, 4, 20, 20], "iscrowd": 0, "area": 400},
+            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [40, 10, 16, 16], "iscrowd": 0, "area": 256},
+        ],
+        "categories": [{"id": 3, "name": "tree"}],
+    }
+    results = [
+        {"image_id": 7, "category_id": 3, "bbox": [4, 4, 20, 20], "score": 0.9},
+        {"image_id": 7, "category_id": 3, "bbox": [4, 30, 10, 10], "score": 0.8},
+    ]
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     (tmp_path / "dt.json").write_text(json.dumps(results))
     out = tmp_path / "report"
-    assert main(["report", "--detections", str(tmp_path / "dt.json"), "--annotations", str(tmp_path / "ann.json"),
-                 "--images", str(tmp_path / "images"), "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "report",
+                "--detections",
+                str(tmp_path / "dt.json"),
+                "--annotations",
+                str(tmp_path / "ann.json"),
+                "--images",
+                str(tmp_path / "images"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     errors = json.loads((out / "errors.json").read_text())
     assert errors["counts"]["bkg"] == 1 and errors["counts"]["missed"] == 1
     assert errors["best_f1"]["tree"]["threshold"] == pytest.approx(0.9)  # the background detection only lowers F1
     _self_contained(out / "index.html")
-    (tmp_path / "bad.json").write_text(json.dumps([{"image_id": 7, "category_id": 99, "bbox": [0, 0, 1, 1], "score": 1}]))
-    assert main(["report", "--detections", str(tmp_path / "bad.json"), "--annotations", str(tmp_path / "ann.json"),
-                 "--output", str(tmp_path / "r2")]) == 2  # fmt: skip
+    (tmp_path / "bad.json").write_text(
+        json.dumps([{"image_id": 7, "category_id": 99, "bbox": [0, 0, 1, 1], "score": 1}])
+    )
+    assert (
+        main(
+            [
+                "report",
+                "--detections",
+                str(tmp_path / "bad.json"),
+                "--annotations",
+                str(tmp_path / "ann.json"),
+                "--output",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_best_f1_threshold_by_hand():
@@ -83,10 +119,19 @@ def _large_set(images: int, per_image: int, size=(120, 160)):
         xy = torch.rand(per_image // 2, 2, generator=g) * 100
         boxes = torch.cat([xy, xy + 20], 1)
         gts.append({"boxes": boxes, "labels": torch.randint(0, 3, (len(boxes),), generator=g)})
-        moved = torch.cat([boxes + torch.randn(len(boxes), 4, generator=g) * 4, torch.rand(per_image - len(boxes), 2,
-                           generator=g).repeat(1, 2) * 100 + torch.tensor([0, 0, 15, 15])])  # fmt: skip
-        dets.append({"boxes": moved, "scores": torch.rand(per_image, generator=g),
-                     "labels": torch.randint(0, 3, (per_image,), generator=g)})  # fmt: skip
+        moved = torch.cat(
+            [
+                boxes + torch.randn(len(boxes), 4, generator=g) * 4,
+                torch.rand(per_image - len(boxes), 2, generator=g).repeat(1, 2) * 100 + torch.tensor([0, 0, 15, 15]),
+            ]
+        )
+        dets.append(
+            {
+                "boxes": moved,
+                "scores": torch.rand(per_image, generator=g),
+                "labels": torch.randint(0, 3, (per_image,), generator=g),
+            }
+        )
         shown.append(ReportImage(f"im{i}", size, None, np.full((*size, 3), 200, np.uint8)))
     return gts, dets, shown
 
@@ -105,9 +150,17 @@ def test_the_page_in_a_real_browser(trained, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     page_file = trained / "eval" / "report" / "index.html"
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         problems = []
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
@@ -142,18 +195,39 @@ def test_the_page_in_a_real_browser(trained, tmp_path):
 def test_the_report_says_what_to_try_for_each_costly_error_type(tmp_path):
     from retinanet.evaluation.report import what_to_try
 
-    gt = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [40, 40, 60, 60], [70, 0, 90, 20]]), "labels": torch.zeros(3, dtype=torch.long)}]
+    gt = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 20, 20], [40, 40, 60, 60], [70, 0, 90, 20]]),
+            "labels": torch.zeros(3, dtype=torch.long),
+        }
+    ]
     # one box fits, one sits on its object but badly (IoU ~ .3: loc), one object is missed, one detection is background
-    dets = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [44, 44, 70, 70], [0, 70, 10, 80]]),
-             "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.zeros(3, dtype=torch.long)}]  # fmt: skip
+    dets = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 20, 20], [44, 44, 70, 70], [0, 70, 10, 80]]),
+            "scores": torch.tensor([0.9, 0.8, 0.7]),
+            "labels": torch.zeros(3, dtype=torch.long),
+        }
+    ]
     errors = analyze_errors(gt, dets)
     advice = {k: text for k, _, text in what_to_try(errors)}
     assert "model.cls_loss: quality_focal" in advice["loc"] and "model.assigner: atss" in advice["loc"]
-    assert "anchors --fit" in advice["missed"] and "model.score_thresh" in advice["missed"] and "--tile" in advice["missed"]
+    assert (
+        "anchors --fit" in advice["missed"]
+        and "model.score_thresh" in advice["missed"]
+        and "--tile" in advice["missed"]
+    )
     assert set(advice) <= {"loc", "missed", "bkg"} and [k for k, _, _ in what_to_try(errors)][0] == max(
-        advice, key=lambda k: errors.dap[k]["50"])  # costliest first
-    page = write_report(tmp_path, [ReportImage("a.png", (100, 100), None, np.zeros((100, 100, 3), np.uint8))], gt,
-                        dets, ["tree"], errors)  # fmt: skip
+        advice, key=lambda k: errors.dap[k]["50"]
+    )  # costliest first
+    page = write_report(
+        tmp_path,
+        [ReportImage("a.png", (100, 100), None, np.zeros((100, 100, 3), np.uint8))],
+        gt,
+        dets,
+        ["tree"],
+        errors,
+    )
     text = page.read_text()
     assert 'id="what-to-try"' in text and "model.box_loss: giou" in text
     assert set(json.loads((tmp_path / "errors.json").read_text())["what_to_try"]) == set(advice)
@@ -163,11 +237,22 @@ def test_the_report_gives_every_ap_in_one_unit_and_no_nan(tmp_path):
     import re
 
     gt = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [40, 40, 60, 60]]), "labels": torch.zeros(2, dtype=torch.long)}]
-    dets = [{"boxes": torch.tensor([[0.0, 0, 20, 20], [44, 44, 70, 70]]), "scores": torch.tensor([0.9, 0.8]),
-             "labels": torch.zeros(2, dtype=torch.long)}]  # fmt: skip
+    dets = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 20, 20], [44, 44, 70, 70]]),
+            "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.zeros(2, dtype=torch.long),
+        }
+    ]
     errors = analyze_errors(gt, dets)
-    page = write_report(tmp_path, [ReportImage("a.png", (100, 100), None, np.zeros((100, 100, 3), np.uint8))], gt,
-                        dets, ["tree", "car"], errors)  # fmt: skip  (car: no objects, an AP not defined)
+    page = write_report(
+        tmp_path,
+        [ReportImage("a.png", (100, 100), None, np.zeros((100, 100, 3), np.uint8))],
+        gt,
+        dets,
+        ["tree", "car"],  # car: no objects, an AP not defined
+        errors,
+    )
     html_text = page.read_text().split('<script id="data"')[0]
     assert not re.search(r"\bnan\b", html_text, re.IGNORECASE)
     assert "a fraction from 0 to 1" in html_text

@@ -1,17 +1,17 @@
-"""Validation across images (retinanet.evaluation.validation, data.extra_val, train.best_weights): every set evaluated and
-reported on its own, with AP, AP50, AP75 and the AP each error type costs; best.pt chosen on their weighted mean."""
+"""Validation across images (retinanet.evaluation.validation, data.extra_val, train.best_weights): every set evaluated
+and reported on its own, with AP, AP50, AP75 and the AP each error type costs; best.pt chosen on their weighted mean."""
 
 import json
 
 import pytest
 import torch
+from conftest import tiny_settings
 
 from retinanet.config import load_run_config
 from retinanet.data import SyntheticShapes, write_coco
 from retinanet.evaluation.errors import ERROR_TYPES
 from retinanet.evaluation.validation import metric_name, selection_score, validation_lines
 from retinanet.train.run import run_train
-from conftest import tiny_settings
 
 
 def test_metric_names_and_selection_score():
@@ -22,7 +22,9 @@ def test_metric_names_and_selection_score():
     assert selection_score({"AP": 0.4, "other_site/AP": float("nan")}, ["val", "other_site"], "AP") == 0.2
     with pytest.raises(ValueError, match=r"best_weights names \['strip'\]"):
         selection_score(metrics, ["val", "other_site"], "AP", {"strip": 1.0})
-    line, other = validation_lines({**metrics, "dAP50_loc": 0.2, "other_site/dAP50_missed": 0.3}, ["val", "other_site"], 7)
+    line, other = validation_lines(
+        {**metrics, "dAP50_loc": 0.2, "other_site/dAP50_missed": 0.3}, ["val", "other_site"], 7
+    )
     assert line.startswith("eval at iteration 7, val: AP 0.400") and "loc 0.200" in line
     assert other.startswith("eval at iteration 7, other_site: AP 0.100") and "missed 0.300" in other
 
@@ -38,11 +40,22 @@ def test_a_run_evaluates_every_validation_set_and_keeps_best_on_their_weighed_sc
     site_images, site_json = _coco_split(tmp_path / "site", "val", 2, 2)
     out = tmp_path / "run"
     extra = json.dumps({"site": {"val_images": site_images, "val_annotations": site_json}})
-    cfg = load_run_config(None, [*tiny_settings(), "data.format=coco", f"data.train_images={train_images}",
-                                 f"data.train_annotations={train_json}", f"data.val_images={val_images}",
-                                 f"data.val_annotations={val_json}", f"data.extra_val={extra}",
-                                 "train.eval_every=2", "train.max_iters=4", "train.best_weights={val: 1, site: 3}",
-                                 f"train.output_dir={out}"])  # fmt: skip
+    cfg = load_run_config(
+        None,
+        [
+            *tiny_settings(),
+            "data.format=coco",
+            f"data.train_images={train_images}",
+            f"data.train_annotations={train_json}",
+            f"data.val_images={val_images}",
+            f"data.val_annotations={val_json}",
+            f"data.extra_val={extra}",
+            "train.eval_every=2",
+            "train.max_iters=4",
+            "train.best_weights={val: 1, site: 3}",
+            f"train.output_dir={out}",
+        ],
+    )
     run_train(cfg)
     logged = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in logged if "eval/AP" in r]

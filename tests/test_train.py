@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from retinanet.runtime import fastpath
 from retinanet.config import TrainConfig, train_config
-from retinanet.runtime.fastpath import CpuInfo
-from retinanet.runtime.machine import Cache
 from retinanet.model.checkpoint import FORMAT_VERSION, load_checkpoint, load_model, save_checkpoint
 from retinanet.model.detector import build_model
+from retinanet.runtime import fastpath
+from retinanet.runtime.fastpath import CpuInfo
+from retinanet.runtime.machine import Cache
 from retinanet.train.loop import (
     BatchStream,
     NonFiniteLossError,
@@ -29,15 +29,26 @@ from retinanet.train.loop import (
 from retinanet.train.optim import lr_factor
 
 CHECKPOINT_KEYS = {
-    "format_version", "iteration", "model", "model_config", "train_config", "optimizer", "scheduler", "scaler",
-    "rng", "data_position", "extra", "fast_paths", "ema",
-}  # fmt: skip
+    "format_version",
+    "iteration",
+    "model",
+    "model_config",
+    "train_config",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "data_position",
+    "extra",
+    "fast_paths",
+    "ema",
+}
 
 
 class TinyBoxes(Dataset):
     """n images 64 px high and 80 or 96 px wide with a bright rectangle (image 3 has none). The brightness and the
-    horizontal flip are drawn from torch's global generator, so exact resume needs the generator states restored, not only the data
-    order. Every batch pads to 64 x 96 (size_divisible 32), which keeps the CPU tests fast."""
+    horizontal flip are drawn from torch's global generator, so exact resume needs the generator states restored, not
+    only the data order. Every batch pads to 64 x 96 (size_divisible 32), which keeps the CPU tests fast."""
 
     def __init__(self, n: int = 8):
         self.n = n
@@ -85,8 +96,18 @@ def tiny_model(seed: int = 0):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    settings = dict(max_iters=6, batch_size=2, lr=0.01, warmup_iters=1, steps=(4,), log_every=1,
-                    checkpoint_every=3, num_workers=0, device="cpu", seed=0)
+    settings = dict(
+        max_iters=6,
+        batch_size=2,
+        lr=0.01,
+        warmup_iters=1,
+        steps=(4,),
+        log_every=1,
+        checkpoint_every=3,
+        num_workers=0,
+        device="cpu",
+        seed=0,
+    )
     return train_config(**{**settings, **overrides})
 
 
@@ -95,8 +116,9 @@ def read_log(folder: Path) -> list[dict]:
 
 
 def train_losses(folder: Path) -> dict[int, dict[str, float]]:
-    return {r["iter"]: {k: r[k] for k in ("loss_cls", "loss_box", "loss", "lr")} for r in read_log(folder)
-            if "loss" in r}
+    return {
+        r["iter"]: {k: r[k] for k in ("loss_cls", "loss_box", "loss", "lr")} for r in read_log(folder) if "loss" in r
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,8 +172,13 @@ def test_build_optimizer_skips_frozen_and_norm_decay():
     assert in_groups == trainable and len(trainable) < len(list(model.parameters()))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
-    norm_params = {id(p) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
-                   for p in m.parameters(recurse=False) if p.requires_grad}
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    }
     assert {id(p) for p in no_decay["params"]} == norm_params
 
 
@@ -342,8 +369,14 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
 def test_resume_drops_log_lines_after_the_checkpoint(tmp_path):
     model = tiny_model()
     optimizer = build_optimizer(model, tiny_config())
-    save_checkpoint(tmp_path / "last.pt", model, optimizer, build_scheduler(optimizer, tiny_config()), iteration=2,
-                    data_position={"epoch": 0, "batch": 2})
+    save_checkpoint(
+        tmp_path / "last.pt",
+        model,
+        optimizer,
+        build_scheduler(optimizer, tiny_config()),
+        iteration=2,
+        data_position={"epoch": 0, "batch": 2},
+    )
     # the run went on to iteration 3 (and half-wrote a line) before it died
     lines = [json.dumps({"iter": i, "loss": 1.0}) for i in (1, 2, 3)] + ['{"iter": 4, "lo']
     (tmp_path / "log.jsonl").write_text("\n".join(lines))

@@ -3,12 +3,12 @@ the budget is spent; the schedule is refitted to it; the time spent and the leng
 
 import pytest
 import torch
+from test_train import interrupt_at, read_log, tiny_config, tiny_loader, tiny_model
 
-from retinanet.train.budget import CHECK_EVERY, FIRST_CHECK, TimeBudget
 from retinanet.model.checkpoint import load_checkpoint
+from retinanet.train.budget import CHECK_EVERY, FIRST_CHECK, TimeBudget
 from retinanet.train.loop import TrainingInterrupted, train
 from retinanet.train.optim import build_scheduler, fit_schedule
-from test_train import interrupt_at, read_log, tiny_config, tiny_loader, tiny_model
 
 
 def test_the_first_estimate_fills_the_budget_at_the_measured_speed():
@@ -54,8 +54,9 @@ def test_fit_schedule_refits_the_cosine_to_the_new_length():
 
 
 def test_a_run_with_minutes_ends_where_its_budget_says_and_resumes_with_its_length(tmp_path):
-    cfg = tiny_config(max_iters=100_000, minutes=0.05, lr_schedule="cosine", log_every=10, checkpoint_every=1000,
-                      warmup_iters=2)  # fmt: skip
+    cfg = tiny_config(
+        max_iters=100_000, minutes=0.05, lr_schedule="cosine", log_every=10, checkpoint_every=1000, warmup_iters=2
+    )
     folder = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):  # stopped after the first estimate, as a preempted job
         train(interrupt_at(tiny_model(), {FIRST_CHECK + 2}), tiny_loader(), cfg, folder)
@@ -66,8 +67,9 @@ def test_a_run_with_minutes_ends_where_its_budget_says_and_resumes_with_its_leng
     notes = (folder / "train.log").read_text()
     assert f"the run now ends at iteration {length}" in notes
 
-    cfg = tiny_config(max_iters=100_000, minutes=0.05, lr_schedule="cosine", log_every=10, checkpoint_every=1000,
-                      warmup_iters=2)  # fmt: skip
+    cfg = tiny_config(
+        max_iters=100_000, minutes=0.05, lr_schedule="cosine", log_every=10, checkpoint_every=1000, warmup_iters=2
+    )
     result = train(tiny_model(), tiny_loader(), cfg, folder, resume=folder / "last.pt")
     assert result["iteration"] == cfg.max_iters < 100_000  # ended at the length its budget set, not the config's
     final = load_checkpoint(folder / "last.pt")

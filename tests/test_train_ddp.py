@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from retinanet.runtime import fastpath
 from retinanet.config import train_config
-from retinanet.runtime.machine import Cache
-from retinanet.model.detector import build_model
-from retinanet.train.distributed import init_distributed
 from retinanet.model.checkpoint import load_checkpoint
+from retinanet.model.detector import build_model
+from retinanet.runtime import fastpath
+from retinanet.runtime.machine import Cache
+from retinanet.train.distributed import init_distributed
 from retinanet.train.loop import train
 
 RUNS = 20
@@ -65,10 +65,17 @@ def _worker(out: Path) -> None:
         fastpath._CACHE = Cache()  # and nothing in memory: a first use in every run
         torch.manual_seed(100 + rank)  # different initial weights per process: DDP must start all from rank 0's
         model = build_model("retinanet_tiny", num_classes=2, size_divisible=32)
-        loader = DataLoader(Squares(), batch_size=1, sampler=DistributedSampler(Squares(), seed=0),
-                            collate_fn=_collate)  # fmt: skip
-        cfg = train_config(max_iters=3, batch_size=2, warmup_iters=1, steps=(), log_every=1, checkpoint_every=2,
-                           device="cpu", num_workers=0)  # fmt: skip
+        loader = DataLoader(Squares(), batch_size=1, sampler=DistributedSampler(Squares(), seed=0), collate_fn=_collate)
+        cfg = train_config(
+            max_iters=3,
+            batch_size=2,
+            warmup_iters=1,
+            steps=(),
+            log_every=1,
+            checkpoint_every=2,
+            device="cpu",
+            num_workers=0,
+        )
         result = train(model, loader, cfg, folder)
         torch.save({k: p.detach() for k, p in model.named_parameters()}, folder / f"params_rank{rank}.pt")
         choices = {**result["fast_paths"].to_dict(), "layout_now": model.memory_format, "probe_calls": len(calls)}
@@ -87,8 +94,16 @@ def test_two_process_training_from_an_empty_cache_on_a_busy_machine_keeps_replic
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     hog = subprocess.Popen([sys.executable, "-c", HOG.format(seconds=240)])  # one core busy, for 4 minutes at most
     try:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   __file__, str(tmp_path)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+            str(tmp_path),
+        ]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:
         hog.kill()
@@ -113,8 +128,10 @@ def test_two_process_training_from_an_empty_cache_on_a_busy_machine_keeps_replic
     checkpoint = load_checkpoint(first / "last.pt")  # only rank 0 writes; rank 1 would have raced it
     assert checkpoint["iteration"] == 3 and len(checkpoint["rng"]) == 2
     assert checkpoint["data_position"] == {"epoch": 0, "batch": 3}  # 4 batches per process per epoch
-    assert checkpoint["fast_paths"]["memory_format"] == json.loads((first / "fast_paths_rank0.json").read_text())[
-        "memory_format"]  # fmt: skip
+    assert (
+        checkpoint["fast_paths"]["memory_format"]
+        == json.loads((first / "fast_paths_rank0.json").read_text())["memory_format"]
+    )
     for name, value in torch.load(first / "params_rank0.pt").items():
         assert torch.equal(checkpoint["model"][f"{name}"], value), name
     log = (first / "log.jsonl").read_text().splitlines()

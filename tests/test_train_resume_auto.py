@@ -75,14 +75,33 @@ def _losses(run: Path) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
 def test_a_rank_killed_under_torchrun_restarts_from_the_last_checkpoint(tmp_path):
-    settings = [*tiny_settings(), "train.batch_size=4", "train.max_iters=8", "train.checkpoint_every=2",
-                "train.resume=auto", "train.eval_every=100", "train.amp=none"]  # fmt: skip
+    settings = [
+        *tiny_settings(),
+        "train.batch_size=4",
+        "train.max_iters=8",
+        "train.checkpoint_every=2",
+        "train.resume=auto",
+        "train.eval_every=100",
+        "train.amp=none",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
 
     def torchrun(run: Path, restarts: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               f"--max-restarts={restarts}", "-m", "retinanet.cli", "train", "--set", *settings,
-               f"train.output_dir={run}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            f"--max-restarts={restarts}",
+            "-m",
+            "retinanet.cli",
+            "train",
+            "--set",
+            *settings,
+            f"train.output_dir={run}",
+        ]
         log = open(tmp_path / f"{run.name}.log", "w")  # a file, not a pipe: nobody reads it while it runs
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         started.append(proc)
@@ -110,7 +129,11 @@ def _kill_and_resume(tmp_path: Path, torchrun, output) -> None:
     proc = torchrun(killed, 1)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # past the checkpoint at iteration 2: kill rank 1
-        if (killed / "last.pt").exists() and (killed / "log.jsonl").exists() and max(_iterations(killed), default=0) >= 3:
+        if (
+            (killed / "last.pt").exists()
+            and (killed / "log.jsonl").exists()
+            and max(_iterations(killed), default=0) >= 3
+        ):
             break
         time.sleep(0.05)
     ranks = {_rank_of(pid): pid for pid in _children(proc.pid)}
@@ -142,8 +165,11 @@ def test_an_uneven_batch_split_is_an_error_that_names_the_numbers():
     from retinanet.train.distributed import per_process_batch
 
     assert per_process_batch(8, 2) == 4
-    with pytest.raises(ValueError, match=r"train.batch_size 7 does not split evenly over 2 processes \(3.5 images "
-                       r"each\): use train.batch_size=6 or 8"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"train.batch_size 7 does not split evenly over 2 processes \(3.5 images "
+        r"each\): use train.batch_size=6 or 8",
+    ):
         per_process_batch(7, 2)
     with pytest.raises(ValueError, match="use train.batch_size=4$"):
         per_process_batch(3, 4)

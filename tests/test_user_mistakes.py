@@ -43,8 +43,12 @@ def _csv_set(folder: Path, n: int = 8, size=(64, 64), bad: dict | None = None) -
 
 
 def _csv_run(folder: Path) -> list[str]:
-    return ["data.format=csv", f"data.train_annotations={folder / 'train.csv'}",
-            f"data.val_annotations={folder / 'val.csv'}", "data.synthetic_train_images=0"]  # fmt: skip
+    return [
+        "data.format=csv",
+        f"data.train_annotations={folder / 'train.csv'}",
+        f"data.val_annotations={folder / 'val.csv'}",
+        "data.synthetic_train_images=0",
+    ]
 
 
 def _one_line(err: str) -> str:
@@ -122,15 +126,43 @@ def test_detect_writes_only_its_own_files(tmp_path, capsys):
     images = _csv_set(tmp_path / "data")
     checkpoint = _tiny_checkpoint(tmp_path)
     out = tmp_path / "detect"
-    assert main(["detect", str(images / "im0.png"), str(images / "im1.png"), "--checkpoint", str(checkpoint),
-                 "--output", str(out), "--workers", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(images / "im0.png"),
+                str(images / "im1.png"),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.glob("*.png")) == ["im0.png", "im1.png"]
     (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert main(["detect", str(images / "im2.png"), "--checkpoint", str(checkpoint), "--output", str(out)]) == 2
     assert "--overwrite" in _one_line(capsys.readouterr().err)
-    assert main(["detect", str(images / "im2.png"), "--checkpoint", str(checkpoint), "--output", str(out),
-                 "--workers", "0", "--overwrite"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(images / "im2.png"),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--workers",
+                "0",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.glob("*.png")) == ["im2.png"]  # the earlier drawings are gone
     assert (out / "notes.txt").read_text() == "mine"  # the user's own file stays
 
@@ -173,8 +205,12 @@ def test_skip_bad_skips_a_corrupt_image_and_a_bad_box_alone_and_lists_them(tmp_p
 
     out = tmp_path / "detect"
     checkpoint = _tiny_checkpoint(tmp_path)
-    assert main(["detect", str(data), "--checkpoint", str(checkpoint), "--output", str(out), "--skip-bad",
-                 "--workers", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["detect", str(data), "--checkpoint", str(checkpoint), "--output", str(out), "--skip-bad", "--workers", "0"]
+        )
+        == 0
+    )
     records = json.loads((out / "detections.json").read_text())
     (left_out,) = [r for r in records if "skipped" in r]
     assert Path(left_out["file"]).name == "im3.png" and left_out["skipped"]
@@ -196,7 +232,9 @@ def _read_only_folder(tmp_path: Path):
         yield folder
         folder.chmod(0o700)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
         yield Path("/sys/retinanet-read-only-test")
         return
     try:
@@ -209,17 +247,25 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path, capsys)
     data = _csv_set(tmp_path / "data")
     checkpoint = _tiny_checkpoint(tmp_path)
     config = tmp_path / "run.yaml"
-    config.write_text(f"data: {{format: csv, train_annotations: {data / 'train.csv'}, "
-                      f"val_annotations: {data / 'val.csv'}}}\n")  # fmt: skip
+    config.write_text(
+        f"data: {{format: csv, train_annotations: {data / 'train.csv'}, val_annotations: {data / 'val.csv'}}}\n"
+    )
     with _read_only_folder(tmp_path) as ro:
         commands = {
             "train": ["train", *tiny_run(ro / "run", *_csv_run(data))],
             "detect": ["detect", str(data / "im0.png"), "--checkpoint", str(checkpoint), "--output", str(ro / "d")],
             "eval": ["eval", "--checkpoint", str(checkpoint), "--config", str(config), "--output", str(ro / "e")],
             "export": ["export", "--checkpoint", str(checkpoint), "--output", str(ro / "m.onnx")],
-            "anchors": ["anchors", "--config", str(config), "--set", "model.preset=retinanet_tiny", "--output",
-                        str(ro / "a")],
-        }  # fmt: skip
+            "anchors": [
+                "anchors",
+                "--config",
+                str(config),
+                "--set",
+                "model.preset=retinanet_tiny",
+                "--output",
+                str(ro / "a"),
+            ],
+        }
         for name, argv in commands.items():
             started = time.perf_counter()
             assert main(argv) == 2, name
@@ -287,10 +333,17 @@ def test_labels_stay_readable_on_large_images():
 def test_a_coco_file_without_annotations_is_refused(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
-    ann = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}], "annotations": [],
-           "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
+    ann = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "box"}],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(ann))
-    coco = ["data.format=coco", f"data.train_images={tmp_path / 'images'}", f"data.train_annotations={tmp_path / 'ann.json'}"]
+    coco = [
+        "data.format=coco",
+        f"data.train_images={tmp_path / 'images'}",
+        f"data.train_annotations={tmp_path / 'ann.json'}",
+    ]
     assert main(["train", *tiny_run(tmp_path / "run", *coco)]) == 2
     assert "no boxes at all" in _one_line(capsys.readouterr().err)
 
@@ -318,8 +371,20 @@ def test_eval_without_config_takes_the_runs_own(tmp_path, capsys):
 def test_an_onnx_file_given_as_a_checkpoint_is_named(tmp_path, capsys):
     fake = tmp_path / "model.onnx"
     fake.write_bytes(b"\x08\x09\x12\x07pytorch")  # the first fields of an ONNX ModelProto
-    assert main(["eval", "--checkpoint", str(fake), "--output", str(tmp_path / "e"), "--config",
-                 str(tmp_path / "none.yaml")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(fake),
+                "--output",
+                str(tmp_path / "e"),
+                "--config",
+                str(tmp_path / "none.yaml"),
+            ]
+        )
+        == 2
+    )
     capsys.readouterr()
     assert main(["detect", str(fake), "--checkpoint", str(fake), "--output", str(tmp_path / "d")]) == 2
     line = _one_line(capsys.readouterr().err)
@@ -330,8 +395,10 @@ def test_resuming_with_another_batch_size_is_said_at_once(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *tiny_run(run, "train.max_iters=2")]) == 0
     capsys.readouterr()
-    assert main(["train", *tiny_run(run, "train.max_iters=4", "train.batch_size=4"), "--resume",
-                 str(run / "last.pt")]) == 2  # fmt: skip
+    assert (
+        main(["train", *tiny_run(run, "train.max_iters=4", "train.batch_size=4"), "--resume", str(run / "last.pt")])
+        == 2
+    )
     line = _one_line(capsys.readouterr().err)
     assert "train.batch_size 2" in line and "train.batch_size=2" in line and "init_from" in line
 
@@ -343,11 +410,22 @@ def test_resuming_with_another_batch_size_is_said_at_once(tmp_path, capsys):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     run = tmp_path / "run"
-    args = ["train", "--set", *tiny_settings(), "train.max_iters=2000", "train.checkpoint_every=1000",
-            f"train.output_dir={run}"]  # fmt: skip
+    args = [
+        "train",
+        "--set",
+        *tiny_settings(),
+        "train.max_iters=2000",
+        "train.checkpoint_every=1000",
+        f"train.output_dir={run}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "retinanet.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retinanet.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     wait_for_first_iteration(run)
     proc.send_signal(signal.SIGTERM)  # what `timeout`, Docker, Kubernetes and SLURM send
     _, err = proc.communicate(timeout=120)
@@ -359,8 +437,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
 
 def test_checkpoints_by_time_besides_iterations(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", *tiny_run(run, "train.checkpoint_every=1000", "train.checkpoint_minutes=0.000001",
-                                     "train.keep_all_checkpoints=true")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run(
+                    run,
+                    "train.checkpoint_every=1000",
+                    "train.checkpoint_minutes=0.000001",
+                    "train.keep_all_checkpoints=true",
+                ),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in run.glob("iter_*.pt")) == [f"iter_000000{i}.pt" for i in (1, 2, 3)]
 
 
@@ -370,9 +460,13 @@ def test_checkpoints_by_time_besides_iterations(tmp_path):
 
 def test_redirected_training_output_is_lines_not_a_progress_bar(tmp_path):
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "retinanet.cli", "train", *tiny_run(run, "train.max_iters=4",
-                           "train.log_every=2")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "retinanet.cli", "train", *tiny_run(run, "train.max_iters=4", "train.log_every=2")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stdout + done.stderr
     assert "train: iteration 2/4" in done.stdout and "train: iteration 4/4" in done.stdout

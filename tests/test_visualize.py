@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from retinanet.inference.drawing import draw_detections, labels_readable
 from retinanet.tools.anchor_report import POSITIVE
 from retinanet.tools.inspection import draw_inspection
-from retinanet.inference.drawing import draw_detections, labels_readable
 
 
 def _grid(n_side: int, image: int, box: int) -> torch.Tensor:

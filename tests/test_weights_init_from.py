@@ -54,8 +54,14 @@ def test_same_classes_load_everything(tmp_path):
     report = init_from(target, str(path))
     for key, value in _weights(source).items():
         torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    assert report.loaded == ["backbone", "fpn", "head.cls_tower", "head.box_tower", "head.box_deltas",
-                             "head.cls_logits"]  # fmt: skip
+    assert report.loaded == [
+        "backbone",
+        "fpn",
+        "head.cls_tower",
+        "head.box_tower",
+        "head.box_deltas",
+        "head.cls_logits",
+    ]
     assert not report.reinitialised and "iteration 7" in report.lines()[0]
 
 
@@ -136,8 +142,16 @@ def _torchvision_file(tmp_path, build, name):
 def test_torchvision_files_with_coco_names_matched(tmp_path, build, version):
     tv, path = _torchvision_file(tmp_path, build, f"{version}.pth")
     torch.manual_seed(3)
-    cfg = torchvision_config(version, 3, min_size=128, max_size=128, class_names=("person", "widget", "Car"),
-                             init_classes="match", backbone_norm="bn", frozen_bn_eps=1e-5)  # fmt: skip
+    cfg = torchvision_config(
+        version,
+        3,
+        min_size=128,
+        max_size=128,
+        class_names=("person", "widget", "Car"),
+        init_classes="match",
+        backbone_norm="bn",
+        frozen_bn_eps=1e-5,
+    )
     target = build_from_config(cfg)
     report = init_from(target, str(path))
     torch.testing.assert_close(target.backbone.conv1.weight, tv.backbone.body.conv1.weight)
@@ -167,11 +181,12 @@ def test_torchvision_download_offline_is_one_clear_error(monkeypatch):
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(ValueError, match="could not download torchvision's retinanet_resnet50_fpn_v2 COCO weights "
-                       r"from https://.*set model.init_from to its path"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="could not download torchvision's retinanet_resnet50_fpn_v2 COCO weights "
+        r"from https://.*set model.init_from to its path",
+    ):
         init_from(_target(), "torchvision:retinanet_resnet50_fpn_v2")
-
-
 
 
 @pytest.mark.slow

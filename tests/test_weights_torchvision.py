@@ -41,15 +41,19 @@ def _assert_same_detections(tv, ours, images):
     for r, g in zip(ref, got):
         assert r["boxes"].shape == g.boxes.shape
         torch.testing.assert_close(
-            _canonical(g.boxes, g.scores, g.labels), _canonical(r["boxes"], r["scores"], r["labels"]),
-            rtol=1e-4, atol=1e-3,
-        )  # fmt: skip
+            _canonical(g.boxes, g.scores, g.labels),
+            _canonical(r["boxes"], r["scores"], r["labels"]),
+            rtol=1e-4,
+            atol=1e-3,
+        )
         total += len(g.scores)
     assert total > 0
 
 
-IMAGES = [torch.rand(3, 150, 200, generator=torch.Generator().manual_seed(1)),
-          torch.rand(3, 181, 130, generator=torch.Generator().manual_seed(2))]  # fmt: skip
+IMAGES = [
+    torch.rand(3, 150, 200, generator=torch.Generator().manual_seed(1)),
+    torch.rand(3, 181, 130, generator=torch.Generator().manual_seed(2)),
+]
 
 
 @pytest.mark.parametrize("build", [retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2])

@@ -115,14 +115,18 @@ def test_auto_takes_the_machines_measured_choice_for_what_winograd_computes(monk
     import retinanet.runtime.fastpath as fastpath
 
     asked = []
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: asked.append(tuple(x.shape)) or "winograd")
+    monkeypatch.setattr(
+        fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: asked.append(tuple(x.shape)) or "winograd"
+    )
     x, w = _big()
     assert winograd_applies(x, w, 1, 1, 1, 1) and _uses_winograd(conv2d(x, w, None, 1, 1))
     assert asked == [(1, 128, 32, 32)] * 2
     monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: "direct")
     assert not _uses_winograd(conv2d(x, w, None, 1, 1))
     # what Winograd does not compute is never measured
-    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: pytest.fail(f"asked about {tuple(x.shape)}"))
+    monkeypatch.setattr(
+        fastpath, "conv3x3_algorithm", lambda x, w, kernel, run: pytest.fail(f"asked about {tuple(x.shape)}")
+    )
     assert not _uses_winograd(conv2d(x, w, None, 1, 1, algorithm="direct"))
     assert not _uses_winograd(conv2d(x, w, None, 2, 1))  # stride 2
     assert not _uses_winograd(conv2d(x, w[:, :, :1, :1], None, 1, 0))  # 1x1
@@ -169,7 +173,9 @@ def test_model_with_winograd_equals_direct_in_loss_gradients_and_detections():
     for model, ims in ((direct, images), (wino, images), (exact, [im.double() for im in images])):
         losses = model.loss(ims, targets)
         sum(losses.values()).backward()
-        results.append([*losses.values(), model.head.cls_tower[0].weight.grad, model.backbone.layer3[1].conv1.weight.grad])
+        results.append(
+            [*losses.values(), model.head.cls_tower[0].weight.grad, model.backbone.layer3[1].conv1.weight.grad]
+        )
     for name, d, w, ref in zip(["loss_cls", "loss_box", "head grad", "backbone grad"], *results):
         assert_as_accurate(w, d, ref, what=name)
     direct.eval(), wino.eval()
@@ -189,7 +195,6 @@ def test_conv_algorithm_setting():
     assert model.backbone.conv_algorithm == "direct" and model.head.cls_logits.algorithm == "direct"
     with pytest.raises(ValueError, match="conv_algorithm"):
         model.use_conv_algorithm("fft")
-
 
 
 def test_forced_winograd_leaves_autocast_and_half_precision_to_torch():

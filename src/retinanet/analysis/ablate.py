@@ -38,16 +38,16 @@ import torch
 
 from retinanet.analysis.grids import Cell, Grid, cell_config
 from retinanet.analysis.locks import claim, mutex, read_lock
-from retinanet.runtime.outputs import atomic_write
 from retinanet.analysis.tables import collect_results, render_table
 from retinanet.config import RunConfig, apply_overrides
 from retinanet.data.build import FIRST_VAL, build_dataset, val_datasets
 from retinanet.evaluation import evaluate_coco, max_dets_for
 from retinanet.evaluation.dataset import predict_dataset
-from retinanet.inference.predictor import categories_of
-from retinanet.runtime.machine import set_threads
 from retinanet.evaluation.errors import ERROR_TYPES, analyze_errors
 from retinanet.evaluation.validation import validate
+from retinanet.inference.predictor import categories_of
+from retinanet.runtime.machine import set_threads
+from retinanet.runtime.outputs import atomic_write
 from retinanet.train.distributed import launched_slot
 from retinanet.train.loop import NonFiniteLossError
 from retinanet.train.run import run_train
@@ -134,17 +134,26 @@ def run_cell(planned: PlannedCell) -> dict[str, Any]:
     cfg, folder = planned.config, planned.folder
     resume = _resume_point(planned)
     result: dict[str, Any] = {
-        "table": planned.grid.table, "cell": planned.cell.name, "row": planned.cell.row,
-        "values": planned.cell.values, "overrides": {**planned.grid.overrides, **planned.cell.overrides},
-        "resumed_from": str(resume) if resume else None, "host": socket.gethostname(), "pid": os.getpid(),
-    }  # fmt: skip
+        "table": planned.grid.table,
+        "cell": planned.cell.name,
+        "row": planned.cell.row,
+        "values": planned.cell.values,
+        "overrides": {**planned.grid.overrides, **planned.cell.overrides},
+        "resumed_from": str(resume) if resume else None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     start = time.perf_counter()
     try:
         trained = run_train(copy.deepcopy(cfg), resume=resume, evaluate=False)  # it fills in the categories
     except NonFiniteLossError as exc:
         found = re.search(r"at iteration (\d+)", str(exc))
-        result |= {"status": "non-finite", "message": str(exc), "train_seconds": time.perf_counter() - start,
-                   "nonfinite_iteration": int(found.group(1)) if found else None}  # fmt: skip
+        result |= {
+            "status": "non-finite",
+            "message": str(exc),
+            "train_seconds": time.perf_counter() - start,
+            "nonfinite_iteration": int(found.group(1)) if found else None,
+        }
     else:
         result |= {"status": "finished", "train_seconds": trained["train_seconds"], "iterations": trained["iteration"]}
         result |= _evaluate(trained["model"], cfg, trained["fast_paths"].amp)
@@ -158,8 +167,8 @@ def run_cell(planned: PlannedCell) -> dict[str, Any]:
 
 def _evaluate(model, cfg: RunConfig, amp: str) -> dict[str, Any]:
     """COCO metrics and the AP50 each error type costs on the validation sets in the run's precision (the first
-    set's keys plain, data.extra_val's after their names: retinanet.evaluation.validation), and the inference time on the
-    first set (detections only, not the evaluation)."""
+    set's keys plain, data.extra_val's after their names: retinanet.evaluation.validation), and the inference time on
+    the first set (detections only, not the evaluation)."""
     sets = val_datasets(cfg.data, model.config, categories_of(model))
     val = sets.pop(FIRST_VAL)
     start = time.perf_counter()
@@ -171,8 +180,7 @@ def _evaluate(model, cfg: RunConfig, amp: str) -> dict[str, Any]:
     values = {k: float(getattr(metrics, k)) for k in keep} | {f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}
     values |= validate(model, sets, amp=amp)
     values = {k: None if math.isnan(v) else v for k, v in values.items()}  # undefined (no such objects): null
-    return {"metrics": values, "inference_seconds": seconds,
-            "val_images": len(val)}  # fmt: skip
+    return {"metrics": values, "inference_seconds": seconds, "val_images": len(val)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,8 +207,10 @@ def _done(planned: PlannedCell) -> bool:
     recorded = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
     differ = _differences(recorded, planned.plan())
     if differ:
-        raise ValueError(f"{planned.folder}: this cell was finished with another config (differs in {differ}); "
-                         "use another --output, or delete the cell's folder to run it again")  # fmt: skip
+        raise ValueError(
+            f"{planned.folder}: this cell was finished with another config (differs in {differ}); "
+            "use another --output, or delete the cell's folder to run it again"
+        )
     return True
 
 
@@ -230,8 +240,10 @@ def _reuse(planned: PlannedCell, twin: Path) -> None:
     planned.folder.mkdir(parents=True, exist_ok=True)
     atomic_write(planned.folder / "plan.json", json.dumps(planned.plan(), indent=1))
     atomic_write(planned.folder / "result.json", json.dumps(result, indent=1, default=str))
-    print(f"ablate: {planned.label}: the same run as {result['same_run_as']}, which is done: its result reused",
-          flush=True)  # fmt: skip
+    print(
+        f"ablate: {planned.label}: the same run as {result['same_run_as']}, which is done: its result reused",
+        flush=True,
+    )
 
 
 def _run_if_free(planned: PlannedCell) -> str:
@@ -291,10 +303,12 @@ def _footer(planned: Sequence[PlannedCell], base_source: str, command: str | Non
     cfg = planned[0].config
     t = cfg.train
     length = f"{t.max_iters} iterations" if t.minutes is None else f"{t.minutes:g} minutes of training in iterations"
-    lines = [f"Each cell: the base config `{base_source}` with the cell's overrides; {length} of "
-             f"{t.batch_size} images ({cfg.preset}, {cfg.model.min_size} px). AP, AP50, AP75: COCO box AP in % on "
-             "the validation set; dAP50 loc: the AP50 lost to badly placed boxes (TIDE's oracle); train s (min): "
-             "wall-clock time of training (evaluation excluded)."]  # fmt: skip
+    lines = [
+        f"Each cell: the base config `{base_source}` with the cell's overrides; {length} of "
+        f"{t.batch_size} images ({cfg.preset}, {cfg.model.min_size} px). AP, AP50, AP75: COCO box AP in % on "
+        "the validation set; dAP50 loc: the AP50 lost to badly placed boxes (TIDE's oracle); train s (min): "
+        "wall-clock time of training (evaluation excluded)."
+    ]
     if command:
         lines.append(f"Command: `{command}`")
     return "\n".join(lines)

@@ -145,12 +145,16 @@ def loss_examples(ps: Sequence[float], alpha: float = 0.25, gamma: float = 2.0) 
     for i, p in enumerate(ps):
         for kind, y in (("foreground", 1.0), ("background", 0.0)):
             xi, t = x[i : i + 1], torch.full((1,), y, dtype=torch.float64)
-            rows.append(ExampleRow(
-                p=float(p), kind=kind, p_t=p if y == 1 else 1.0 - p,
-                ce=float(binary_cross_entropy(xi, t)),
-                balanced_ce=float(binary_cross_entropy(xi, t, alpha=alpha)),
-                fl=float(sigmoid_focal_loss(xi, t, alpha=alpha, gamma=gamma)),
-            ))  # fmt: skip
+            rows.append(
+                ExampleRow(
+                    p=float(p),
+                    kind=kind,
+                    p_t=p if y == 1 else 1.0 - p,
+                    ce=float(binary_cross_entropy(xi, t)),
+                    balanced_ce=float(binary_cross_entropy(xi, t, alpha=alpha)),
+                    fl=float(sigmoid_focal_loss(xi, t, alpha=alpha, gamma=gamma)),
+                )
+            )
     return rows
 
 
@@ -162,8 +166,9 @@ def examples_table(rows: Sequence[ExampleRow], alpha: float = 0.25, gamma: float
         "|---:|:---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r.p:g} | {r.kind} | {r.p_t:.4g} | {r.ce:.4g} | {r.balanced_ce:.4g} | {r.fl:.4g} "
-                     f"| {r.ratio:.4g} |")  # fmt: skip
+        lines.append(
+            f"| {r.p:g} | {r.kind} | {r.p_t:.4g} | {r.ce:.4g} | {r.balanced_ce:.4g} | {r.fl:.4g} | {r.ratio:.4g} |"
+        )
     return "\n".join(lines)
 
 
@@ -187,6 +192,7 @@ def write_loss_curves(folder: str | Path, points: int = 1000, x_t_max: float = 5
     x_t = torch.linspace(-x_t_max, x_t_max, points + 1, dtype=torch.float64)
     files = _save(focal_loss_vs_pt(p_t), folder, "fig1_focal_loss", "Figure 1: focal loss", (0.0, 5.0))
     files += _save(focal_loss_star_vs_xt(x_t), folder, "fig5_focal_loss_star", "Figure 5: FL and FL*", (0.0, 5.0))
-    files += _save(loss_derivatives_vs_xt(x_t), folder, "fig6_derivatives", "Figure 6: derivatives (y = +1)",
-                   (-1.25, 0.05))  # fmt: skip
+    files += _save(
+        loss_derivatives_vs_xt(x_t), folder, "fig6_derivatives", "Figure 6: derivatives (y = +1)", (-1.25, 0.05)
+    )
     return files

@@ -125,8 +125,10 @@ def _cell(data: Any, index: int, columns: tuple[str, ...], where: str) -> Cell:
     values = dict(data.get("values") or {})
     missing, extra = sorted(set(columns) - set(values)), sorted(set(values) - set(columns))
     if missing or extra:
-        raise ValueError(f"{where} ({name}): values must give exactly the columns {list(columns)}; "
-                         f"missing {missing}, not a column {extra}")  # fmt: skip
+        raise ValueError(
+            f"{where} ({name}): values must give exactly the columns {list(columns)}; "
+            f"missing {missing}, not a column {extra}"
+        )
     return Cell(name, values, _overrides(data.get("set"), f"{where} ({name}): set"), str(data.get("row", name)))
 
 

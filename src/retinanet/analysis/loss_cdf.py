@@ -23,7 +23,6 @@ bound, reported with every curve.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from retinanet.runtime import fastpath
 from retinanet.analysis.plots import Panel, save_line_plot, write_csv
 from retinanet.config import DataConfig
 from retinanet.data import make_loader
@@ -44,11 +42,21 @@ from retinanet.model.checkpoint import load_model
 from retinanet.model.detector import RetinaNet
 from retinanet.ops.losses import sigmoid_focal_loss
 from retinanet.ops.matching import BACKGROUND
+from retinanet.runtime import fastpath
 from retinanet.runtime.device import resolve_device
 from retinanet.runtime.outputs import write_json
 
-__all__ = ["FIGURE4_GAMMAS", "HARDEST_FRACTIONS", "LossHistogram", "LossCdf", "anchor_losses", "loss_cdf",
-           "write_loss_cdf", "describe", "run_loss_cdf"]  # fmt: skip
+__all__ = [
+    "FIGURE4_GAMMAS",
+    "HARDEST_FRACTIONS",
+    "LossHistogram",
+    "LossCdf",
+    "anchor_losses",
+    "loss_cdf",
+    "write_loss_cdf",
+    "describe",
+    "run_loss_cdf",
+]
 
 FIGURE4_GAMMAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
 HARDEST_FRACTIONS: tuple[float, ...] = (0.01, 0.1, 0.2)
@@ -68,8 +76,9 @@ class LossHistogram:
 
     def __post_init__(self) -> None:
         decades = math.log10(self.hi) - math.log10(self.lo)
-        self.edges = torch.logspace(math.log10(self.lo), math.log10(self.hi),
-                                    round(decades * self.bins_per_decade) + 1, dtype=torch.float64)  # fmt: skip
+        self.edges = torch.logspace(
+            math.log10(self.lo), math.log10(self.hi), round(decades * self.bins_per_decade) + 1, dtype=torch.float64
+        )
         self.counts = torch.zeros(len(self.edges) + 1, dtype=torch.float64)
         self.sums = torch.zeros(len(self.edges) + 1, dtype=torch.float64)
 
@@ -143,10 +152,12 @@ class LossCdf:
         curves = {}
         for (kind, gamma), h in self.histograms.items():
             curves[f"{kind} gamma {gamma:g}"] = {
-                "kind": kind, "gamma": gamma, "total_loss": h.total,
+                "kind": kind,
+                "gamma": gamma,
+                "total_loss": h.total,
                 "hardest_share": {f"{f:g}": h.hardest_share(f) for f in fractions},
                 "max_error": h.max_error(),
-            }  # fmt: skip
+            }
         return {"counts": dict(self.counts), "curves": curves}
 
 
@@ -218,8 +229,14 @@ def write_loss_cdf(result: LossCdf, folder: str | Path) -> list[Path]:
     rows, panels = [], []
     for kind in KINDS:
         n = result.counts[kind]
-        panel = Panel(f"{kind} anchors", "fraction of anchors (sorted by loss)", "cumulative normalised loss",
-                      xlim=(0.0, 1.0), ylim=(0.0, 1.0), note=f"{n:,} anchors")  # fmt: skip
+        panel = Panel(
+            f"{kind} anchors",
+            "fraction of anchors (sorted by loss)",
+            "cumulative normalised loss",
+            xlim=(0.0, 1.0),
+            ylim=(0.0, 1.0),
+            note=f"{n:,} anchors",
+        )
         for g in result.gammas:
             x, y = result.histograms[kind, g].cumulative()
             panel.lines[f"gamma {g:g}"] = (x.tolist(), y.tolist())
@@ -233,8 +250,10 @@ def write_loss_cdf(result: LossCdf, folder: str | Path) -> list[Path]:
 def describe(result: LossCdf, fractions: Sequence[float] = HARDEST_FRACTIONS) -> str:
     """A few lines for the terminal: counts, then per gamma the negatives' hardest shares."""
     c = result.counts
-    lines = [f"{c['images']} images: {c['positive']:,} positive and {c['negative']:,} negative anchors "
-             f"({c['ignored']:,} ignored and {c['outside']:,} centred outside the image: excluded)"]  # fmt: skip
+    lines = [
+        f"{c['images']} images: {c['positive']:,} positive and {c['negative']:,} negative anchors "
+        f"({c['ignored']:,} ignored and {c['outside']:,} centred outside the image: excluded)"
+    ]
     head = ", ".join(f"hardest {100 * f:g}%" for f in fractions)
     lines.append(f"share of the negatives' loss carried by the ({head}) negatives:")
     for g in result.gammas:
@@ -260,8 +279,9 @@ def run_loss_cdf(
     known = categories_of(model) if model.config.class_names else None
     dataset = build_dataset(data, model.config, "val", train_mode=False, categories=known)
     if dataset.num_classes != model.num_classes:
-        raise ValueError(f"{checkpoint}: the model has {model.num_classes} classes but the validation data has "
-                         f"{dataset.num_classes}")  # fmt: skip
+        raise ValueError(
+            f"{checkpoint}: the model has {model.num_classes} classes but the validation data has {dataset.num_classes}"
+        )
     if max_images is not None:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     result = loss_cdf(model, dataset, gammas, batch_size)

@@ -109,8 +109,12 @@ def render_table(
         header += ["first loss", "peak loss", "last loss", "blow-up (10x)", "non-finite"]
     if "speed" in grid.report:
         header += ["inference ms / image"]
-    lines = [f"## {grid.title}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join(":--" if i < len(grid.columns) else "--:" for i in range(len(header))) + "|"]  # fmt: skip
+    lines = [
+        f"## {grid.title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(":--" if i < len(grid.columns) else "--:" for i in range(len(header))) + "|",
+    ]
     for cell, alternatives in best_cells(grid, results):
         result = results.get(cell.name)
         values = [format_value(cell.values[c]) for c in grid.columns]

@@ -8,7 +8,6 @@ import sys
 __all__ = ["main"]
 
 
-
 def main(args: argparse.Namespace) -> int:
     from retinanet.analysis.ablate import run_grids
     from retinanet.analysis.grids import load_grid, shipped_file
@@ -18,11 +17,20 @@ def main(args: argparse.Namespace) -> int:
     base = load_run_config(args.config or shipped_file("base.yaml"), args.set)
     source = args.config or "retinanet/analysis/grids/base.yaml (shipped)"
     try:
-        outcome = run_grids([load_grid(g) for g in args.grid], base, args.output, source, ["retinanet", *args.argv],
-                            args.cells, args.minutes)  # fmt: skip
+        outcome = run_grids(
+            [load_grid(g) for g in args.grid],
+            base,
+            args.output,
+            source,
+            ["retinanet", *args.argv],
+            args.cells,
+            args.minutes,
+        )
     except TrainingInterrupted as exc:  # the cell resumes from its checkpoint when the grid runs again
         print(f"retinanet: {exc}; continue with the same command", file=sys.stderr)
         return 130
-    print(f"ablate: ran {len(outcome['ran'])} cells, {len(outcome['done'])} were done, "
-          f"{len(outcome['held'])} run by other processes; tables in {args.output}")  # fmt: skip
+    print(
+        f"ablate: ran {len(outcome['ran'])} cells, {len(outcome['done'])} were done, "
+        f"{len(outcome['held'])} run by other processes; tables in {args.output}"
+    )
     return 0

@@ -8,7 +8,6 @@ import argparse
 __all__ = ["examples_main", "loss_cdf_main", "loss_curves_main"]
 
 
-
 def loss_curves_main(args: argparse.Namespace) -> int:
     from retinanet.analysis.curves import write_loss_curves
 
@@ -29,8 +28,9 @@ def loss_cdf_main(args: argparse.Namespace) -> int:
     from retinanet.config import load_run_config
 
     cfg = load_run_config(args.config, args.set)
-    result = run_loss_cdf(args.checkpoint, cfg.data, args.output, args.gammas, args.device, args.batch_size,
-                          args.max_images)  # fmt: skip
+    result = run_loss_cdf(
+        args.checkpoint, cfg.data, args.output, args.gammas, args.device, args.batch_size, args.max_images
+    )
     print(describe(result))
     print(f"written to {args.output}: loss_cdf.png, loss_cdf.csv, loss_cdf.json")
     return 0

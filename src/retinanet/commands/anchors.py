@@ -7,15 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from retinanet.config import RunConfig
-from retinanet.data import (
-    build_dataset,
-    categories_config,
-)
+from retinanet.data import build_dataset, categories_config
 from retinanet.runtime.outputs import writable_folder
 from retinanet.tools import anchor_report
 
 __all__ = ["main", "run_anchors"]
-
 
 
 def run_anchors(cfg: RunConfig, output: str | Path, fit: bool = False, max_anchors: int = 9) -> dict[str, Any]:

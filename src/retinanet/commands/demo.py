@@ -10,10 +10,7 @@ import torch
 import yaml
 
 from retinanet.config import DataConfig, RunConfig, model_config, parse_overrides, train_config
-from retinanet.data import (
-    DetectionDataset,
-    build_dataset,
-)
+from retinanet.data import DetectionDataset, build_dataset
 from retinanet.evaluation import evaluate_model
 from retinanet.inference.drawing import save_detections_image
 from retinanet.model import RetinaNet
@@ -23,18 +20,36 @@ from retinanet.train import run_train
 __all__ = ["demo_config", "main", "run_demo"]
 
 
-
 def demo_config(output: str | Path = "runs/demo", **train_overrides: Any) -> RunConfig:
     """The demo: the small preset on the built-in synthetic shapes, sized to train in minutes on a 2-core CPU."""
     size = 128  # the synthetic images' own size: no resizing
-    data = DataConfig(format="synthetic", synthetic_image_size=size, synthetic_train_images=3000,
-                      synthetic_val_images=200, synthetic_cache=True)  # fmt: skip
-    train_cfg = train_config(**{
-        "optimizer": "adamw", "lr": 5e-3, "weight_decay": 1e-4, "warmup_iters": 50, "warmup_factor": 0.01,
-        "max_iters": 1800, "lr_schedule": "cosine", "batch_size": 8, "grad_clip": 10.0, "amp": "none",
-        "log_every": 20, "checkpoint_every": 600, "num_workers": 0, "device": "cpu", "output_dir": str(output),
-        **train_overrides,
-    })  # fmt: skip
+    data = DataConfig(
+        format="synthetic",
+        synthetic_image_size=size,
+        synthetic_train_images=3000,
+        synthetic_val_images=200,
+        synthetic_cache=True,
+    )
+    train_cfg = train_config(
+        **{
+            "optimizer": "adamw",
+            "lr": 5e-3,
+            "weight_decay": 1e-4,
+            "warmup_iters": 50,
+            "warmup_factor": 0.01,
+            "max_iters": 1800,
+            "lr_schedule": "cosine",
+            "batch_size": 8,
+            "grad_clip": 10.0,
+            "amp": "none",
+            "log_every": 20,
+            "checkpoint_every": 600,
+            "num_workers": 0,
+            "device": "cpu",
+            "output_dir": str(output),
+            **train_overrides,
+        }
+    )
     model = model_config("retinanet_tiny", min_size=size, max_size=size, backbone_width=32)
     return RunConfig(preset="retinanet_tiny", model=model, data=data, train=train_cfg)
 

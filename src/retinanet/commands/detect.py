@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from retinanet.config import size_overrides
-from retinanet.deploy import (
-    OnnxPredictor,
-)
+from retinanet.deploy import OnnxPredictor
 from retinanet.inference import (
     InferenceResult,
     Predictor,
@@ -28,15 +26,30 @@ from retinanet.weights import load_torchvision_coco
 __all__ = ["main", "run_detect"]
 
 
-
 def run_detect(
-    inputs: Sequence[str | Path], output: str | Path, checkpoint: str | Path | None = None,
-    torchvision_weights: str | None = None, score_thresh: float = 0.3, device: str = "auto",
-    min_size: int | None = None, max_size: int | None = None, skip_bad: bool = False, onnx: str | Path | None = None,
-    engine: str = "onnxruntime", tile: int | None = None, overlap: float = 0.2, batch_size: int = 4,
-    workers: int = 0, csv_file: bool = False, draw: bool | str = True, overwrite: bool = False,
-    tta: str | None = None, yolo_txt: bool = False, max_detections: int | None = None, allow_large: bool = False,
-) -> InferenceResult:  # fmt: skip
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    checkpoint: str | Path | None = None,
+    torchvision_weights: str | None = None,
+    score_thresh: float = 0.3,
+    device: str = "auto",
+    min_size: int | None = None,
+    max_size: int | None = None,
+    skip_bad: bool = False,
+    onnx: str | Path | None = None,
+    engine: str = "onnxruntime",
+    tile: int | None = None,
+    overlap: float = 0.2,
+    batch_size: int = 4,
+    workers: int = 0,
+    csv_file: bool = False,
+    draw: bool | str = True,
+    overwrite: bool = False,
+    tta: str | None = None,
+    yolo_txt: bool = False,
+    max_detections: int | None = None,
+    allow_large: bool = False,
+) -> InferenceResult:
     """Detect objects in image files, folders, globs and list files (retinanet.inference) with a checkpoint of ours
     (resized as it was evaluated, or by min_size / max_size), torchvision's COCO weights by name, or an exported
     ONNX file run by `engine`; in tiles of `tile` px when it is given. Writes an annotated PNG per image (draw:
@@ -54,8 +67,10 @@ def run_detect(
         raise ValueError("detect --tta runs the PyTorch model several times; it is not available with --onnx")
     draw_mode(draw)  # a wrong mode stops us first
     if max_detections is not None and onnx is not None:
-        raise ValueError("--max-detections: an ONNX graph keeps the cap it was exported with; export the checkpoint "
-                         "again with --max-detections")  # fmt: skip
+        raise ValueError(
+            "--max-detections: an ONNX graph keeps the cap it was exported with; export the checkpoint "
+            "again with --max-detections"
+        )
     if max_detections is not None and max_detections < 1:
         raise ValueError(f"--max-detections {max_detections}: expected a positive number of detections per image")
     files = image_files(inputs)
@@ -71,8 +86,18 @@ def run_detect(
     else:
         model, categories = load_torchvision_coco(torchvision_weights, **sizes)
         predictor = Predictor(model, categories, device=device, tta=tta, **options)
-    result = run_inference(predictor, files, output, batch_size, workers, skip_bad, csv_file, draw,
-                           yolo_txt=yolo_txt, allow_large=allow_large)  # fmt: skip
+    result = run_inference(
+        predictor,
+        files,
+        output,
+        batch_size,
+        workers,
+        skip_bad,
+        csv_file,
+        draw,
+        yolo_txt=yolo_txt,
+        allow_large=allow_large,
+    )
     remove_stale(earlier, result.written)  # the earlier detection's files that this one did not write again
     return result
 
@@ -80,13 +105,31 @@ def run_detect(
 def main(args: argparse.Namespace) -> int:
     from retinanet.config import size_overrides
 
-    result = run_detect(args.inputs, args.output, args.checkpoint, args.torchvision, args.score_thresh, args.device,
-                         skip_bad=args.skip_bad, onnx=args.onnx, engine=args.engine, tile=args.tile,
-                         overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, csv_file=args.csv,
-                         draw="none" if args.no_draw else args.draw, overwrite=args.overwrite, tta=args.tta,
-                         yolo_txt=args.yolo_txt, max_detections=args.max_detections,
-                         allow_large=args.allow_large_images,
-                         **size_overrides(args.min_size, args.max_size))  # fmt: skip
-    print(f"{result.detections} detections in {result.images} images; detections.json, results.json (COCO) in "
-          f"{args.output}")
+    result = run_detect(
+        args.inputs,
+        args.output,
+        args.checkpoint,
+        args.torchvision,
+        args.score_thresh,
+        args.device,
+        skip_bad=args.skip_bad,
+        onnx=args.onnx,
+        engine=args.engine,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        csv_file=args.csv,
+        draw="none" if args.no_draw else args.draw,
+        overwrite=args.overwrite,
+        tta=args.tta,
+        yolo_txt=args.yolo_txt,
+        max_detections=args.max_detections,
+        allow_large=args.allow_large_images,
+        **size_overrides(args.min_size, args.max_size),
+    )
+    print(
+        f"{result.detections} detections in {result.images} images; detections.json, results.json (COCO) in "
+        f"{args.output}"
+    )
     return 0

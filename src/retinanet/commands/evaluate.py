@@ -12,20 +12,12 @@ import numpy as np
 import torch
 
 from retinanet.config import DataConfig, parse_overrides, size_overrides
-from retinanet.data import (
-    DetectionDataset,
-    build_dataset,
-    parse_coco,
-    val_datasets,
-)
+from retinanet.data import DetectionDataset, build_dataset, parse_coco, val_datasets
 from retinanet.evaluation import evaluate_predictions, max_dets_for
 from retinanet.evaluation.errors import analyze_errors
 from retinanet.evaluation.report import ReportImage, write_report
 from retinanet.evaluation.validation import validate
-from retinanet.inference import (
-    categories_of,
-    check_tta,
-)
+from retinanet.inference import categories_of, check_tta
 from retinanet.model import RetinaNet, load_model
 from retinanet.ops.boxes import xywh_to_xyxy
 from retinanet.runtime.device import resolve_device, resolve_precision
@@ -34,11 +26,16 @@ from retinanet.runtime.outputs import writable_folder
 __all__ = ["main", "report_main", "run_config_of", "run_eval", "run_report"]
 
 
-
 def run_eval(
-    checkpoint: str | Path, data: DataConfig, output: str | Path, device: str = "auto", amp: str = "none",
-    report: bool = False, tta: str | None = None, **model_overrides: Any,
-) -> dict[str, Any]:  # fmt: skip
+    checkpoint: str | Path,
+    data: DataConfig,
+    output: str | Path,
+    device: str = "auto",
+    amp: str = "none",
+    report: bool = False,
+    tta: str | None = None,
+    **model_overrides: Any,
+) -> dict[str, Any]:
     """Metrics of a checkpoint on every validation set of `data` (retinanet.evaluation.validation: COCO AP, AP50, AP75,
     AR100 and the AP50 each error type costs; data.extra_val's sets after their names), resized as the checkpoint's
     model config says (or with model_overrides such as min_size, max_size), in precision `amp` (the run's
@@ -63,16 +60,21 @@ def _check_categories(checkpoint: str | Path, model: RetinaNet, dataset: Detecti
     """A ValueError when the evaluation data's categories are not those the model learnt."""
     ids = tuple(c["id"] for c in dataset.categories)
     if model.config.category_ids and ids != tuple(model.config.category_ids):
-        raise ValueError(f"{checkpoint}: the model was trained on category ids {list(model.config.category_ids)} "
-                         f"but the evaluation data has {list(ids)}")  # fmt: skip
+        raise ValueError(
+            f"{checkpoint}: the model was trained on category ids {list(model.config.category_ids)} "
+            f"but the evaluation data has {list(ids)}"
+        )
     names = tuple(dataset.category_names)
     if model.config.class_names and names != tuple(model.config.class_names):
-        raise ValueError(f"{checkpoint}: the model was trained on categories {list(model.config.class_names)} "
-                         f"but the evaluation data has {list(names)}")  # fmt: skip
+        raise ValueError(
+            f"{checkpoint}: the model was trained on categories {list(model.config.class_names)} "
+            f"but the evaluation data has {list(names)}"
+        )
 
 
-def run_report(detections: str | Path, annotations: str | Path, output: str | Path,
-               images: str | Path | None = None) -> Path:  # fmt: skip
+def run_report(
+    detections: str | Path, annotations: str | Path, output: str | Path, images: str | Path | None = None
+) -> Path:
     """`retinanet report`: the report of detections made anywhere (a COCO results file: [{"image_id",
     "category_id", "bbox": [x, y, w, h], "score"}]) against COCO annotations, the images read from `images`
     (without them the gallery draws the boxes on blank images). Returns the page's path."""
@@ -90,17 +92,38 @@ def run_report(detections: str | Path, annotations: str | Path, output: str | Pa
     for record in records:
         found = by_image.get(record.image_id, [])
         boxes = xywh_to_xyxy(torch.tensor([r["bbox"] for r in found], dtype=torch.float32).reshape(-1, 4))
-        dets.append({"image_id": record.image_id, "boxes": boxes, "scores": torch.tensor([float(r["score"]) for r in found]),
-                     "labels": torch.tensor([label[int(r["category_id"])] for r in found], dtype=torch.int64)})  # fmt: skip
-        gts.append({"image_id": record.image_id, "boxes": record.boxes, "labels": record.labels,
-                    "iscrowd": record.iscrowd, "width": record.width, "height": record.height})  # fmt: skip
+        dets.append(
+            {
+                "image_id": record.image_id,
+                "boxes": boxes,
+                "scores": torch.tensor([float(r["score"]) for r in found]),
+                "labels": torch.tensor([label[int(r["category_id"])] for r in found], dtype=torch.int64),
+            }
+        )
+        gts.append(
+            {
+                "image_id": record.image_id,
+                "boxes": record.boxes,
+                "labels": record.labels,
+                "iscrowd": record.iscrowd,
+                "width": record.width,
+                "height": record.height,
+            }
+        )
         readable = images is not None and record.path.is_file()
-        shown.append(ReportImage(record.path.name, (record.height, record.width), record.path if readable else None,
-                                 None if readable else np.full((record.height, record.width, 3), 235, np.uint8)))
+        shown.append(
+            ReportImage(
+                record.path.name,
+                (record.height, record.width),
+                record.path if readable else None,
+                None if readable else np.full((record.height, record.width, 3), 235, np.uint8),
+            )
+        )
     metrics = evaluate_predictions(gts, dets, categories, Path(output))
     errors = analyze_errors(gts, dets, max_dets=max_dets_for(gts))
-    return write_report(output, shown, gts, dets, [c["name"] for c in categories], errors, metrics,
-                        Path(output) / "pr_curves.png")  # fmt: skip
+    return write_report(
+        output, shown, gts, dets, [c["name"] for c in categories], errors, metrics, Path(output) / "pr_curves.png"
+    )
 
 
 def _read_results(path: str | Path) -> list[dict[str, Any]]:
@@ -108,8 +131,9 @@ def _read_results(path: str | Path) -> list[dict[str, Any]]:
         results = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read the detections ({exc})") from None
-    if not isinstance(results, list) or any(not isinstance(r, dict) or not {"image_id", "category_id", "bbox",
-                                                                              "score"} <= set(r) for r in results):
+    if not isinstance(results, list) or any(
+        not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r) for r in results
+    ):
         raise ValueError(f"{path}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
     return results
 
@@ -119,8 +143,10 @@ def run_config_of(checkpoint: str | Path) -> Path:
     no --config is given; a ValueError saying what to give when there is none."""
     found = Path(checkpoint).parent / "config.yaml"
     if not found.is_file():
-        raise ValueError(f"eval: no --config given and no config.yaml beside {checkpoint}: give --config RUN.yaml, "
-                         "the run config whose data section names the validation images")  # fmt: skip
+        raise ValueError(
+            f"eval: no --config given and no config.yaml beside {checkpoint}: give --config RUN.yaml, "
+            "the run config whose data section names the validation images"
+        )
     return found
 
 
@@ -128,17 +154,21 @@ def main(args: argparse.Namespace) -> int:
     from retinanet.config import load_run_config
     from retinanet.runtime.outputs import strict_json
 
-    cfg = load_run_config(args.config or run_config_of(args.checkpoint),
-                          args.set + (["data.skip_bad=true"] if args.skip_bad else []))  # fmt: skip
+    cfg = load_run_config(
+        args.config or run_config_of(args.checkpoint), args.set + (["data.skip_bad=true"] if args.skip_bad else [])
+    )
     # the checkpoint's model with the model keys of the command line (--set model.min_size=96, as --min-size 96),
     # in the precision the run's config trained and evaluated in
     model_keys = {**parse_overrides(args.set).get("model", {}), **size_overrides(args.min_size, args.max_size)}
-    metrics = run_eval(args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, args.report, args.tta,
-                       **model_keys)  # fmt: skip
+    metrics = run_eval(
+        args.checkpoint, cfg.data, args.output, args.device, cfg.train.amp, args.report, args.tta, **model_keys
+    )
     print(strict_json(metrics, indent=2))
     if args.report:
-        print(f"report: {Path(args.output) / 'report' / 'index.html'} (errors.json beside it; data.extra_val's sets "
-              "in their own folders)")  # fmt: skip
+        print(
+            f"report: {Path(args.output) / 'report' / 'index.html'} (errors.json beside it; data.extra_val's sets "
+            "in their own folders)"
+        )
     return 0
 
 

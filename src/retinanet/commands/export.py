@@ -10,10 +10,7 @@ import numpy as np
 import torch
 
 from retinanet.config import RunConfig, size_overrides
-from retinanet.data import (
-    build_dataset,
-    val_dataset,
-)
+from retinanet.data import build_dataset, val_dataset
 from retinanet.deploy import (
     ExportReport,
     compare_engines,
@@ -23,22 +20,23 @@ from retinanet.deploy import (
     sample_images,
     verify_export,
 )
-from retinanet.inference import (
-    categories_of,
-    read_image,
-)
+from retinanet.inference import categories_of, read_image
 from retinanet.model import RetinaNet, load_model
 from retinanet.runtime.outputs import writable_folder
 
 __all__ = ["main", "run_export"]
 
 
-
 def run_export(
-    checkpoint: str | Path, output: str | Path, opset: int = 18, image_size: Sequence[int] | None = None,
-    check_images: Sequence[str | Path] | None = None, int8: RunConfig | None = None, calibration_images: int = 200,
+    checkpoint: str | Path,
+    output: str | Path,
+    opset: int = 18,
+    image_size: Sequence[int] | None = None,
+    check_images: Sequence[str | Path] | None = None,
+    int8: RunConfig | None = None,
+    calibration_images: int = 200,
     **model_overrides: Any,
-) -> ExportReport:  # fmt: skip
+) -> ExportReport:
     """Export a checkpoint to ONNX (retinanet.deploy: dynamic size, or the fixed padded `image_size` (H, W)) and
     check the file: onnx.checker, and ONNX Runtime's detections against PyTorch's on `check_images` (default: two
     synthetic images of two sizes), each alone and both in one batch. With `int8` (a run config whose data
@@ -63,8 +61,10 @@ def _calibration_images(cfg: RunConfig, model: RetinaNet, count: int) -> list:
     train_set = build_dataset(cfg.data, model.config, "train", train_mode=False, categories=known)
     dataset = val_dataset(cfg.data, model.config, train_set.categories) or train_set
     sample = dataset.subset(count)
-    return [read_image(r.path) if r.path is not None else _pixels(sample.load_image(i))
-            for i, r in enumerate(sample.records)]  # fmt: skip
+    return [
+        read_image(r.path) if r.path is not None else _pixels(sample.load_image(i))
+        for i, r in enumerate(sample.records)
+    ]
 
 
 def _pixels(image: Any) -> torch.Tensor:
@@ -81,8 +81,16 @@ def main(args: argparse.Namespace) -> int:
     thresh = {"score_thresh": args.score_thresh} if args.score_thresh is not None else {}
     thresh |= {"detections_per_image": args.max_detections} if args.max_detections is not None else {}
     overrides = {**size_overrides(args.min_size, args.max_size), **thresh}
-    report = run_export(args.checkpoint, args.output, args.opset, args.image_size, args.check_images, int8,
-                        args.calibration_images, **overrides)  # fmt: skip
+    report = run_export(
+        args.checkpoint,
+        args.output,
+        args.opset,
+        args.image_size,
+        args.check_images,
+        int8,
+        args.calibration_images,
+        **overrides,
+    )
     print(report.describe())
     if not report.ok:
         raise ValueError(f"{args.output}: the exported model's detections differ from PyTorch's (above)")

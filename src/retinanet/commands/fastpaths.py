@@ -7,15 +7,16 @@ import argparse
 __all__ = ["main"]
 
 
-
 def main(args: argparse.Namespace) -> int:
     from retinanet.runtime.machine import Cache, cache_key
 
     cache = Cache()
     if args.reset:
         count = cache.reset()
-        print(f"forgot the {count} measured choices of this machine ({cache_key()}) in {cache.path()}: each is "
-              "measured again at its first use")  # fmt: skip
+        print(
+            f"forgot the {count} measured choices of this machine ({cache_key()}) in {cache.path()}: each is "
+            "measured again at its first use"
+        )
         return 0
     mine = cache.mine()
     print(f"{cache.path() or 'no cache file (RETINANET_CACHE_DIR=off)'}, this machine: {cache_key()}")

@@ -9,21 +9,22 @@ from typing import Any
 import torch
 
 from retinanet.config import RunConfig
-from retinanet.data import (
-    build_dataset,
-    categories_config,
-    val_dataset,
-    with_training_augmentation,
-)
+from retinanet.data import build_dataset, categories_config, val_dataset, with_training_augmentation
 from retinanet.tools.inspection import inspect_dataset
 
 __all__ = ["main", "run_inspect"]
 
 
-
-def run_inspect(cfg: RunConfig, output: str | Path, split: str = "train", augment: bool = False,
-                show_anchors: bool = False, limit: int | None = 64, only_missed: bool = False,
-                draw: str = "auto") -> dict[str, Any]:
+def run_inspect(
+    cfg: RunConfig,
+    output: str | Path,
+    split: str = "train",
+    augment: bool = False,
+    show_anchors: bool = False,
+    limit: int | None = 64,
+    only_missed: bool = False,
+    draw: str = "auto",
+) -> dict[str, Any]:
     """`retinanet inspect`: the images of a split after the transforms (the training ones, random sizes and the
     DataConfig's augmentation, with `augment`; else the evaluation resize), boxes coloured by their anchors (draw:
     labelled, alone, or "auto"), and the data's statistics (retinanet.tools.inspection)."""
@@ -37,16 +38,25 @@ def run_inspect(cfg: RunConfig, output: str | Path, split: str = "train", augmen
         raise ValueError("data config: no validation set to inspect (set data.val_annotations, or data.root for VOC)")
     if augment:
         with_training_augmentation(dataset, cfg.data, model_cfg)
-    return inspect_dataset(dataset, model_cfg, output, show_anchors=show_anchors, limit=limit, only_missed=only_missed,
-                           draw=draw)  # fmt: skip
+    return inspect_dataset(
+        dataset, model_cfg, output, show_anchors=show_anchors, limit=limit, only_missed=only_missed, draw=draw
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     from retinanet.config import load_run_config
     from retinanet.tools.inspection import summary_line
 
-    result = run_inspect(load_run_config(args.config, args.set), args.output, args.split, args.augment,
-                         args.show_anchors, args.limit or None, args.only_missed, args.draw)  # fmt: skip
+    result = run_inspect(
+        load_run_config(args.config, args.set),
+        args.output,
+        args.split,
+        args.augment,
+        args.show_anchors,
+        args.limit or None,
+        args.only_missed,
+        args.draw,
+    )
     print(summary_line(result))
     print(f"images/, stats.json, stats.png and inspect.json in {args.output}")
     return 0

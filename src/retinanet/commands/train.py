@@ -7,7 +7,6 @@ import argparse
 __all__ = ["main"]
 
 
-
 def main(args: argparse.Namespace) -> int:
     from retinanet.config import load_run_config
     from retinanet.runtime.outputs import strict_json

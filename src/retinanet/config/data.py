@@ -82,8 +82,10 @@ class DataConfig(Checked):
         if self.synthetic_image_size < 32:
             out.append(f"synthetic_image_size = {self.synthetic_image_size} must be at least 32")
         if self.synthetic_max_objects < 1 or self.synthetic_min_object_size < 2:
-            out.append(f"synthetic_max_objects must be >= 1 and synthetic_min_object_size >= 2, got "
-                       f"{self.synthetic_max_objects} and {self.synthetic_min_object_size}")  # fmt: skip
+            out.append(
+                f"synthetic_max_objects must be >= 1 and synthetic_min_object_size >= 2, got "
+                f"{self.synthetic_max_objects} and {self.synthetic_min_object_size}"
+            )
         if not 0 < self.synthetic_max_object_frac <= 1:
             out.append(f"synthetic_max_object_frac = {self.synthetic_max_object_frac} must be in (0, 1]")
         return out

@@ -55,9 +55,9 @@ class ModelConfig(Checked):
     # backbone
     backbone: str = "resnet50"
     backbone_weights: str | None = None  # None, "imagenet" (torchvision download) or a local state-dict path
-    # a whole detector to start from (retinanet.weights.init_from): a checkpoint of ours, a torchvision RetinaNet state-dict
-    # file (v1 or v2), or "torchvision:retinanet_resnet50_fpn[_v2]" (COCO weights, downloaded once). With other
-    # classes the last classification layer starts again from the prior: init_classes "reinit" for all of them,
+    # a whole detector to start from (retinanet.weights.init_from): a checkpoint of ours, a torchvision RetinaNet
+    # state-dict file (v1 or v2), or "torchvision:retinanet_resnet50_fpn[_v2]" (COCO weights, downloaded once). With
+    # other classes the last classification layer starts again from the prior: init_classes "reinit" for all of them,
     # "match" keeps the rows of the classes whose names the source has
     init_from: str | None = None
     init_classes: str = "reinit"
@@ -166,39 +166,65 @@ class ModelConfig(Checked):
 
     def problems(self) -> list[str]:
         """What is wrong with these values, as 'key: why' sentences (empty when nothing is)."""
-        out = [f"{k} = {getattr(self, k)!r} is not one of {list(v)}" for k, v in CHOICES.items()
-               if getattr(self, k) not in v]  # fmt: skip
+        out = [
+            f"{k} = {getattr(self, k)!r} is not one of {list(v)}"
+            for k, v in CHOICES.items()
+            if getattr(self, k) not in v
+        ]
         checks = [
             ("num_classes", self.num_classes >= 1, "must be at least 1"),
-            ("class_names", not self.class_names or len(self.class_names) == self.num_classes,
-             f"has {len(self.class_names)} names for {self.num_classes} classes"),
-            ("category_ids", not self.category_ids or len(self.category_ids) == self.num_classes,
-             f"has {len(self.category_ids)} ids for {self.num_classes} classes"),
-            ("backbone_width", self.backbone_width is None or (isinstance(self.backbone_width, int)
-                                and self.backbone_width >= 8 and self.backbone_width % 8 == 0),
-             "must be a multiple of 8 (or None: the architecture's 64)"),
-            ("freeze_at", self.freeze_at is None or (isinstance(self.freeze_at, int) and 0 <= self.freeze_at <= 5),
-             "must be in 0..5 (or None: 2 with pretrained weights, 0 from scratch)"),
+            (
+                "class_names",
+                not self.class_names or len(self.class_names) == self.num_classes,
+                f"has {len(self.class_names)} names for {self.num_classes} classes",
+            ),
+            (
+                "category_ids",
+                not self.category_ids or len(self.category_ids) == self.num_classes,
+                f"has {len(self.category_ids)} ids for {self.num_classes} classes",
+            ),
+            (
+                "backbone_width",
+                self.backbone_width is None
+                or (isinstance(self.backbone_width, int) and self.backbone_width >= 8 and self.backbone_width % 8 == 0),
+                "must be a multiple of 8 (or None: the architecture's 64)",
+            ),
+            (
+                "freeze_at",
+                self.freeze_at is None or (isinstance(self.freeze_at, int) and 0 <= self.freeze_at <= 5),
+                "must be in 0..5 (or None: 2 with pretrained weights, 0 from scratch)",
+            ),
             ("prior_prob", 0 < self.prior_prob < 1, "must be in (0, 1)"),
             ("fg_iou", 0 < self.bg_iou <= self.fg_iou <= 1, f"needs 0 < bg_iou ({self.bg_iou}) <= fg_iou <= 1"),
             ("alpha", self.alpha < 0 or self.alpha <= 1, "must be in [0, 1] (or negative: no weighting)"),
             ("gamma", self.gamma >= 0, "must be >= 0"),
             ("quality_beta", self.quality_beta >= 0, "must be >= 0"),
-            ("varifocal_alpha", self.varifocal_alpha >= 0 and self.varifocal_gamma >= 0,
-             "and varifocal_gamma must be >= 0"),
+            (
+                "varifocal_alpha",
+                self.varifocal_alpha >= 0 and self.varifocal_gamma >= 0,
+                "and varifocal_gamma must be >= 0",
+            ),
             ("atss_topk", self.atss_topk >= 1, "must be >= 1"),
             ("min_size", self.min_size >= 1 and self.max_size >= 1, "and max_size must be >= 1"),
             ("train_min_sizes", all(s >= 1 for s in self.train_min_sizes), "must be >= 1"),
             ("size_divisible", self.size_divisible >= 1, "must be >= 1"),
             ("head_channels", self.head_channels >= 1 and self.fpn_channels >= 1, "channels must be >= 1"),
             ("head_convs", self.head_convs >= 0, "must be >= 0"),
-            ("anchor_sizes", all(s > 0 for s in self.anchor_sizes) and all(s > 0 for s in self.anchor_scales)
-             and all(r > 0 for r in self.aspect_ratios), "anchor sizes, scales and aspect ratios must be > 0"),
+            (
+                "anchor_sizes",
+                all(s > 0 for s in self.anchor_sizes)
+                and all(s > 0 for s in self.anchor_scales)
+                and all(r > 0 for r in self.aspect_ratios),
+                "anchor sizes, scales and aspect ratios must be > 0",
+            ),
             ("score_thresh", 0 <= self.score_thresh < 1, "must be in [0, 1)"),
             ("nms_thresh", 0 < self.nms_thresh <= 1, "must be in (0, 1]"),
-            ("detections_per_image", self.detections_per_image >= 1 and self.topk_candidates >= 1,
-             "detections_per_image and topk_candidates must be >= 1"),
-        ]  # fmt: skip
+            (
+                "detections_per_image",
+                self.detections_per_image >= 1 and self.topk_candidates >= 1,
+                "detections_per_image and topk_candidates must be >= 1",
+            ),
+        ]
         out += [f"{key} {why}" for key, ok, why in checks if not ok]
         weights = self.backbone_weights
         if weights not in (None, "none", "imagenet") and not Path(weights).is_file():
@@ -208,11 +234,15 @@ class ModelConfig(Checked):
             out.append(f"init_from = {source!r} is not a string (a file or torchvision:NAME)")
         elif source is not None and source.startswith("torchvision:"):
             if source.partition(":")[2] not in TORCHVISION_DETECTORS:
-                out.append(f"init_from: unknown torchvision detector {source!r}; expected one of "
-                           f"{['torchvision:' + n for n in TORCHVISION_DETECTORS]}")  # fmt: skip
+                out.append(
+                    f"init_from: unknown torchvision detector {source!r}; expected one of "
+                    f"{['torchvision:' + n for n in TORCHVISION_DETECTORS]}"
+                )
         elif source is not None and not Path(source).is_file():
-            out.append(f"init_from: file not found: {source} (expected a checkpoint, a torchvision RetinaNet "
-                       "state-dict file or torchvision:retinanet_resnet50_fpn[_v2])")  # fmt: skip
+            out.append(
+                f"init_from: file not found: {source} (expected a checkpoint, a torchvision RetinaNet "
+                "state-dict file or torchvision:retinanet_resnet50_fpn[_v2])"
+            )
         return out
 
 

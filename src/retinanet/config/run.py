@@ -69,8 +69,10 @@ def _sections(data: Any, where: str) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{where}: section {name!r} must be a mapping of keys to values, got {section!r}")
         for key in section:
             if (name, key) in MOVED:
-                raise ValueError(f"{where}: {name}.{key} has moved to {MOVED[name, key]} (image sizes and fast "
-                                 "paths belong to the model, and travel with its checkpoints)")
+                raise ValueError(
+                    f"{where}: {name}.{key} has moved to {MOVED[name, key]} (image sizes and fast "
+                    "paths belong to the model, and travel with its checkpoints)"
+                )
         out[name] = dict(section)
     return out
 

@@ -91,11 +91,13 @@ class TrainConfig(Checked):
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         in_iters = [s * self.max_iters if s < 1 else s for s in self.steps]  # fractions and iterations alike
         if any(not s > 0 for s in self.steps) or in_iters != sorted(in_iters):
-            out.append(f"steps must be positive and increasing (fractions of max_iters or iterations), got "
-                       f"{list(self.steps)}")  # fmt: skip
+            out.append(
+                f"steps must be positive and increasing (fractions of max_iters or iterations), got {list(self.steps)}"
+            )
         if self.warmup_iters < 0 or not 0 < self.warmup_factor <= 1:
-            out.append(f"warmup_iters must be >= 0 and warmup_factor in (0, 1], got {self.warmup_iters}, "
-                       f"{self.warmup_factor}")  # fmt: skip
+            out.append(
+                f"warmup_iters must be >= 0 and warmup_factor in (0, 1], got {self.warmup_iters}, {self.warmup_factor}"
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
             out.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
@@ -103,8 +105,12 @@ class TrainConfig(Checked):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             out.append(f"device = {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
         weights = self.best_weights
-        if weights is not None and (not isinstance(weights, dict) or not weights or not all(
-                isinstance(v, (int, float)) and v >= 0 for v in weights.values()) or sum(weights.values()) <= 0):
+        if weights is not None and (
+            not isinstance(weights, dict)
+            or not weights
+            or not all(isinstance(v, (int, float)) and v >= 0 for v in weights.values())
+            or sum(weights.values()) <= 0
+        ):
             out.append(f"best_weights must map validation set names to weights >= 0 (not all 0), got {weights!r}")
         if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
             out.append(f"minutes must be > 0 or None, got {self.minutes}")
@@ -113,7 +119,9 @@ class TrainConfig(Checked):
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             out.append(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.eval_every < 0 or self.eval_train_images < 0:
-            out.append(f"eval_every and eval_train_images must be >= 0, got {self.eval_every}, {self.eval_train_images}")
+            out.append(
+                f"eval_every and eval_train_images must be >= 0, got {self.eval_every}, {self.eval_train_images}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             out.append(f"lr must be > 0, got {self.lr}")
         return out
@@ -158,13 +166,17 @@ class Schedule:
         if cfg.lr_schedule == "cosine":
             steps, late = (), []
         if late:
-            warnings.append(f"lr steps {late} are at or after max_iters {cfg.max_iters}: the lr never decays there; "
-                            "give steps as fractions of max_iters, e.g. [0.667, 0.889]")  # fmt: skip
+            warnings.append(
+                f"lr steps {late} are at or after max_iters {cfg.max_iters}: the lr never decays there; "
+                "give steps as fractions of max_iters, e.g. [0.667, 0.889]"
+            )
         warmup = cfg.warmup_iters
         longest = int(MAX_WARMUP_SHARE * cfg.max_iters)
         if warmup > longest:
-            warnings.append(f"warmup_iters {warmup} is more than a fifth of max_iters {cfg.max_iters}: the warm-up "
-                            f"is shortened to {longest} iterations")  # fmt: skip
+            warnings.append(
+                f"warmup_iters {warmup} is more than a fifth of max_iters {cfg.max_iters}: the warm-up "
+                f"is shortened to {longest} iterations"
+            )
             warmup = longest
         return cls(warmup, steps, tuple(warnings), cfg.lr_schedule == "cosine")
 

@@ -1,5 +1,5 @@
-"""The data layer: datasets (COCO, VOC, CSV, YOLO txt, synthetic), transforms, collation and loaders, and the datasets of a
-run's DataConfig (build_dataset).
+"""The data layer: datasets (COCO, VOC, CSV, YOLO txt, synthetic), transforms, collation and loaders, and the datasets
+of a run's DataConfig (build_dataset).
 
 file -> dataset (checked ImageRecords; dataset[i] = (image, target)) -> transforms -> collate_detection ->
 the model. Boxes are float [N, 4] XYXY absolute pixels throughout; images are float32 [0, 1], not normalised.

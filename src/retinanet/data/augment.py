@@ -27,8 +27,17 @@ from torchvision.transforms.v2 import functional as F
 
 from retinanet.config import DataConfig
 
-__all__ = ["PRESETS", "Augmentation", "ColorMatrixJitter", "Mosaic", "RandomCropBoxes", "RandomRotate90",
-           "augmentation_of", "augmentation_transforms", "color_matrix"]  # fmt: skip
+__all__ = [
+    "PRESETS",
+    "Augmentation",
+    "ColorMatrixJitter",
+    "Mosaic",
+    "RandomCropBoxes",
+    "RandomRotate90",
+    "augmentation_of",
+    "augmentation_transforms",
+    "color_matrix",
+]
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,21 @@ class Augmentation:
     mosaic: float = 0.0
 
     def problems(self) -> list[str]:
-        out = [f"{name} = {getattr(self, name)} must be in [0, 1]" for name in
-               ("hflip", "vflip", "rotate90", "crop", "min_visible", "mosaic", "brightness", "contrast", "saturation")
-               if not 0 <= getattr(self, name) <= 1]  # fmt: skip
+        out = [
+            f"{name} = {getattr(self, name)} must be in [0, 1]"
+            for name in (
+                "hflip",
+                "vflip",
+                "rotate90",
+                "crop",
+                "min_visible",
+                "mosaic",
+                "brightness",
+                "contrast",
+                "saturation",
+            )
+            if not 0 <= getattr(self, name) <= 1
+        ]
         if not 0 <= self.hue <= 0.5:
             out.append(f"hue = {self.hue} must be in [0, 0.5]")
         low, high = self.scale_jitter
@@ -72,24 +93,48 @@ class Augmentation:
 
     def describe(self) -> str:
         """The operations that are on, in one line."""
-        on = [f"{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self)
-              if getattr(self, f.name) not in (0, 0.0, (1.0, 1.0)) and f.name not in ("crop_scale", "min_visible")]
-        return ", ".join(on) or "none"  # fmt: skip
+        on = [
+            f"{f.name} {getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) not in (0, 0.0, (1.0, 1.0)) and f.name not in ("crop_scale", "min_visible")
+        ]
+        return ", ".join(on) or "none"
 
 
 PRESETS: dict[str, Augmentation] = {
     "flip": Augmentation(),
     "none": Augmentation(hflip=0.0),
     # hue jitter off, as before it was cheap (data.hue turns it on: one colour matrix, about a millisecond a tile)
-    "top_down": Augmentation(hflip=0.5, vflip=0.5, rotate90=0.75, brightness=0.25, contrast=0.25, saturation=0.25,
-                             scale_jitter=(0.8, 1.25), crop=0.5, crop_scale=(0.5, 1.0), mosaic=0.5),
-}  # fmt: skip
+    "top_down": Augmentation(
+        hflip=0.5,
+        vflip=0.5,
+        rotate90=0.75,
+        brightness=0.25,
+        contrast=0.25,
+        saturation=0.25,
+        scale_jitter=(0.8, 1.25),
+        crop=0.5,
+        crop_scale=(0.5, 1.0),
+        mosaic=0.5,
+    ),
+}
 
 
 # DataConfig key -> Augmentation field
-_KEYS = {"flip_prob": "hflip", "vflip_prob": "vflip", "rotate90_prob": "rotate90", "brightness": "brightness",
-         "contrast": "contrast", "saturation": "saturation", "hue": "hue", "scale_jitter": "scale_jitter",
-         "crop_prob": "crop", "crop_scale": "crop_scale", "min_visible": "min_visible", "mosaic_prob": "mosaic"}
+_KEYS = {
+    "flip_prob": "hflip",
+    "vflip_prob": "vflip",
+    "rotate90_prob": "rotate90",
+    "brightness": "brightness",
+    "contrast": "contrast",
+    "saturation": "saturation",
+    "hue": "hue",
+    "scale_jitter": "scale_jitter",
+    "crop_prob": "crop",
+    "crop_scale": "crop_scale",
+    "min_visible": "min_visible",
+    "mosaic_prob": "mosaic",
+}
 
 
 def augmentation_of(data: DataConfig) -> Augmentation:
@@ -97,8 +142,11 @@ def augmentation_of(data: DataConfig) -> Augmentation:
     naming the key for a value out of range."""
     if data.augment not in PRESETS:
         raise ValueError(f"data config: augment = {data.augment!r} is not one of {sorted(PRESETS)}")
-    given = {field: tuple(getattr(data, key)) if isinstance(getattr(data, key), (list, tuple)) else getattr(data, key)
-             for key, field in _KEYS.items() if getattr(data, key) is not None}  # fmt: skip
+    given = {
+        field: tuple(getattr(data, key)) if isinstance(getattr(data, key), (list, tuple)) else getattr(data, key)
+        for key, field in _KEYS.items()
+        if getattr(data, key) is not None
+    }
     aug = dataclasses.replace(PRESETS[data.augment], **given)
     problems = aug.problems()
     if problems:
@@ -217,8 +265,9 @@ class RandomCropBoxes:
         return crop_with_boxes(image, target, top, left, h, w, self.min_visible)
 
 
-def crop_with_boxes(image: Tensor, target: dict[str, Any], top: int, left: int, height: int, width: int,
-                    min_visible: float) -> tuple[Tensor, dict[str, Any]]:  # fmt: skip
+def crop_with_boxes(
+    image: Tensor, target: dict[str, Any], top: int, left: int, height: int, width: int, min_visible: float
+) -> tuple[Tensor, dict[str, Any]]:
     """The window (top, left, height, width) of the image and its target: boxes translated and clipped, those with
     less than min_visible of their area inside dropped together with their labels and iscrowd."""
     boxes = target["boxes"]
@@ -254,12 +303,23 @@ class Mosaic:
         for image, target, (y, x, h, w) in zip(images, targets, parts):
             top = int(torch.randint(max(image.shape[-2] - h, 0) + 1, ()))
             left = int(torch.randint(max(image.shape[-1] - w, 0) + 1, ()))
-            piece, t = crop_with_boxes(image, target, top, left, min(h, image.shape[-2] - top),
-                                       min(w, image.shape[-1] - left), self.min_visible)  # fmt: skip
+            piece, t = crop_with_boxes(
+                image,
+                target,
+                top,
+                left,
+                min(h, image.shape[-2] - top),
+                min(w, image.shape[-1] - left),
+                self.min_visible,
+            )
             canvas[:, y : y + piece.shape[-2], x : x + piece.shape[-1]] = piece
             boxes.append(t["boxes"].as_subclass(Tensor) + torch.tensor([x, y, x, y], dtype=t["boxes"].dtype))
             labels.append(t["labels"])
             crowd.append(t["iscrowd"])
-        out = {**targets[0], "labels": torch.cat(labels), "iscrowd": torch.cat(crowd),
-               "boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(height, width))}
-        return tv_tensors.Image(canvas), out  # fmt: skip
+        out = {
+            **targets[0],
+            "labels": torch.cat(labels),
+            "iscrowd": torch.cat(crowd),
+            "boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(height, width)),
+        }
+        return tv_tensors.Image(canvas), out

@@ -29,15 +29,7 @@ from torchvision import tv_tensors
 from retinanet.data.augment import Mosaic
 from retinanet.ops.boxes import OUTSIDE_TOLERANCE_PX, clip_boxes
 
-__all__ = [
-    "BOX_TOLERANCE_PX",
-    "DatasetError",
-    "DetectionDataset",
-    "ImageRecord",
-    "Target",
-    "check_boxes",
-    "report_bad",
-]
+__all__ = ["BOX_TOLERANCE_PX", "DatasetError", "DetectionDataset", "ImageRecord", "Target", "check_boxes", "report_bad"]
 
 BOX_TOLERANCE_PX = OUTSIDE_TOLERANCE_PX
 
@@ -110,8 +102,9 @@ def check_boxes(
     return None
 
 
-def box_problems(boxes: Tensor, width: int | None, height: int | None, where: str,
-                 box_names: Sequence[str]) -> list[tuple[int, str]]:  # fmt: skip
+def box_problems(
+    boxes: Tensor, width: int | None, height: int | None, where: str, box_names: Sequence[str]
+) -> list[tuple[int, str]]:
     """(index, message) of every invalid box (see `check_boxes`)."""
     out = []
     for j in range(len(boxes)):
@@ -126,10 +119,14 @@ def without_boxes(record: ImageRecord, dropped: Sequence[int], width: int, heigh
     keep = torch.ones(len(record.boxes), dtype=torch.bool)
     keep[list(dropped)] = False
     return dataclasses.replace(
-        record, boxes=clip_boxes(record.boxes[keep], (height, width)), labels=record.labels[keep],
-        iscrowd=record.iscrowd[keep], width=width, height=height,
+        record,
+        boxes=clip_boxes(record.boxes[keep], (height, width)),
+        labels=record.labels[keep],
+        iscrowd=record.iscrowd[keep],
+        width=width,
+        height=height,
         box_names=[n for n, k in zip(record.box_names, keep.tolist()) if k],
-    )  # fmt: skip
+    )
 
 
 class Skip(NamedTuple):
@@ -142,7 +139,12 @@ class Skip(NamedTuple):
     box: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "index": self.index, "reason": self.reason, "dropped": "box" if self.box else "image"}
+        return {
+            "file": self.file,
+            "index": self.index,
+            "reason": self.reason,
+            "dropped": "box" if self.box else "image",
+        }
 
 
 def notice(line: str) -> None:
@@ -180,9 +182,11 @@ def image_header(path: Path, where: str) -> tuple[int, int]:
             f.seek(max(path.stat().st_size - 1024, 0))
             tail = f.read()
     except Image.DecompressionBombError:
-        raise DatasetError(f"{where}: image {path} is past Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} "
-                           "megapixels (a guard against decompression bombs): cut it into tiles to train on it "
-                           "(`retinanet detect --tile N --allow-large-images` detects in it whole)") from None
+        raise DatasetError(
+            f"{where}: image {path} is past Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} "
+            "megapixels (a guard against decompression bombs): cut it into tiles to train on it "
+            "(`retinanet detect --tile N --allow-large-images` detects in it whole)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{where}: cannot read image {path}: {e}") from e
     if (fmt == "PNG" and b"IEND" not in tail[-64:]) or (fmt == "JPEG" and b"\xff\xd9" not in tail):
@@ -292,8 +296,9 @@ class DetectionDataset(torch.utils.data.Dataset):
             try:
                 width, height = image_header(record.path, where)
                 if record.width is not None and (record.width, record.height) != (width, height):
-                    raise DatasetError(f"{where}: the image is {width}x{height} but its annotation says "
-                                       f"{record.width}x{record.height}")  # fmt: skip
+                    raise DatasetError(
+                        f"{where}: the image is {width}x{height} but its annotation says {record.width}x{record.height}"
+                    )
             except DatasetError as e:
                 problems.append(Skip(str(record.path), index, str(e)))
                 continue

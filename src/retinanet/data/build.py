@@ -15,7 +15,14 @@ from retinanet.data.transforms import eval_transforms, train_transforms
 from retinanet.data.voc import VocDetection
 from retinanet.data.yolo import YoloDetection, read_data_yaml
 
-__all__ = ["FIRST_VAL", "build_dataset", "categories_config", "val_dataset", "val_datasets", "with_training_augmentation"]
+__all__ = [
+    "FIRST_VAL",
+    "build_dataset",
+    "categories_config",
+    "val_dataset",
+    "val_datasets",
+    "with_training_augmentation",
+]
 
 FIRST_VAL = "val"  # the name of a run's first validation set (data.val_*), beside those of data.extra_val
 
@@ -34,8 +41,9 @@ def build_dataset(
     return with_training_augmentation(dataset, data, model, augmentation) if train_mode else dataset
 
 
-def with_training_augmentation(dataset: DetectionDataset, data: DataConfig, model: ModelConfig,
-                               augmentation: Augmentation | None = None) -> DetectionDataset:  # fmt: skip
+def with_training_augmentation(
+    dataset: DetectionDataset, data: DataConfig, model: ModelConfig, augmentation: Augmentation | None = None
+) -> DetectionDataset:
     """`dataset` with training's transforms and mosaic: the model's training sizes and the DataConfig's augmentation
     (retinanet.data.augment)."""
     aug = augmentation or augmentation_of(data)
@@ -50,10 +58,17 @@ def _dataset(data: DataConfig, split: str, tf: Any, categories: list[dict[str, A
     if fmt == "synthetic":
         n = data.synthetic_train_images if is_train else data.synthetic_val_images
         size = (data.synthetic_image_size, data.synthetic_image_size)
-        return SyntheticShapes(split, num_images=n, image_size=size, seed=data.synthetic_seed, transforms=tf,
-                               cache=data.synthetic_cache and is_train, max_objects=data.synthetic_max_objects,
-                               min_size=data.synthetic_min_object_size,
-                               max_size_frac=data.synthetic_max_object_frac)  # fmt: skip
+        return SyntheticShapes(
+            split,
+            num_images=n,
+            image_size=size,
+            seed=data.synthetic_seed,
+            transforms=tf,
+            cache=data.synthetic_cache and is_train,
+            max_objects=data.synthetic_max_objects,
+            min_size=data.synthetic_min_object_size,
+            max_size_frac=data.synthetic_max_object_frac,
+        )
     images = data.train_images if is_train else data.val_images
     annotations = data.train_annotations if is_train else data.val_annotations
     if fmt == "coco":
@@ -61,12 +76,19 @@ def _dataset(data: DataConfig, split: str, tf: Any, categories: list[dict[str, A
         dataset = CocoDetection(images, annotations, transforms=tf, skip_bad=data.skip_bad)
     elif fmt == "csv":
         _require(data, annotations=annotations, split=split)
-        dataset = CsvDetection(annotations, data.classes, root=images, transforms=tf, skip_bad=data.skip_bad,
-                               categories=None if data.classes else categories)  # fmt: skip
+        dataset = CsvDetection(
+            annotations,
+            data.classes,
+            root=images,
+            transforms=tf,
+            skip_bad=data.skip_bad,
+            categories=None if data.classes else categories,
+        )
     elif fmt == "yolo":
         _require(data, root=data.root, split=split)
-        dataset = YoloDetection(data.root, "train" if is_train else "val", images=images, transforms=tf,
-                                skip_bad=data.skip_bad)  # fmt: skip
+        dataset = YoloDetection(
+            data.root, "train" if is_train else "val", images=images, transforms=tf, skip_bad=data.skip_bad
+        )
     else:
         _require(data, root=data.root, split=split)
         voc_split = data.train_split if is_train else data.val_split
@@ -82,11 +104,14 @@ def _require(data: DataConfig, split: str, **paths: str | None) -> None:
 
 def categories_config(model_cfg: ModelConfig, dataset: DetectionDataset) -> ModelConfig:
     """The model config with num_classes and category names/ids taken from the training dataset."""
-    return apply_overrides(model_cfg, {
-        "num_classes": dataset.num_classes,
-        "class_names": tuple(dataset.category_names),
-        "category_ids": tuple(c["id"] for c in dataset.categories),
-    })  # fmt: skip
+    return apply_overrides(
+        model_cfg,
+        {
+            "num_classes": dataset.num_classes,
+            "class_names": tuple(dataset.category_names),
+            "category_ids": tuple(c["id"] for c in dataset.categories),
+        },
+    )
 
 
 def val_dataset(data: DataConfig, model: ModelConfig, categories: list[dict[str, Any]]) -> DetectionDataset | None:

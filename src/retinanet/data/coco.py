@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from retinanet.ops.boxes import xywh_to_xyxy, xyxy_to_xywh
-from retinanet.runtime.outputs import atomic_write
 from retinanet.data.base import (
     DatasetError,
     DetectionDataset,
@@ -27,6 +25,8 @@ from retinanet.data.base import (
     report_bad,
     without_boxes,
 )
+from retinanet.ops.boxes import xywh_to_xyxy, xyxy_to_xywh
+from retinanet.runtime.outputs import atomic_write
 
 __all__ = ["CocoDetection", "parse_coco", "read_json", "to_coco_dict", "write_coco"]
 
@@ -65,8 +65,9 @@ def _parse_categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     categories = []
     for k, cat in enumerate(data["categories"]):
         _require_keys(path, cat, ("id", "name"), f"category entry {k} of 'categories'")
-        categories.append({"id": _int(path, f"category entry {k} of 'categories'", "id", cat["id"]),
-                           "name": str(cat["name"])})  # fmt: skip
+        categories.append(
+            {"id": _int(path, f"category entry {k} of 'categories'", "id", cat["id"]), "name": str(cat["name"])}
+        )
     ids = [c["id"] for c in categories]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{path}: duplicate category ids in {sorted(ids)}")
@@ -84,9 +85,13 @@ def _parse_images(path: Path, data: dict[str, Any]) -> dict[int, dict[str, Any]]
         name = f"image id {image_id} '{img['file_name']}' (entry {k} of 'images')"
         if image_id in images:
             raise DatasetError(f"{path}: {name}: duplicate image id {image_id}")
-        images[image_id] = {"index": k, "file_name": str(img["file_name"]),
-                            "width": _int(path, name, "width", img["width"]),
-                            "height": _int(path, name, "height", img["height"]), "anns": []}
+        images[image_id] = {
+            "index": k,
+            "file_name": str(img["file_name"]),
+            "width": _int(path, name, "width", img["width"]),
+            "height": _int(path, name, "height", img["height"]),
+            "anns": [],
+        }
     return images
 
 
@@ -159,8 +164,14 @@ def parse_coco(
         image_id, problem = _parse_annotation(path, j, ann, images, cat_to_label)
         if problem is not None:
             known = images.get(image_id)
-            problems.append(Skip(str(Path(images_dir) / known["file_name"]) if known else str(path),
-                                 known["index"] if known else None, problem, box=known is not None))  # fmt: skip
+            problems.append(
+                Skip(
+                    str(Path(images_dir) / known["file_name"]) if known else str(path),
+                    known["index"] if known else None,
+                    problem,
+                    box=known is not None,
+                )
+            )
     records = []
     for image_id, img in images.items():  # boxes against the sizes the file states (the files' own: check_images)
         record = _make_record(path, Path(images_dir), image_id, img)
@@ -208,14 +219,16 @@ def to_coco_dict(dataset: DetectionDataset) -> dict[str, Any]:
         images.append({"id": record.image_id, "file_name": name, "width": width, "height": height})
         xywh = xyxy_to_xywh(record.boxes.double()).tolist()
         for (x, y, w, h), label, crowd in zip(xywh, record.labels.tolist(), record.iscrowd.tolist()):
-            annotations.append({
-                "id": len(annotations) + 1,  # COCO ids start at 1; pycocotools treats id 0 as missing
-                "image_id": record.image_id,
-                "category_id": label_to_id[label],
-                "bbox": [x, y, w, h],
-                "area": w * h,
-                "iscrowd": int(crowd),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,  # COCO ids start at 1; pycocotools treats id 0 as missing
+                    "image_id": record.image_id,
+                    "category_id": label_to_id[label],
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(crowd),
+                }
+            )
     categories = [{"id": int(c["id"]), "name": c["name"]} for c in dataset.categories]
     return {"images": images, "annotations": annotations, "categories": categories}
 

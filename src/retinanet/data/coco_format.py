@@ -20,8 +20,20 @@ from torch import Tensor
 from retinanet.ops.boxes import xyxy_to_xywh
 from retinanet.runtime.outputs import atomic_write
 
-__all__ = ["Category", "Target", "as_boxes", "as_vector", "check_categories", "check_image_ids", "check_labels",
-           "checked_detection", "checked_ground_truth", "coco_ground_truth", "coco_results", "save_coco_results"]
+__all__ = [
+    "Category",
+    "Target",
+    "as_boxes",
+    "as_vector",
+    "check_categories",
+    "check_image_ids",
+    "check_labels",
+    "checked_detection",
+    "checked_ground_truth",
+    "coco_ground_truth",
+    "coco_results",
+    "save_coco_results",
+]
 
 Target = Mapping[str, Any]
 Category = Mapping[str, Any]
@@ -70,10 +82,17 @@ def checked_ground_truth(gt: Target, index: int, num_classes: int) -> dict[str, 
     boxes = as_boxes(gt["boxes"], f"{where}['boxes']")
     labels = as_vector(gt["labels"], len(boxes), f"{where}['labels']", torch.int64)
     crowd = gt.get("iscrowd")
-    iscrowd = torch.zeros(len(boxes), dtype=torch.bool) if crowd is None else as_vector(
-        crowd, len(boxes), f"{where}['iscrowd']", torch.bool)
-    return {"image_id": int(gt["image_id"]), "boxes": boxes, "iscrowd": iscrowd,
-            "labels": check_labels(labels, num_classes, f"{where}['labels']")}
+    iscrowd = (
+        torch.zeros(len(boxes), dtype=torch.bool)
+        if crowd is None
+        else as_vector(crowd, len(boxes), f"{where}['iscrowd']", torch.bool)
+    )
+    return {
+        "image_id": int(gt["image_id"]),
+        "boxes": boxes,
+        "iscrowd": iscrowd,
+        "labels": check_labels(labels, num_classes, f"{where}['labels']"),
+    }
 
 
 def checked_detection(det: Target, index: int, num_classes: int) -> dict[str, Any]:
@@ -85,8 +104,12 @@ def checked_detection(det: Target, index: int, num_classes: int) -> dict[str, An
     boxes = as_boxes(det["boxes"], f"{where}['boxes']")
     scores = as_vector(det["scores"], len(boxes), f"{where}['scores']", torch.float64)
     labels = as_vector(det["labels"], len(boxes), f"{where}['labels']", torch.int64)
-    return {"image_id": int(det["image_id"]), "boxes": boxes, "scores": scores,
-            "labels": check_labels(labels, num_classes, f"{where}['labels']")}
+    return {
+        "image_id": int(det["image_id"]),
+        "boxes": boxes,
+        "scores": scores,
+        "labels": check_labels(labels, num_classes, f"{where}['labels']"),
+    }
 
 
 def check_categories(categories: Sequence[Category]) -> list[dict[str, Any]]:
@@ -132,11 +155,22 @@ def coco_ground_truth(gts: Sequence[Target], categories: Sequence[Category]) -> 
         images.append({"id": gt["image_id"], "width": int(raw["width"]), "height": int(raw["height"])})
         rows = zip(xyxy_to_xywh(gt["boxes"]).tolist(), gt["labels"].tolist(), gt["iscrowd"].tolist())
         for bbox, label, crowd in rows:
-            annotations.append({"id": len(annotations) + 1, "image_id": gt["image_id"], "bbox": bbox,
-                                "category_id": categories[label]["id"], "area": bbox[2] * bbox[3],
-                                "iscrowd": int(crowd)})
-    return {"info": {"description": "retinanet ground truth"}, "images": images, "annotations": annotations,
-            "categories": categories}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": gt["image_id"],
+                    "bbox": bbox,
+                    "category_id": categories[label]["id"],
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": int(crowd),
+                }
+            )
+    return {
+        "info": {"description": "retinanet ground truth"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def coco_results(detections: Sequence[Target], categories: Sequence[Category]) -> list[dict[str, Any]]:
@@ -151,8 +185,9 @@ def coco_results(detections: Sequence[Target], categories: Sequence[Category]) -
         det = checked_detection(raw, i, len(categories))
         rows = zip(xyxy_to_xywh(det["boxes"]).tolist(), det["scores"].tolist(), det["labels"].tolist())
         for bbox, score, label in rows:
-            results.append({"image_id": det["image_id"], "category_id": categories[label]["id"], "bbox": bbox,
-                            "score": score})
+            results.append(
+                {"image_id": det["image_id"], "category_id": categories[label]["id"], "bbox": bbox, "score": score}
+            )
     return results
 
 

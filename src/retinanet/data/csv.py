@@ -68,8 +68,9 @@ class _Image:
 def _parse_line(path: Path, line: int, row: list[str]) -> tuple[str, list[float] | None, str | None]:
     """One annotation line -> (image path, box XYXY or None for an empty image, class name or None)."""
     if len(row) != 6 or not row[0].strip():
-        raise DatasetError(f"{path}: line {line}: {','.join(row)!r}; expected 'path,x1,y1,x2,y2,class_name' "
-                           "or 'path,,,,,'")
+        raise DatasetError(
+            f"{path}: line {line}: {','.join(row)!r}; expected 'path,x1,y1,x2,y2,class_name' or 'path,,,,,'"
+        )
     fields = [cell.strip() for cell in row]
     if not any(fields[1:]):
         return fields[0], None, None
@@ -148,8 +149,11 @@ class CsvDetection(DetectionDataset):
         bad = dict(box_problems(boxes, None, None, where, [f"line {line}" for line in img.lines]))
         for j, (name, line) in enumerate(zip(img.names, img.lines)):
             if name not in name_to_label:
-                bad.setdefault(j, f"{self.annotations_csv}: line {line}: unknown class {name!r}; "
-                                  f"expected one of {sorted(name_to_label)}")  # fmt: skip
+                bad.setdefault(
+                    j,
+                    f"{self.annotations_csv}: line {line}: unknown class {name!r}; "
+                    f"expected one of {sorted(name_to_label)}",
+                )
         problems += [Skip(str(img.path), img.index, why, box=True) for _, why in sorted(bad.items())]
         keep = [j for j in range(len(img.names)) if j not in bad]
         return ImageRecord(

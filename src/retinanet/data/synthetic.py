@@ -69,8 +69,20 @@ def _outline(shape: str, aspect: float, steps: int = 48) -> np.ndarray:
         return np.stack([r * np.cos(a), r * np.sin(a)], 1)
     if shape == "cross":
         w = 0.34  # arm half-width
-        pts = [(w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1),
-               (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w), (-w, -1)]
+        pts = [
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+            (-w, -1),
+        ]
         return np.array(pts, dtype=np.float64)
     raise ValueError(f"synthetic.py: unknown shape {shape!r}; expected one of {SHAPES}")
 
@@ -264,8 +276,9 @@ class SyntheticShapes(DetectionDataset):
             a = np.sort(rng.uniform(0, 2 * math.pi, 9))
             rr = r * rng.uniform(0.4, 1.0, 9)
             smudge = Image.new("L", image.size, 0)
-            ImageDraw.Draw(smudge).polygon(list(zip((cx + rr * np.cos(a)).tolist(), (cy + rr * np.sin(a)).tolist())),
-                                           fill=110)
+            ImageDraw.Draw(smudge).polygon(
+                list(zip((cx + rr * np.cos(a)).tolist(), (cy + rr * np.sin(a)).tolist())), fill=110
+            )
             smudge = smudge.filter(ImageFilter.GaussianBlur(r / 3))
             image.paste(tuple(int(v) for v in rng.integers(0, 256, 3)), (0, 0), smudge)
 

@@ -76,20 +76,18 @@ def train_transforms(min_sizes: Sequence[int], max_size: int, augmentation: Augm
     """
     aug = augmentation or PRESETS["flip"]
     before, crop = augmentation_transforms(aug)
-    return v2.Compose([
-        *before,
-        ResizeShortLong(min_sizes, max_size, aug.scale_jitter),
-        *crop,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_labels_and_iscrowd),
-    ])
+    return v2.Compose(
+        [
+            *before,
+            ResizeShortLong(min_sizes, max_size, aug.scale_jitter),
+            *crop,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_labels_and_iscrowd),
+        ]
+    )
 
 
 def eval_transforms(min_size: int, max_size: int) -> v2.Compose:
     """Resize to one scale and convert to float32 in [0, 1]; boxes are kept as they are (none dropped)."""
-    return v2.Compose([
-        ResizeShortLong((min_size,), max_size),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
-
+    return v2.Compose([ResizeShortLong((min_size,), max_size), v2.ToDtype(torch.float32, scale=True)])

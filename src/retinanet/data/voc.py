@@ -17,22 +17,32 @@ from typing import Sequence
 
 import torch
 
-from retinanet.data.base import (
-    DatasetError,
-    DetectionDataset,
-    ImageRecord,
-    Skip,
-    Transforms,
-    box_problems,
-    report_bad,
-)
+from retinanet.data.base import DatasetError, DetectionDataset, ImageRecord, Skip, Transforms, box_problems, report_bad
 from retinanet.ops.boxes import clip_boxes
 
 __all__ = ["VOC_CLASSES", "VocDetection", "parse_voc_xml"]
 
 VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 
@@ -74,9 +84,13 @@ def _parse_object(
 
 
 def parse_voc_xml(
-    xml_path: Path, image_path: Path, image_id: int, where: str, name_to_label: dict[str, int],
+    xml_path: Path,
+    image_path: Path,
+    image_id: int,
+    where: str,
+    name_to_label: dict[str, int],
     problems: list[Skip] | None = None,
-) -> ImageRecord:  # fmt: skip
+) -> ImageRecord:
     """Read one VOC annotation file into a checked ImageRecord; raises DatasetError naming the file and object, or,
     given `problems`, leaves a bad object out and adds it there (its image keeps its other objects)."""
     if not xml_path.is_file():
@@ -146,8 +160,11 @@ class VocDetection(DetectionDataset):
             where = f"image {index} ('{name}' in {self.image_set_file.name})"
             image = self.root / "JPEGImages" / f"{name}.jpg"
             try:
-                records.append(parse_voc_xml(self.root / "Annotations" / f"{name}.xml", image, index, where,
-                                             name_to_label, problems))  # fmt: skip
+                records.append(
+                    parse_voc_xml(
+                        self.root / "Annotations" / f"{name}.xml", image, index, where, name_to_label, problems
+                    )
+                )
             except DatasetError as e:  # the annotation file itself: its image is lost
                 problems.append(Skip(str(image), index, str(e)))
         skipped = report_bad(problems, skip_bad)

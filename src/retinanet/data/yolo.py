@@ -68,8 +68,9 @@ def read_data_yaml(path: str | Path) -> dict[str, Any]:
             raise DatasetError(f"{path}: names: the class indices are {indices}; expected 0..{len(indices) - 1}")
         names = [names[k] if k in names else names[str(k)] for k in indices]
     if not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) for n in names):
-        raise DatasetError(f"{path}: 'names' must list the class names ({{0: tree, 1: car}} or [tree, car]), "
-                           f"got {names!r}")  # fmt: skip
+        raise DatasetError(
+            f"{path}: 'names' must list the class names ({{0: tree, 1: car}} or [tree, car]), got {names!r}"
+        )
     names = [str(n) for n in names]
     if len(set(names)) != len(names):
         raise DatasetError(f"{path}: names {names}: a class name appears twice")
@@ -138,13 +139,16 @@ def parse_label_file(path: Path, num_classes: int) -> tuple[list[tuple[int, list
             xs, ys = coords[0::2], coords[1::2]
             box = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
         else:
-            bad.append(f"{where}: {len(fields)} numbers; expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 "
-                       "...'")  # fmt: skip
+            bad.append(
+                f"{where}: {len(fields)} numbers; expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 ...'"
+            )
             continue
         t = FRACTION_TOLERANCE
         if not all(-t <= v <= 1 + t for v in coords):
-            bad.append(f"{where}: coordinates {coords} are not fractions of the image (0 to 1): YOLO labels are "
-                       "normalised by the image's width and height")  # fmt: skip
+            bad.append(
+                f"{where}: coordinates {coords} are not fractions of the image (0 to 1): YOLO labels are "
+                "normalised by the image's width and height"
+            )
             continue
         objects.append((int(values[0]), box, f"line {n}"))
     return objects, bad
@@ -186,15 +190,18 @@ class YoloDetection(DetectionDataset):
             records.append(self._record(image, index, where, width, height, len(names), problems))
         if not any(label_path(f).is_file() for f in files):
             first = label_path(files[0])
-            raise DatasetError(f"{self.data_yaml}: {split}: none of the {len(files)} images has a label file (the "
-                               f"first's would be {first}): expected labels/ beside images/")  # fmt: skip
+            raise DatasetError(
+                f"{self.data_yaml}: {split}: none of the {len(files)} images has a label file (the "
+                f"first's would be {first}): expected labels/ beside images/"
+            )
         skipped = report_bad(problems, skip_bad)
         categories = [{"id": k, "name": name} for k, name in enumerate(names)]
         super().__init__(categories, records, transforms=transforms, skip_bad=skip_bad, skipped=skipped)
 
     @staticmethod
-    def _record(image: Path, index: int, where: str, width: int, height: int, num_classes: int,
-                problems: list[Skip]) -> ImageRecord:  # fmt: skip
+    def _record(
+        image: Path, index: int, where: str, width: int, height: int, num_classes: int, problems: list[Skip]
+    ) -> ImageRecord:
         labels_file = label_path(image)
         objects, bad = parse_label_file(labels_file, num_classes)
         fractions = torch.tensor([box for _, box, _ in objects], dtype=torch.float32).reshape(-1, 4)

@@ -101,10 +101,12 @@ class OnnxPredictor(Predictor):
         self.model_resizes = False  # the engine takes resized images: resize on the host, whatever the weights
         self._run = _ENGINE_CLASSES[engine](self.path, threads, **(engine_options or {}))
         if score_thresh is not None and score_thresh < config.score_thresh:
-            raise ValueError(f"{path}: the exported model keeps scores above its score_thresh {config.score_thresh}; "
-                             f"score_thresh {score_thresh} needs a model exported with it (retinanet export "
-                             f"--score-thresh {score_thresh})")  # fmt: skip
-        self._setup(config, categories, batch_size, score_thresh, tile, overlap)
+            raise ValueError(
+                f"{path}: the exported model keeps scores above its score_thresh {config.score_thresh}; "
+                f"score_thresh {score_thresh} needs a model exported with it (retinanet export "
+                f"--score-thresh {score_thresh})"
+            )
+        self.configure(config, categories, batch_size, score_thresh, tile, overlap)
 
     def detect_prepared(self, images: list[Tensor], scales: Sequence[tuple[float, float]]) -> list[Detections]:
         batch, sizes = pad_batch(images, self.config.size_divisible, self.image_size)
@@ -114,8 +116,13 @@ class OnnxPredictor(Predictor):
             n = int(counts[b])
             # the same float32 division as detect_resized, so that boxes match to the last bit where the graph does
             scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
-            out.append(Detections(torch.from_numpy(boxes[b, :n].copy()) / scale, torch.from_numpy(scores[b, :n].copy()),
-                                  torch.from_numpy(labels[b, :n].astype(np.int64))))  # fmt: skip
+            out.append(
+                Detections(
+                    torch.from_numpy(boxes[b, :n].copy()) / scale,
+                    torch.from_numpy(scores[b, :n].copy()),
+                    torch.from_numpy(labels[b, :n].astype(np.int64)),
+                )
+            )
         return out
 
 
@@ -131,8 +138,10 @@ def pad_batch(
         too_big = [i for i, (h, w) in enumerate(sizes) if h > height or w > width]
         if too_big:
             i = too_big[0]
-            raise ValueError(f"image {i}: resized to {tuple(sizes[i].tolist())}, larger than the exported model's fixed input "
-                             f"size {fixed_size}; export with a larger --image-size or without it (dynamic size)")
+            raise ValueError(
+                f"image {i}: resized to {tuple(sizes[i].tolist())}, larger than the exported model's fixed input "
+                f"size {fixed_size}; export with a larger --image-size or without it (dynamic size)"
+            )
     else:
         height, width = padded_size(tuple(sizes.max(0)), size_divisible)
     batch = np.zeros((len(images), 3, height, width), dtype=np.float32)

@@ -40,6 +40,7 @@ from retinanet.config import ModelConfig, config_to_dict
 from retinanet.inference.predictor import categories_of
 from retinanet.model import RetinaNet
 from retinanet.ops.anchors import AnchorGenerator
+from retinanet.runtime.outputs import atomic_path
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAMES", "OUTPUT_NAMES", "InferenceGraph", "export_onnx", "read_metadata", "require"]
 
@@ -48,8 +49,12 @@ DEFAULT_OPSET = 18
 FORMAT_VERSION = "1"
 INPUT_NAMES = ["images", "image_sizes"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
-_EXTRAS = {"onnx": "retinanet[onnx]", "onnxscript": "retinanet[onnx]", "onnxruntime": "retinanet[onnx]",
-           "openvino": "retinanet[openvino]"}  # fmt: skip
+_EXTRAS = {
+    "onnx": "retinanet[onnx]",
+    "onnxscript": "retinanet[onnx]",
+    "onnxruntime": "retinanet[onnx]",
+    "openvino": "retinanet[openvino]",
+}
 
 
 def require(package: str) -> Any:
@@ -59,8 +64,9 @@ def require(package: str) -> Any:
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise ValueError(f"{package} is not installed: pip install {package} (or pip install "
-                         f"'{_EXTRAS.get(package, package)}')") from None  # fmt: skip
+        raise ValueError(
+            f"{package} is not installed: pip install {package} (or pip install '{_EXTRAS.get(package, package)}')"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,9 +100,12 @@ def _nms_to_onnx(boxes, class_scores, max_per_class: int, iou_threshold: float):
 
     # score_threshold 0: ONNX keeps candidates whose score is > it, ours have their score or exactly 0
     return op.NonMaxSuppression(
-        boxes, class_scores, op.Constant(value_ints=[max_per_class]), op.Constant(value_floats=[iou_threshold]),
+        boxes,
+        class_scores,
+        op.Constant(value_ints=[max_per_class]),
+        op.Constant(value_floats=[iou_threshold]),
         op.Constant(value_floats=[0.0]),
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,11 +137,16 @@ class InferenceGraph(nn.Module):
         model = self.model
         ys = torch.arange(images.shape[2], device=images.device)
         xs = torch.arange(images.shape[3], device=images.device)
-        inside = (ys[None, :, None] < image_sizes[:, 0, None, None]) & (xs[None, None, :] < image_sizes[:, 1, None, None])
+        inside = (ys[None, :, None] < image_sizes[:, 0, None, None]) & (
+            xs[None, None, :] < image_sizes[:, 1, None, None]
+        )
         return (images - model.pixel_mean) / model.pixel_std * inside[:, None].to(images.dtype)
 
     def _candidates(
-        self, cls_per_level: list[Tensor], box_per_level: list[Tensor], anchors_per_level: list[Tensor],
+        self,
+        cls_per_level: list[Tensor],
+        box_per_level: list[Tensor],
+        anchors_per_level: list[Tensor],
         image_sizes: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per level the top-k (anchor, class) pairs, decoded and clipped: boxes [B, N, 4], scores [B, N] (0 where
@@ -158,8 +172,9 @@ class InferenceGraph(nn.Module):
         """Class-wise NMS, then the top D per image by score, padded (see the module docstring)."""
         cfg, num = self.cfg, scores.shape[1]
         classes = torch.arange(self.num_classes, device=labels.device)
-        class_scores = torch.where(labels[:, None, :] == classes[None, :, None], scores[:, None, :],
-                                   torch.zeros_like(scores[:, None, :]))  # [B, K, N]  # fmt: skip
+        class_scores = torch.where(
+            labels[:, None, :] == classes[None, :, None], scores[:, None, :], torch.zeros_like(scores[:, None, :])
+        )  # [B, K, N]
         # a class keeps at most D: the top D of the image could not take more of one class
         kept = torch.ops.retinanet.nms_per_class(boxes, class_scores, cfg.detections_per_image, cfg.nms_thresh)
         image, box = kept[:, 0], kept[:, 2]
@@ -213,8 +228,10 @@ def export_onnx(
     cfg = model.config
     d = cfg.size_divisible
     if image_size is not None and (len(image_size) != 2 or any(s < d or s % d for s in image_size)):
-        raise ValueError(f"image size {tuple(image_size)}: height and width must be multiples of {d} (the model's "
-                         f"size_divisible), at least {d}")  # fmt: skip
+        raise ValueError(
+            f"image size {tuple(image_size)}: height and width must be multiples of {d} (the model's "
+            f"size_divisible), at least {d}"
+        )
     graph = InferenceGraph(_exportable_copy(model)).eval()
     height, width = image_size or (2 * d * 4, 3 * d * 4)  # any example size: the dims are marked dynamic
     images = torch.rand(2, 3, height, width)
@@ -222,22 +239,34 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=1024)
     dims: dict[str, Any] = {"images": {0: batch}, "image_sizes": {0: batch}}
     if image_size is None:
-        dims["images"].update({2: d * torch.export.Dim("height_blocks", min=1, max=16384 // d),
-                               3: d * torch.export.Dim("width_blocks", min=1, max=16384 // d)})  # fmt: skip
+        dims["images"].update(
+            {
+                2: d * torch.export.Dim("height_blocks", min=1, max=16384 // d),
+                3: d * torch.export.Dim("width_blocks", min=1, max=16384 // d),
+            }
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings(), _quiet("onnx_ir"):
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # the batch dim named twice
         program = torch.onnx.export(
-            graph, (images, sizes), dynamic_shapes=dims, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            graph,
+            (images, sizes),
+            dynamic_shapes=dims,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
             custom_translation_table={torch.ops.retinanet.nms_per_class.default: _nms_to_onnx},
-        )  # fmt: skip
+        )
     program.model.metadata_props.update(_metadata(cfg, categories or categories_of(model), image_size))
-    program.save(str(path), external_data=False)
     import onnx
 
-    onnx.checker.check_model(str(path), full_check=True)
+    with atomic_path(path) as written:  # a failed write or check leaves an earlier export whole
+        program.save(str(written), external_data=False)
+        onnx.checker.check_model(str(written), full_check=True)
     return path
 
 

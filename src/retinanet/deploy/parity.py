@@ -50,8 +50,10 @@ class Agreement:
         return self.missing + self.extra == self.borderline
 
     def describe(self) -> str:
-        text = (f"{self.matched} matched (boxes within {self.max_box_diff:.2g} px, scores within "
-                f"{self.max_score_diff:.2g}), {self.missing} missing, {self.extra} extra")  # fmt: skip
+        text = (
+            f"{self.matched} matched (boxes within {self.max_box_diff:.2g} px, scores within "
+            f"{self.max_score_diff:.2g}), {self.missing} missing, {self.extra} extra"
+        )
         return text + (f" ({self.borderline} of them at a score cut-off)" if self.borderline else "")
 
 
@@ -128,11 +130,15 @@ class ExportReport:
     def describe(self) -> str:
         lines = [f"{what}: {a.describe()}" for what, a in self.checks]
         if self.int8 is not None:
-            lines.append(f"INT8 model {self.int8[0]}, against the float32 export (boxes within 2 px, scores within "
-                         f"0.05): {self.int8[1].describe()}")  # fmt: skip
+            lines.append(
+                f"INT8 model {self.int8[0]}, against the float32 export (boxes within 2 px, scores within "
+                f"0.05): {self.int8[1].describe()}"
+            )
         if self.compared == 0:
-            lines.append("the model found nothing in the sample images, so no detection was compared: give images "
-                         "it finds objects in (--check-images)")  # fmt: skip
+            lines.append(
+                "the model found nothing in the sample images, so no detection was compared: give images "
+                "it finds objects in (--check-images)"
+            )
         return "\n".join(lines)
 
 
@@ -182,12 +188,14 @@ def _padded_like(
     return eager.detect_prepared(images + [blank], list(scales) + [(1.0, 1.0)])[:-1]
 
 
-def compare_engines(reference: str | Path, other: str | Path, images: Sequence[Tensor],
-                    box_tol: float = 2.0, score_tol: float = 0.05) -> Agreement:  # fmt: skip
+def compare_engines(
+    reference: str | Path, other: str | Path, images: Sequence[Tensor], box_tol: float = 2.0, score_tol: float = 0.05
+) -> Agreement:
     """How an exported model's detections (an INT8 one's, say) agree with another export's, by ONNX Runtime, on
     `images` ([3, H, W]) one at a time: rounding to 8 bits moves boxes and scores, so the tolerances are wider."""
     first, second = OnnxPredictor(reference), OnnxPredictor(other)
     found = [(first.detect_images([im])[0], second.detect_images([im])[0]) for im in images]
     cfg = first.config
-    return compare_detections([a for a, _ in found], [b for _, b in found], box_tol, score_tol, cfg.score_thresh,
-                              cfg.detections_per_image)  # fmt: skip
+    return compare_detections(
+        [a for a, _ in found], [b for _, b in found], box_tol, score_tol, cfg.score_thresh, cfg.detections_per_image
+    )

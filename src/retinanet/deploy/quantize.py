@@ -23,6 +23,7 @@ from retinanet.config import ModelConfig
 from retinanet.deploy.engines import pad_batch
 from retinanet.deploy.graph import INPUT_NAMES, read_metadata, require
 from retinanet.inference.predictor import prepare_image
+from retinanet.runtime.outputs import atomic_path
 
 __all__ = ["int8_path", "quantize_int8"]
 
@@ -33,8 +34,9 @@ def int8_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.int8{path.suffix}")
 
 
-def quantize_int8(float_model: str | Path, output: str | Path, config: ModelConfig, images: Sequence[Tensor],
-                  batch_size: int = 4) -> Path:  # fmt: skip
+def quantize_int8(
+    float_model: str | Path, output: str | Path, config: ModelConfig, images: Sequence[Tensor], batch_size: int = 4
+) -> Path:
     """Write the INT8 version of an exported float32 model: its convolutions quantized with activation ranges
     calibrated on `images` ([3, H, W] uint8 or float in [0, 1], prepared as the predictor prepares them).
     Returns the path written."""
@@ -49,13 +51,20 @@ def quantize_int8(float_model: str | Path, output: str | Path, config: ModelConf
         source = prepared
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation: quantize the export as it is
         source = Path(float_model)
-    quantization.quantize_static(
-        str(source), str(output), _Calibration(config, images, batch_size, read_metadata(float_model)[2]),
-        quant_format=quantization.QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
-        activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-        calibrate_method=quantization.CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-    )  # fmt: skip
+    calibration = _Calibration(config, images, batch_size, read_metadata(float_model)[2])
+    with atomic_path(output) as written:  # a failed write leaves an earlier INT8 model whole
+        quantization.quantize_static(
+            str(source),
+            str(written),
+            calibration,
+            quant_format=quantization.QuantFormat.QDQ,
+            op_types_to_quantize=["Conv"],
+            per_channel=True,
+            activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8,
+            calibrate_method=quantization.CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
     if prepared.exists():
         prepared.unlink()
     return output
@@ -64,8 +73,9 @@ def quantize_int8(float_model: str | Path, output: str | Path, config: ModelConf
 class _Calibration:
     """ONNX Runtime's CalibrationDataReader: the graph's inputs for batches of calibration images."""
 
-    def __init__(self, config: ModelConfig, images: Sequence[Tensor], batch_size: int,
-                 fixed_size: tuple[int, int] | None = None):  # fmt: skip
+    def __init__(
+        self, config: ModelConfig, images: Sequence[Tensor], batch_size: int, fixed_size: tuple[int, int] | None = None
+    ):
         self.config, self.images, self.batch_size, self.fixed_size = config, list(images), batch_size, fixed_size
         self._batches: Iterator[dict[str, Any]] = self._iterate()
 

@@ -63,7 +63,19 @@ class CocoMetrics:
     max_dets_list: list[int] = field(repr=False)
 
     STAT_NAMES: ClassVar[tuple[str, ...]] = (
-        "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+        "AP",
+        "AP50",
+        "AP75",
+        "APs",
+        "APm",
+        "APl",
+        "AR1",
+        "AR10",
+        "AR100",
+        "ARs",
+        "ARm",
+        "ARl",
+    )
 
     @property
     def stats(self) -> list[float]:
@@ -93,8 +105,13 @@ def _coco_detections(coco_gt: Any, results: list[dict[str, Any]]) -> Any:
     # COCOeval then scores it as pycocotools would score "no detections": 0 where there is ground truth.
     if results:
         return coco_gt.loadRes(results)
-    return _coco_from_dict({"images": list(coco_gt.dataset["images"]), "annotations": [],
-                            "categories": list(coco_gt.dataset["categories"])})
+    return _coco_from_dict(
+        {
+            "images": list(coco_gt.dataset["images"]),
+            "annotations": [],
+            "categories": list(coco_gt.dataset["categories"]),
+        }
+    )
 
 
 def _mean_defined(values: np.ndarray) -> float:
@@ -109,8 +126,11 @@ def _summary_stats(eval_result: dict[str, Any], params: Any, max_dets: int) -> l
     t50, t75 = (int(np.where(np.isclose(params.iouThrs, t))[0][0]) for t in (0.5, 0.75))
     m = {d: params.maxDets.index(d) for d in (1, 10, max_dets)}
     a = {name: params.areaRngLbl.index(name) for name in ("all", "small", "medium", "large")}
-    aps = [precision[:, :, :, a["all"], m[max_dets]], precision[[t50], :, :, a["all"], m[max_dets]],
-           precision[[t75], :, :, a["all"], m[max_dets]]]
+    aps = [
+        precision[:, :, :, a["all"], m[max_dets]],
+        precision[[t50], :, :, a["all"], m[max_dets]],
+        precision[[t75], :, :, a["all"], m[max_dets]],
+    ]
     aps += [precision[:, :, :, a[s], m[max_dets]] for s in ("small", "medium", "large")]
     ars = [recall[:, :, a["all"], m[d]] for d in (1, 10, max_dets)]
     ars += [recall[:, :, a[s], m[max_dets]] for s in ("small", "medium", "large")]
@@ -122,8 +142,13 @@ def max_dets_for(gts: Sequence[Target], least: int = 100) -> int:
     return max([least, *(len(g["boxes"]) for g in gts)])
 
 
-def evaluate_coco(gts: Sequence[Target], detections: Sequence[Target], categories: Sequence[Category],
-                  max_dets: int = 100, verbose: bool = False) -> CocoMetrics:
+def evaluate_coco(
+    gts: Sequence[Target],
+    detections: Sequence[Target],
+    categories: Sequence[Category],
+    max_dets: int = 100,
+    verbose: bool = False,
+) -> CocoMetrics:
     """COCO box AP/AR of `detections` against `gts` with pycocotools' COCOeval, all in memory.
 
     gts / detections / categories: as in the module docstring (boxes [N, 4] float XYXY in original pixels).
@@ -155,9 +180,15 @@ def _coco_metrics(evaluator: Any, coco_gt: Any, max_dets: int) -> CocoMetrics:
     last = params.maxDets.index(max_dets)
     per_class = {name: _mean_defined(precision[:, :, k, 0, last]) for k, name in enumerate(names)}
     stats = _summary_stats(evaluator.eval, params, max_dets)
-    return CocoMetrics(*stats, per_class_ap=per_class, precision=precision, iou_thresholds=np.asarray(params.iouThrs),
-                       recall_thresholds=np.asarray(params.recThrs), category_names=names,
-                       max_dets_list=list(params.maxDets))
+    return CocoMetrics(
+        *stats,
+        per_class_ap=per_class,
+        precision=precision,
+        iou_thresholds=np.asarray(params.iouThrs),
+        recall_thresholds=np.asarray(params.recThrs),
+        category_names=names,
+        max_dets_list=list(params.maxDets),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -69,8 +69,17 @@ class _Run:
     best_fix: dict[tuple[int, int], int] = field(default_factory=dict)  # box -> position of its fixing detection
     arrays: tuple[np.ndarray, ...] | None = None  # cls, score, kind, size as arrays, once the run is complete
 
-    def add(self, image: int, det: int, cls: int, score: float, size: int, kind: str,
-            target: tuple[int, int] | None = None, target_cls: int = -1) -> None:  # fmt: skip
+    def add(
+        self,
+        image: int,
+        det: int,
+        cls: int,
+        score: float,
+        size: int,
+        kind: str,
+        target: tuple[int, int] | None = None,
+        target_cls: int = -1,
+    ) -> None:
         self.image.append(image)
         self.det.append(det)
         self.cls.append(cls)
@@ -85,14 +94,14 @@ class _Run:
                 self.best_fix[target] = len(self.score) - 1
 
 
-def _image(run: _Run, index: int, gt: dict[str, Any], det: dict[str, Any], t_f: float, t_b: float,
-           max_dets: int) -> tuple[list[str], list[str], list[int | None]]:  # fmt: skip
+def _image(
+    run: _Run, index: int, gt: dict[str, Any], det: dict[str, Any], t_f: float, t_b: float, max_dets: int
+) -> tuple[list[str], list[str], list[int | None]]:
     """Match one image at threshold t_f and add its outcome to `run`; (per detection its type or "ignored", per gt
     box "matched", "missed", "crowd" or "fixable", per gt box the detection that matched it or None). IoUs come from
     torchvision in float64; the matching runs on numpy arrays (per-element work on small tensors is slow)."""
     gt_labels = gt["labels"].long()
-    crowd = (gt["iscrowd"].bool() if gt.get("iscrowd") is not None
-             else torch.zeros(len(gt_labels), dtype=torch.bool))  # fmt: skip
+    crowd = gt["iscrowd"].bool() if gt.get("iscrowd") is not None else torch.zeros(len(gt_labels), dtype=torch.bool)
     gt_boxes = gt["boxes"].double()
     boxes, crowd_boxes = gt_boxes[~crowd], gt_boxes[crowd]
     labels = gt_labels[~crowd].numpy()
@@ -131,8 +140,16 @@ def _image(run: _Run, index: int, gt: dict[str, Any], det: dict[str, Any], t_f: 
         if target is not None:
             pointed.add(target)
         fixable = target if target is not None and not used[target] else None
-        run.add(index, original, cls, score, d_sizes[p], kind, None if fixable is None else (index, fixable),
-                int(labels[fixable]) if fixable is not None else -1)  # fmt: skip
+        run.add(
+            index,
+            original,
+            cls,
+            score,
+            d_sizes[p],
+            kind,
+            None if fixable is None else (index, fixable),
+            int(labels[fixable]) if fixable is not None else -1,
+        )
         kinds[original] = kind
     gt_kinds = ["crowd"] * len(gt_labels)
     gt_match: list[int | None] = [None] * len(gt_labels)
@@ -149,8 +166,9 @@ def _image(run: _Run, index: int, gt: dict[str, Any], det: dict[str, Any], t_f: 
     return kinds, gt_kinds, gt_match
 
 
-def _false_positive(iou: np.ndarray, same: np.ndarray, used: np.ndarray, t_f: float,
-                    t_b: float) -> tuple[str, int | None]:  # fmt: skip
+def _false_positive(
+    iou: np.ndarray, same: np.ndarray, used: np.ndarray, t_f: float, t_b: float
+) -> tuple[str, int | None]:
     """The type of a false positive from its IoUs with the image's boxes, and the box a loc or cls error points at."""
     if len(iou) == 0:
         return "bkg", None
@@ -187,8 +205,12 @@ def _map(run: _Run, fix: str | None, classes: Sequence[int] | None = None, size:
     """Per class AP with the errors of type `fix` fixed (None: as they are), over the classes with a detection or a
     box (or `classes`), restricted to objects of one size bucket when `size` is given."""
     if run.arrays is None or len(run.arrays[0]) != len(run.cls):  # made once per run, not per class and type
-        run.arrays = (np.array(run.cls, dtype=np.int64), np.array(run.score), np.array(run.kind, dtype=object),
-                      np.array(run.size, dtype=np.int64))  # fmt: skip
+        run.arrays = (
+            np.array(run.cls, dtype=np.int64),
+            np.array(run.score),
+            np.array(run.kind, dtype=object),
+            np.array(run.size, dtype=np.int64),
+        )
     cls, score, kinds, sizes = (a.copy() for a in run.arrays)
     tp = kinds == "tp"
     keep = np.ones(len(cls), dtype=bool)
@@ -235,14 +257,26 @@ class ErrorAnalysis:
     def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         """JSON-ready (errors.json): classes by name when `class_names` are given."""
         name = (lambda c: class_names[c]) if class_names else str  # noqa: E731
-        return {"thresholds": {"foreground": FOREGROUND_IOU, "background": BACKGROUND_IOU,
-                               "averaged_over": list(COCO_THRESHOLDS)},
-                "counts": self.counts, "ap": self.ap, "dap": self.dap,
-                "per_class": {name(c): v for c, v in self.per_class.items()}, "per_size": self.per_size}  # fmt: skip
+        return {
+            "thresholds": {
+                "foreground": FOREGROUND_IOU,
+                "background": BACKGROUND_IOU,
+                "averaged_over": list(COCO_THRESHOLDS),
+            },
+            "counts": self.counts,
+            "ap": self.ap,
+            "dap": self.dap,
+            "per_class": {name(c): v for c, v in self.per_class.items()},
+            "per_size": self.per_size,
+        }
 
 
-def analyze_errors(ground_truth: Sequence[dict[str, Any]], detections: Sequence[dict[str, Any]],
-                   max_dets: int = 100, background_iou: float = BACKGROUND_IOU) -> ErrorAnalysis:  # fmt: skip
+def analyze_errors(
+    ground_truth: Sequence[dict[str, Any]],
+    detections: Sequence[dict[str, Any]],
+    max_dets: int = 100,
+    background_iou: float = BACKGROUND_IOU,
+) -> ErrorAnalysis:
     """TIDE's decomposition of `detections` against `ground_truth`, image by image (the same order and images in
     both): ground truth {"boxes": [G, 4] float XYXY, "labels": [G] int64, "iscrowd": [G] bool (optional)};
     detections {"boxes": [N, 4] float XYXY, "scores": [N] float, "labels": [N] int64}. AP values are in [0, 1]."""
@@ -270,15 +304,25 @@ def analyze_errors(ground_truth: Sequence[dict[str, Any]], detections: Sequence[
     missed_cls = np.array([m[0] for m in run.missed], dtype=np.int64)
     for c, ap in _map(run, None).items():
         of_c = kind_arr[cls_arr == c]
-        per_class[c] = {"ap50": ap, "dap": {k: max(_map(run, k, [c]).get(c, ap) - ap, 0.0) for k in ERROR_TYPES},
-                        "counts": {k: int((of_c == k).sum()) for k in FP_TYPES}
-                        | {"missed": int((missed_cls == c).sum())}}  # fmt: skip
+        per_class[c] = {
+            "ap50": ap,
+            "dap": {k: max(_map(run, k, [c]).get(c, ap) - ap, 0.0) for k in ERROR_TYPES},
+            "counts": {k: int((of_c == k).sum()) for k in FP_TYPES} | {"missed": int((missed_cls == c).sum())},
+        }
     per_size = {}
     for s, name in enumerate(SIZES):
         ap = _mean(_map(run, None, size=s))
         per_size[name] = {"ap50": ap, "dap": {k: max(_mean(_map(run, k, size=s)) - ap, 0.0) for k in ERROR_TYPES}}
-    return ErrorAnalysis(counts, {"50": base[FOREGROUND_IOU], "avg": float(np.mean(list(base.values())))}, dap,
-                         per_class, per_size, det_kinds, gt_kinds, matches)  # fmt: skip
+    return ErrorAnalysis(
+        counts,
+        {"50": base[FOREGROUND_IOU], "avg": float(np.mean(list(base.values())))},
+        dap,
+        per_class,
+        per_size,
+        det_kinds,
+        gt_kinds,
+        matches,
+    )
 
 
 def _mean(per_class: dict[int, float]) -> float:

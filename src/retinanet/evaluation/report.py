@@ -28,13 +28,21 @@ from PIL import Image
 
 from retinanet.data.base import to_rgb
 from retinanet.evaluation.coco import CocoMetrics, max_dets_for
-from retinanet.runtime.outputs import atomic_write, strict_json, write_json
 from retinanet.evaluation.errors import ERROR_TYPES, ErrorAnalysis, analyze_errors
+from retinanet.evaluation.report_page import SCRIPT, TEMPLATE
+from retinanet.runtime.outputs import atomic_write, write_json
 
 __all__ = ["COLOURS", "ReportImage", "best_f1_thresholds", "report_dataset", "write_report"]
 
-COLOURS = {"tp": "#2ca02c", "cls": "#ff7f0e", "loc": "#e6c619", "both": "#9467bd", "dupe": "#1f77b4",
-           "bkg": "#d62728", "missed": "#e377c2"}  # fmt: skip
+COLOURS = {
+    "tp": "#2ca02c",
+    "cls": "#ff7f0e",
+    "loc": "#e6c619",
+    "both": "#9467bd",
+    "dupe": "#1f77b4",
+    "bkg": "#d62728",
+    "missed": "#e377c2",
+}
 MEANING = {
     "tp": "a true positive",
     "cls": "the right place, the wrong class",
@@ -71,29 +79,50 @@ def best_f1_thresholds(scores: np.ndarray, tp: np.ndarray, labels: np.ndarray, n
         precision, recall = true / np.arange(1, len(s) + 1), true / n
         f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
         k = int(np.argmax(f1))
-        out[c] = {"threshold": float(s[k]), "precision": float(precision[k]), "recall": float(recall[k]),
-                  "f1": float(f1[k])}  # fmt: skip
+        out[c] = {
+            "threshold": float(s[k]),
+            "precision": float(precision[k]),
+            "recall": float(recall[k]),
+            "f1": float(f1[k]),
+        }
     return out
 
 
-def write_report(output: str | Path, images: Sequence[ReportImage], ground_truth: Sequence[dict[str, Any]],
-                 detections: Sequence[dict[str, Any]], class_names: Sequence[str], errors: ErrorAnalysis,
-                 metrics: CocoMetrics | None = None, pr_curves: Path | None = None,
-                 gallery: int = 1000) -> Path:  # fmt: skip
+def write_report(
+    output: str | Path,
+    images: Sequence[ReportImage],
+    ground_truth: Sequence[dict[str, Any]],
+    detections: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    errors: ErrorAnalysis,
+    metrics: CocoMetrics | None = None,
+    pr_curves: Path | None = None,
+    gallery: int = 1000,
+) -> Path:
     """Write output/index.html, output/errors.json and the gallery's thumbnails (the `gallery` images with the
-    most errors) in output/images/. ground_truth and detections: per image as `retinanet.evaluation.errors.analyze_errors`
-    takes them, in the order of `images`. Returns the page's path."""
+    most errors) in output/images/. ground_truth and detections: per image as
+    `retinanet.evaluation.errors.analyze_errors` takes them, in the order of `images`. Returns the page's path."""
     out = Path(output)
     (out / "images").mkdir(parents=True, exist_ok=True)
     scores, tp, labels, num_gt = _scored(ground_truth, detections, errors)
     best = best_f1_thresholds(scores, tp, labels, num_gt)
     to_try = {k: text for k, _, text in what_to_try(errors)}
-    found = {**errors.to_dict(class_names), "what_to_try": to_try, "best_f1": {class_names[c]: v for c, v in best.items()}}
+    found = {
+        **errors.to_dict(class_names),
+        "what_to_try": to_try,
+        "best_f1": {class_names[c]: v for c, v in best.items()},
+    }
     write_json(out / "errors.json", found)
-    page = {"classes": list(class_names), "colours": COLOURS, "meaning": MEANING,
-            "scores": [round(float(v), 4) for v in scores], "tp": tp.astype(int).tolist(), "labels": labels.tolist(),
-            "num_gt": [num_gt.get(c, 0) for c in range(len(class_names))],
-            "gallery": _gallery(out, images, ground_truth, detections, errors, gallery)}  # fmt: skip
+    page = {
+        "classes": list(class_names),
+        "colours": COLOURS,
+        "meaning": MEANING,
+        "scores": [round(float(v), 4) for v in scores],
+        "tp": tp.astype(int).tolist(),
+        "labels": labels.tolist(),
+        "num_gt": [num_gt.get(c, 0) for c in range(len(class_names))],
+        "gallery": _gallery(out, images, ground_truth, detections, errors, gallery),
+    }
     body = _page(page, class_names, errors, metrics, best, pr_curves)
     return atomic_write(out / "index.html", body)
 
@@ -115,11 +144,18 @@ def _scored(ground_truth: Sequence[dict], detections: Sequence[dict], errors: Er
     return np.array(scores, dtype=float), np.array(tp, dtype=bool), np.array(labels, dtype=int), num_gt
 
 
-def _gallery(out: Path, images: Sequence[ReportImage], ground_truth: Sequence[dict], detections: Sequence[dict],
-             errors: ErrorAnalysis, count: int) -> list[dict]:  # fmt: skip
+def _gallery(
+    out: Path,
+    images: Sequence[ReportImage],
+    ground_truth: Sequence[dict],
+    detections: Sequence[dict],
+    errors: ErrorAnalysis,
+    count: int,
+) -> list[dict]:
     """The `count` images with the most errors (false positives and missed boxes), their thumbnails written, each
     with its boxes in thumbnail pixels: detections [x1, y1, x2, y2, score, label, type] and ground truth
     [x1, y1, x2, y2, label, type, score of its match or -1]."""
+
     def error_count(i: int) -> int:
         return sum(k not in ("tp", "ignored") for k in errors.detections[i]) + errors.ground_truth[i].count("missed")
 
@@ -131,16 +167,32 @@ def _gallery(out: Path, images: Sequence[ReportImage], ground_truth: Sequence[di
         name = f"{rank:05d}.jpg"
         _thumbnail(image, scale).save(out / "images" / name, quality=85)
         s = lambda v: round(float(v) * scale, 1)  # noqa: E731
-        dets = [[s(b[0]), s(b[1]), s(b[2]), s(b[3]), round(float(sc), 3), int(c), k]
-                for b, sc, c, k in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
-                                       errors.detections[i]) if k != "ignored"]  # fmt: skip
+        dets = [
+            [s(b[0]), s(b[1]), s(b[2]), s(b[3]), round(float(sc), 3), int(c), k]
+            for b, sc, c, k in zip(
+                det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), errors.detections[i]
+            )
+            if k != "ignored"
+        ]
         matched_scores = det["scores"].tolist()
-        gts = [[s(b[0]), s(b[1]), s(b[2]), s(b[3]), int(c), k,
-                round(matched_scores[m], 3) if m is not None else -1]
-               for b, c, k, m in zip(gt["boxes"].tolist(), gt["labels"].tolist(), errors.ground_truth[i],
-                                     errors.matches[i]) if k != "crowd"]  # fmt: skip
-        cards.append({"name": image.name, "file": f"images/{name}", "w": round(image.size_hw[1] * scale),
-                      "h": round(image.size_hw[0] * scale), "errors": error_count(i), "dets": dets, "gts": gts})
+        gts = [
+            [s(b[0]), s(b[1]), s(b[2]), s(b[3]), int(c), k, round(matched_scores[m], 3) if m is not None else -1]
+            for b, c, k, m in zip(
+                gt["boxes"].tolist(), gt["labels"].tolist(), errors.ground_truth[i], errors.matches[i]
+            )
+            if k != "crowd"
+        ]
+        cards.append(
+            {
+                "name": image.name,
+                "file": f"images/{name}",
+                "w": round(image.size_hw[1] * scale),
+                "h": round(image.size_hw[0] * scale),
+                "errors": error_count(i),
+                "dets": dets,
+                "gts": gts,
+            }
+        )
     return cards
 
 
@@ -155,9 +207,15 @@ def _thumbnail(image: ReportImage, scale: float) -> Image.Image:
     return picture
 
 
-def report_dataset(output: str | Path, dataset: Any, ground_truth: Sequence[dict[str, Any]],
-                   detections: Sequence[dict[str, Any]], metrics: CocoMetrics | None = None,
-                   pr_curves: Path | None = None, errors: ErrorAnalysis | None = None) -> Path:  # fmt: skip
+def report_dataset(
+    output: str | Path,
+    dataset: Any,
+    ground_truth: Sequence[dict[str, Any]],
+    detections: Sequence[dict[str, Any]],
+    metrics: CocoMetrics | None = None,
+    pr_curves: Path | None = None,
+    errors: ErrorAnalysis | None = None,
+) -> Path:
     """The report of a model's detections on a dataset (as `predict_dataset` gives them, in the dataset's order);
     errors: their decomposition when already made."""
     images = []
@@ -183,23 +241,27 @@ def _error_chart(errors: ErrorAnalysis) -> str:
     for j, k in enumerate(ERROR_TYPES):
         y = 10 + j * (bar_h + 8)
         w = (width - left - 110) * errors.dap[k]["50"] / top
-        rows.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{k} ({errors.counts[k]})</text>'
-                    f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{COLOURS[k]}"/>'
-                    f'<text x="{left + w + 6:.1f}" y="{y + 17}">{_number(errors.dap[k]["50"])} AP50</text>')  # fmt: skip
+        rows.append(
+            f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{k} ({errors.counts[k]})</text>'
+            f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{COLOURS[k]}"/>'
+            f'<text x="{left + w + 6:.1f}" y="{y + 17}">{_number(errors.dap[k]["50"])} AP50</text>'
+        )
     height = 20 + len(ERROR_TYPES) * (bar_h + 8)
-    return (f'<svg id="error-chart" width="{width}" height="{height}" font-size="13" font-family="sans-serif" '
-            f'role="img" aria-label="AP lost to each error type">{"".join(rows)}</svg>')  # fmt: skip
+    return (
+        f'<svg id="error-chart" width="{width}" height="{height}" font-size="13" font-family="sans-serif" '
+        f'role="img" aria-label="AP lost to each error type">{"".join(rows)}</svg>'
+    )
 
 
 # what to try against each error type, with the config keys and commands that do it
 LEVERS = {
     "loc": "boxes in the right place but badly fitted: IoU-aware classification (model.cls_loss: quality_focal or "
-           "varifocal), an IoU box loss (model.box_loss: giou, diou or ciou), ATSS assignment (model.assigner: atss), "
-           "test-time augmentation (eval and detect --tta flips)",
+    "varifocal), an IoU box loss (model.box_loss: giou, diou or ciou), ATSS assignment (model.assigner: atss), "
+    "test-time augmentation (eval and detect --tta flips)",
     "missed": "objects not found: anchors that fit them (retinanet anchors --fit), a lower model.score_thresh, tiles "
-              "for large images (detect --tile), a larger input size (model.min_size) for small objects",
+    "for large images (detect --tile), a larger input size (model.min_size) for small objects",
     "bkg": "background taken for objects: more augmentation (data.augment: top_down, data.hue, data.scale_jitter), "
-           "more training images without objects, a moving average of the weights (train.ema_decay)",
+    "more training images without objects, a moving average of the weights (train.ema_decay)",
     "cls": "the right place, the wrong class: more training images of the confused classes, longer training",
     "dupe": "several boxes on one object: a lower NMS threshold (model.nms_thresh)",
     "both": "the wrong class and a badly fitted box: the levers of loc and of cls",
@@ -214,8 +276,9 @@ def what_to_try(errors: ErrorAnalysis) -> list[tuple[str, float, str]]:
 
 
 def _advice(errors: ErrorAnalysis) -> str:
-    items = "".join(f"<li><b>{k}</b> (costs {cost:.3f} AP50): {html.escape(text)}</li>"
-                    for k, cost, text in what_to_try(errors))  # fmt: skip
+    items = "".join(
+        f"<li><b>{k}</b> (costs {cost:.3f} AP50): {html.escape(text)}</li>" for k, cost, text in what_to_try(errors)
+    )
     if not items:
         return f'<p id="what-to-try">No error type costs {COSTLY:.2f} AP50 or more.</p>'
     return f'<h3>What to try</h3><ul id="what-to-try">{items}</ul>'
@@ -233,161 +296,56 @@ def _tables(class_names: Sequence[str], errors: ErrorAnalysis, metrics: CocoMetr
         b = best.get(c, {})
         dap = errors.per_class.get(c, {}).get("dap", {})
         worst = max(dap, key=dap.get) if dap and max(dap.values()) > 0 else "-"
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{_number(ap)}</td><td>{_number(errors.per_class.get(c, {}).get('ap50'))}</td>"
-                    f"<td>{_number(b.get('threshold'))}</td><td>{_number(b.get('f1'))}</td>"
-                    f'<td class="pr" data-class="{c}">-</td><td>{worst}</td></tr>')  # fmt: skip
-    parts.append("<h2>Per class</h2><table id=\"classes\"><tr><th>class</th><th>AP</th><th>AP50 (TIDE)</th>"
-                 "<th>best-F1 threshold</th><th>best F1</th><th>P / R / F1 at the threshold</th>"
-                 f"<th>costliest error</th></tr>{''.join(rows)}</table>")  # fmt: skip
-    size_rows = "".join(f"<tr><td>{s}</td><td>{_number(v['ap50'])}</td>"
-                        + "".join(f"<td>{_number(v['dap'][k])}</td>" for k in ERROR_TYPES) + "</tr>"
-                        for s, v in errors.per_size.items())  # fmt: skip
-    parts.append("<h2>By object size</h2><table><tr><th>size</th><th>AP50</th>"
-                 + "".join(f"<th>dAP {k}</th>" for k in ERROR_TYPES) + f"</tr>{size_rows}</table>")  # fmt: skip
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{_number(ap)}</td>"
+            f"<td>{_number(errors.per_class.get(c, {}).get('ap50'))}</td>"
+            f"<td>{_number(b.get('threshold'))}</td><td>{_number(b.get('f1'))}</td>"
+            f'<td class="pr" data-class="{c}">-</td><td>{worst}</td></tr>'
+        )
+    parts.append(
+        '<h2>Per class</h2><table id="classes"><tr><th>class</th><th>AP</th><th>AP50 (TIDE)</th>'
+        "<th>best-F1 threshold</th><th>best F1</th><th>P / R / F1 at the threshold</th>"
+        f"<th>costliest error</th></tr>{''.join(rows)}</table>"
+    )
+    size_rows = "".join(
+        f"<tr><td>{s}</td><td>{_number(v['ap50'])}</td>"
+        + "".join(f"<td>{_number(v['dap'][k])}</td>" for k in ERROR_TYPES)
+        + "</tr>"
+        for s, v in errors.per_size.items()
+    )
+    parts.append(
+        "<h2>By object size</h2><table><tr><th>size</th><th>AP50</th>"
+        + "".join(f"<th>dAP {k}</th>" for k in ERROR_TYPES)
+        + f"</tr>{size_rows}</table>"
+    )
     return "".join(parts)
 
 
-def _page(data: dict, class_names: Sequence[str], errors: ErrorAnalysis, metrics: CocoMetrics | None, best: dict,
-          pr_curves: Path | None) -> str:  # fmt: skip
+def _page(
+    data: dict,
+    class_names: Sequence[str],
+    errors: ErrorAnalysis,
+    metrics: CocoMetrics | None,
+    best: dict,
+    pr_curves: Path | None,
+) -> str:
     curves = ""
     if pr_curves is not None and Path(pr_curves).exists():
         encoded = base64.b64encode(Path(pr_curves).read_bytes()).decode()
         curves = f'<h2>Precision-recall curves</h2><img id="pr" alt="PR curves" src="data:image/png;base64,{encoded}">'
-    legend = "".join(f'<span class="key"><i style="background:{c}"></i>{k}: {MEANING[k]}</span>'
-                     for k, c in COLOURS.items())  # fmt: skip
+    legend = "".join(
+        f'<span class="key"><i style="background:{c}"></i>{k}: {MEANING[k]}</span>' for k, c in COLOURS.items()
+    )
     dap = " ".join(f"{k} {_number(errors.dap[k]['avg'])}" for k in ERROR_TYPES)
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    return _TEMPLATE.format(
-        ap50=_number(errors.ap["50"]), apavg=_number(errors.ap["avg"]), chart=_error_chart(errors) + _advice(errors),
+    return TEMPLATE.format(
+        ap50=_number(errors.ap["50"]),
+        apavg=_number(errors.ap["avg"]),
+        chart=_error_chart(errors) + _advice(errors),
         dap_avg=dap,
-        tables=_tables(class_names, errors, metrics, best), curves=curves, legend=legend, data=payload, script=_SCRIPT,
-    )  # fmt: skip
-
-
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Detection report</title>
-<style>
-body {{ font-family: sans-serif; margin: 20px; color: #222; }}
-table {{ border-collapse: collapse; margin: 8px 0 18px; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
-.key {{ margin-right: 14px; white-space: nowrap; font-size: 13px; }} .key i {{ display: inline-block; width: 12px;
-height: 12px; margin-right: 4px; vertical-align: middle; }}
-#gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }} .card {{ border: 1px solid #ddd; padding: 4px; }}
-.card svg {{ display: block; max-width: 480px; height: auto; }} .card p {{ margin: 2px 0; font-size: 12px; }}
-#controls {{ position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid #ddd; z-index: 1; }}
-.card svg {{ cursor: zoom-in; }} #zoom {{ position: fixed; inset: 0; background: rgba(20, 20, 20, 0.92); overflow: auto;
-display: none; z-index: 2; padding-top: 44px; }} #zoom.open {{ display: block; }} #zoom svg {{ max-width: none; }}
-#zoom-bar {{ position: fixed; top: 6px; left: 12px; z-index: 3; color: #fff; }}
-</style></head><body>
-<h1>Detection report</h1>
-<p>Every AP in this report is a fraction from 0 to 1 ("-": not defined). AP at IoU 0.5 (TIDE's): {ap50};
-averaged over IoU 0.5:0.95: {apavg}.</p>
-<h2>Errors: the AP each type costs (TIDE, IoU 0.5), with its count</h2>
-{chart}
-<p>Averaged over IoU 0.5:0.95, dAP: {dap_avg}.</p>
-{tables}
-{curves}
-<div id="controls"><label>score threshold <input id="threshold" type="range" min="0" max="1" step="0.01"
-value="0.3"></label> <b id="threshold-value">0.30</b> &nbsp; <span id="counts"></span>
-&nbsp; <button id="prev">previous</button> <span id="page"></span> <button id="next">next</button></div>
-<p>{legend}</p>
-<div id="gallery"></div>
-<div id="zoom"><div id="zoom-bar"><button id="zoom-in">+</button> <button id="zoom-out">-</button>
-<button id="zoom-close">close</button> <span id="zoom-name"></span> (keys: + - Esc; scroll to move)</div>
-<div id="zoom-view"></div></div>
-<script id="data" type="application/json">{data}</script>
-<script>{script}</script>
-</body></html>
-"""
-
-_SCRIPT = r"""
-const D = JSON.parse(document.getElementById('data').textContent);
-const PAGE = 24;
-let page = 0;
-function threshold() { return parseFloat(document.getElementById('threshold').value); }
-function prf(t, cls) {
-  let tp = 0, fp = 0, gt = 0;
-  for (let i = 0; i < D.scores.length; i++) {
-    if (cls !== undefined && D.labels[i] !== cls) continue;
-    if (D.scores[i] >= t) { if (D.tp[i]) tp++; else fp++; }
-  }
-  if (cls === undefined) gt = D.num_gt.reduce((a, b) => a + b, 0); else gt = D.num_gt[cls];
-  const p = tp + fp ? tp / (tp + fp) : 0, r = gt ? tp / gt : 0, f = p + r ? 2 * p * r / (p + r) : 0;
-  return {tp, fp, fn: gt - tp, p, r, f};
-}
-function svgBox(b, colour, dashed, title) {
-  const r = document.createElementNS('http://www.w3.org/2000/svg', 'rect');
-  r.setAttribute('x', b[0]); r.setAttribute('y', b[1]);
-  r.setAttribute('width', Math.max(b[2] - b[0], 1)); r.setAttribute('height', Math.max(b[3] - b[1], 1));
-  r.setAttribute('fill', 'none'); r.setAttribute('stroke', colour); r.setAttribute('stroke-width', 2);
-  r.setAttribute('vector-effect', 'non-scaling-stroke');  // lines stay thin when zoomed
-  if (dashed) r.setAttribute('stroke-dasharray', '4 3');
-  const t = document.createElementNS('http://www.w3.org/2000/svg', 'title'); t.textContent = title; r.appendChild(t);
-  return r;
-}
-function card(c, t) {
-  const div = document.createElement('div'); div.className = 'card';
-  const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
-  svg.setAttribute('viewBox', `0 0 ${c.w} ${c.h}`); svg.setAttribute('width', c.w); svg.setAttribute('height', c.h);
-  const img = document.createElementNS('http://www.w3.org/2000/svg', 'image');
-  img.setAttribute('href', c.file); img.setAttribute('width', c.w); img.setAttribute('height', c.h);
-  svg.appendChild(img);
-  let errors = 0;
-  for (const g of c.gts) {
-    const missed = g[5] !== 'matched' || g[6] < t;
-    if (missed) { errors++; svg.appendChild(svgBox(g, D.colours.missed, true, `missed: ${D.classes[g[4]]}`)); }
-  }
-  for (const d of c.dets) {
-    if (d[4] < t) continue;
-    if (d[6] !== 'tp') errors++;
-    svg.appendChild(svgBox(d, D.colours[d[6]], false, `${d[6]}: ${D.classes[d[5]]} ${d[4]}`));
-  }
-  svg.addEventListener('click', () => openZoom(c));
-  div.appendChild(svg);
-  const p = document.createElement('p'); p.textContent = `${c.name}: ${errors} errors at this threshold`;
-  div.appendChild(p);
-  return div;
-}
-function render() {
-  const t = threshold();
-  document.getElementById('threshold-value').textContent = t.toFixed(2);
-  const all = prf(t);
-  document.getElementById('counts').textContent =
-    `TP ${all.tp}, FP ${all.fp}, FN ${all.fn}; precision ${all.p.toFixed(3)}, recall ${all.r.toFixed(3)}, F1 ${all.f.toFixed(3)}`;
-  for (const cell of document.querySelectorAll('td.pr')) {
-    const m = prf(t, parseInt(cell.dataset.class));
-    cell.textContent = `${m.p.toFixed(3)} / ${m.r.toFixed(3)} / ${m.f.toFixed(3)}`;
-  }
-  const pages = Math.max(1, Math.ceil(D.gallery.length / PAGE));
-  page = Math.min(Math.max(page, 0), pages - 1);
-  document.getElementById('page').textContent = `page ${page + 1} of ${pages} (${D.gallery.length} images, most errors first)`;
-  const gallery = document.getElementById('gallery');
-  gallery.replaceChildren(...D.gallery.slice(page * PAGE, (page + 1) * PAGE).map(c => card(c, t)));
-}
-// an image of the gallery at full size and larger (a dense scene's small objects), over the page
-let zoomed = null, scale = 1;
-function openZoom(c) {
-  zoomed = c; scale = Math.max(1, Math.min(8, Math.floor(1600 / Math.max(c.w, c.h))));
-  drawZoom(); document.getElementById('zoom').classList.add('open');
-}
-function drawZoom() {
-  if (!zoomed) return;
-  const svg = card(zoomed, threshold()).querySelector('svg');
-  svg.setAttribute('width', zoomed.w * scale); svg.setAttribute('height', zoomed.h * scale);
-  svg.style.cursor = 'default';
-  document.getElementById('zoom-view').replaceChildren(svg);
-  document.getElementById('zoom-name').textContent = `${zoomed.name} at ${Math.round(scale * 100)}%`;
-}
-function closeZoom() { zoomed = null; document.getElementById('zoom').classList.remove('open'); }
-function zoomBy(f) { scale = Math.max(0.25, Math.min(16, scale * f)); drawZoom(); }
-document.getElementById('zoom-in').addEventListener('click', () => zoomBy(2));
-document.getElementById('zoom-out').addEventListener('click', () => zoomBy(0.5));
-document.getElementById('zoom-close').addEventListener('click', closeZoom);
-document.addEventListener('keydown', e => {
-  if (!zoomed) return;
-  if (e.key === 'Escape') closeZoom(); else if (e.key === '+' || e.key === '=') zoomBy(2); else if (e.key === '-') zoomBy(0.5);
-});
-document.getElementById('threshold').addEventListener('input', () => { render(); drawZoom(); });
-document.getElementById('prev').addEventListener('click', () => { page--; render(); });
-document.getElementById('next').addEventListener('click', () => { page++; render(); });
-render();
-"""
+        tables=_tables(class_names, errors, metrics, best),
+        curves=curves,
+        legend=legend,
+        data=payload,
+        script=SCRIPT,
+    )

@@ -16,9 +16,9 @@ from retinanet.data import FIRST_VAL as FIRST
 from retinanet.data import DetectionDataset
 from retinanet.evaluation.coco import max_dets_for
 from retinanet.evaluation.dataset import evaluate_model
-from retinanet.model import RetinaNet
 from retinanet.evaluation.errors import ERROR_TYPES, analyze_errors
 from retinanet.evaluation.report import report_dataset
+from retinanet.model import RetinaNet
 
 __all__ = ["FIRST", "metric_name", "selection_score", "validate", "validation_lines"]
 
@@ -28,8 +28,14 @@ def metric_name(set_name: str, metric: str) -> str:
     return metric if set_name == FIRST else f"{set_name}/{metric}"
 
 
-def validate(model: RetinaNet, sets: Mapping[str, DetectionDataset], output: Path | None = None, amp: str = "none",
-             report: bool = False, tta: str | None = None) -> dict[str, Any]:  # fmt: skip
+def validate(
+    model: RetinaNet,
+    sets: Mapping[str, DetectionDataset],
+    output: Path | None = None,
+    amp: str = "none",
+    report: bool = False,
+    tta: str | None = None,
+) -> dict[str, Any]:
     """Metrics of `model` on every set (the first named FIRST): the COCO numbers (AP, AP50, AP75, ..., AR100 and
     per_class_ap) and per error type its dAP50 ("dAP50_loc", ...), under `metric_name`. With `output`: each set's
     evaluation files (detections, metrics.json, PR curves) in output (the first) or output/<name>, and with `report`
@@ -44,13 +50,21 @@ def validate(model: RetinaNet, sets: Mapping[str, DetectionDataset], output: Pat
         values = coco.to_dict() | {f"dAP50_{k}": errors.dap[k]["50"] for k in ERROR_TYPES}  # the 12 COCO numbers too
         metrics |= {metric_name(name, k): v for k, v in values.items()}
         if report and folder is not None:
-            report_dataset(folder / "report", dataset, kept["ground_truth"], kept["detections"], coco,
-                           folder / "pr_curves.png", errors=errors)  # fmt: skip
+            report_dataset(
+                folder / "report",
+                dataset,
+                kept["ground_truth"],
+                kept["detections"],
+                coco,
+                folder / "pr_curves.png",
+                errors=errors,
+            )
     return metrics
 
 
-def selection_score(metrics: Mapping[str, Any], names: list[str], metric: str,
-                    weights: Mapping[str, float] | None = None) -> float:  # fmt: skip
+def selection_score(
+    metrics: Mapping[str, Any], names: list[str], metric: str, weights: Mapping[str, float] | None = None
+) -> float:
     """The weighted mean of `metric` over the validation sets `names` (weights: set name -> weight, missing ones 0;
     None: equal). NaN (a set without the metric) counts as 0."""
     weights = dict(weights) if weights is not None else {n: 1.0 for n in names}
@@ -68,6 +82,8 @@ def validation_lines(metrics: Mapping[str, Any], names: list[str], iteration: in
     for name in names:
         get = lambda k: metrics.get(metric_name(name, k), float("nan"))  # noqa: E731
         costs = sorted(((v, k) for k in ERROR_TYPES if (v := get(f"dAP50_{k}")) == v), reverse=True)[:3]
-        lines.append(f"eval at iteration {iteration}, {name}: AP {get('AP'):.3f}, AP50 {get('AP50'):.3f}, AP75 "
-                     f"{get('AP75'):.3f}; AP50 lost to " + ", ".join(f"{k} {v:.3f}" for v, k in costs))  # fmt: skip
+        lines.append(
+            f"eval at iteration {iteration}, {name}: AP {get('AP'):.3f}, AP50 {get('AP50'):.3f}, AP75 "
+            f"{get('AP75'):.3f}; AP50 lost to " + ", ".join(f"{k} {v:.3f}" for v, k in costs)
+        )
     return lines

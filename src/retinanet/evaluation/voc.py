@@ -24,8 +24,10 @@ def average_precision(recall: Tensor, precision: Tensor, use_07_metric: bool = F
     """
     recall, precision = recall.to(torch.float64), precision.to(torch.float64)
     if use_07_metric:
-        points = [precision[recall >= t].max() if (recall >= t).any() else precision.new_zeros(())
-                  for t in torch.linspace(0, 1, 11, dtype=torch.float64)]
+        points = [
+            precision[recall >= t].max() if (recall >= t).any() else precision.new_zeros(())
+            for t in torch.linspace(0, 1, 11, dtype=torch.float64)
+        ]
         return float(torch.stack(points).mean())
     mrec = torch.cat([recall.new_zeros(1), recall, recall.new_ones(1)])
     mpre = torch.cat([precision.new_zeros(1), precision, precision.new_zeros(1)])
@@ -33,8 +35,9 @@ def average_precision(recall: Tensor, precision: Tensor, use_07_metric: bool = F
     return float(((mrec[1:] - mrec[:-1]) * envelope[1:]).sum())
 
 
-def _voc_class_hits(gts: list[dict[str, Any]], dets: list[dict[str, Any]], label: int,
-                    iou_threshold: float) -> tuple[Tensor, Tensor, int]:
+def _voc_class_hits(
+    gts: list[dict[str, Any]], dets: list[dict[str, Any]], label: int, iou_threshold: float
+) -> tuple[Tensor, Tensor, int]:
     """One class: (scores [D], hit [D] int8 with 1 TP / 0 FP / -1 ignored, number of non-difficult gts)."""
     gt_by_image = {gt["image_id"]: gt for gt in gts}
     scores, hits, num_gt = [], [], 0
@@ -45,15 +48,17 @@ def _voc_class_hits(gts: list[dict[str, Any]], dets: list[dict[str, Any]], label
         gt = gt_by_image[det["image_id"]]
         in_class = gt["labels"] == label
         scores.append(det["scores"][keep])
-        hits.append(_voc_image_hits(det["boxes"][keep], det["scores"][keep], gt["boxes"][in_class],
-                                    gt["iscrowd"][in_class], iou_threshold))
+        hits.append(
+            _voc_image_hits(
+                det["boxes"][keep], det["scores"][keep], gt["boxes"][in_class], gt["iscrowd"][in_class], iou_threshold
+            )
+        )
     if not scores:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.int8), num_gt
     return torch.cat(scores), torch.cat(hits), num_gt
 
 
-def _voc_image_hits(boxes: Tensor, scores: Tensor, gt_boxes: Tensor, difficult: Tensor,
-                    iou_threshold: float) -> Tensor:
+def _voc_image_hits(boxes: Tensor, scores: Tensor, gt_boxes: Tensor, difficult: Tensor, iou_threshold: float) -> Tensor:
     """One image and class, detections in their given order: hit [M] int8, 1 TP / 0 FP / -1 on a difficult gt.
 
     As in the VOC devkit, each detection (by descending score) goes to the gt it overlaps most; a second
@@ -76,8 +81,13 @@ def _voc_image_hits(boxes: Tensor, scores: Tensor, gt_boxes: Tensor, difficult: 
     return hits
 
 
-def evaluate_voc(gts: Sequence[Target], detections: Sequence[Target], num_classes: int,
-                 iou_threshold: float = 0.5, use_07_metric: bool = False) -> dict[str, Any]:
+def evaluate_voc(
+    gts: Sequence[Target],
+    detections: Sequence[Target],
+    num_classes: int,
+    iou_threshold: float = 0.5,
+    use_07_metric: bool = False,
+) -> dict[str, Any]:
     """Pascal VOC mAP at `iou_threshold`: {"mAP": float, "per_class": {label: AP}}.
 
     gts: per-image dicts, boxes [N, 4] float XYXY, labels [N] int64 in 0..num_classes-1, iscrowd [N] bool marks
@@ -89,14 +99,17 @@ def evaluate_voc(gts: Sequence[Target], detections: Sequence[Target], num_classe
     checked_gts = [checked_ground_truth(gt, i, num_classes) for i, gt in enumerate(gts)]
     checked_dets = [checked_detection(det, i, num_classes) for i, det in enumerate(detections)]
     check_image_ids([gt["image_id"] for gt in checked_gts], [det["image_id"] for det in checked_dets])
-    per_class = {label: _voc_class_ap(checked_gts, checked_dets, label, iou_threshold, use_07_metric)
-                 for label in range(num_classes)}
+    per_class = {
+        label: _voc_class_ap(checked_gts, checked_dets, label, iou_threshold, use_07_metric)
+        for label in range(num_classes)
+    }
     defined = [ap for ap in per_class.values() if not math.isnan(ap)]
     return {"mAP": sum(defined) / len(defined) if defined else math.nan, "per_class": per_class}
 
 
-def _voc_class_ap(gts: list[dict[str, Any]], dets: list[dict[str, Any]], label: int, iou_threshold: float,
-                  use_07_metric: bool) -> float:
+def _voc_class_ap(
+    gts: list[dict[str, Any]], dets: list[dict[str, Any]], label: int, iou_threshold: float, use_07_metric: bool
+) -> float:
     scores, hits, num_gt = _voc_class_hits(gts, dets, label, iou_threshold)
     if num_gt == 0:
         return math.nan

@@ -2,7 +2,7 @@
 inference for large images and rasters, batch inference over files, folders, globs and list files, detections drawn;
 test-time augmentation for any of them."""
 
-from retinanet.inference.files import InferenceResult, draw_mode, image_files, run_inference, write_csv, write_yolo_txt
+from retinanet.inference.files import InferenceResult, draw_mode, image_files, run_inference
 from retinanet.inference.predictor import (
     Prediction,
     Predictor,
@@ -14,6 +14,7 @@ from retinanet.inference.predictor import (
 )
 from retinanet.inference.tiling import detect_tiled, merge_tiles, tile_windows
 from retinanet.inference.tta import TTA_CHOICES, check_tta, predict_views
+from retinanet.inference.writers import write_csv, write_yolo_txt
 
 __all__ = [
     "TTA_CHOICES",

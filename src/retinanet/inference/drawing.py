@@ -10,11 +10,35 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
-__all__ = ["DRAW_MODES", "draw_detections", "label_font", "label_style", "labels_readable",
-           "save_detections_image", "upscale_small", "with_labels"]  # fmt: skip
+__all__ = [
+    "DRAW_MODES",
+    "draw_detections",
+    "label_font",
+    "label_style",
+    "labels_readable",
+    "save_detections_image",
+    "upscale_small",
+    "with_labels",
+]
 
-_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
-            "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]  # fmt: skip
+_PALETTE = [
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#bfef45",
+    "#fabed4",
+    "#469990",
+    "#dcbeff",
+    "#9a6324",
+    "#800000",
+    "#aaffc3",
+    "#808000",
+    "#000075",
+]
 
 
 DRAW_MODES = ("auto", "labels", "boxes")  # and "none" where a command draws nothing
@@ -24,8 +48,9 @@ READABLE_LABELS = 60
 LABEL_COVER = 0.25
 
 
-def draw_detections(image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, class_names: Sequence[str],
-                    mode: str = "auto") -> Tensor:  # fmt: skip
+def draw_detections(
+    image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, class_names: Sequence[str], mode: str = "auto"
+) -> Tensor:
     """image: float [3, H, W] in [0, 1]; boxes [N, 4] XYXY pixels; scores [N]; labels [N] -> uint8 [3, H, W].
     mode: "labels" (each box with its class and score), "boxes" (boxes alone, coloured by class), or "auto" (labels
     while they stay readable, `labels_readable`, else boxes alone)."""
@@ -41,8 +66,17 @@ def draw_detections(image: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor
     width = max(1, min(width, round(side / 10)))  # lines thin enough not to hide small objects
     if not with_labels(mode, boxes, text, tuple(img.shape[-2:])):
         return draw_bounding_boxes(img, boxes, colors=colors, width=width)
-    return draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=width, font=label_font(), font_size=size,
-                               label_colors="white", fill_labels=True)
+    return draw_bounding_boxes(
+        img,
+        boxes,
+        labels=text,
+        colors=colors,
+        width=width,
+        font=label_font(),
+        font_size=size,
+        label_colors="white",
+        fill_labels=True,
+    )
 
 
 def with_labels(mode: str, boxes: Tensor, text: Sequence[str], image_hw: tuple[int, int]) -> bool:
@@ -89,8 +123,9 @@ def upscale_small(image: Tensor, boxes: Tensor, min_side: int = 384) -> tuple[Te
     return image.repeat_interleave(factor, -2).repeat_interleave(factor, -1), boxes * factor
 
 
-def save_detections_image(path: str | Path, image: Tensor, boxes, scores, labels, class_names,
-                          mode: str = "auto") -> Path:  # fmt: skip
+def save_detections_image(
+    path: str | Path, image: Tensor, boxes, scores, labels, class_names, mode: str = "auto"
+) -> Path:
     """The image with its detections drawn (draw_detections, in `mode`) as a PNG at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,27 +29,23 @@ output but detections.json and skipped.json, which name it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from retinanet.data.base import notice
-from retinanet.data.coco_format import coco_results
+from retinanet.inference.drawing import DRAW_MODES, save_detections_image
 from retinanet.inference.predictor import Prediction, Predictor, read_image
 from retinanet.inference.rasters import Raster, image_pixels, is_large, open_raster, write_geojson
-from retinanet.runtime.outputs import JsonList, atomic_stream, atomic_write
-from retinanet.inference.drawing import DRAW_MODES, save_detections_image
+from retinanet.inference.writers import DetectionWriter
 
-__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "csv_rows", "draw_mode", "image_files", "run_inference", "size_hints",
-           "write_csv", "write_yolo_txt"]
+__all__ = ["IMAGE_SUFFIXES", "InferenceResult", "draw_mode", "image_files", "run_inference", "size_hints"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -199,16 +195,17 @@ def run_inference(
     draw = mode is not None
     tiled = predictor.tile is not None
     dataset = _ImageFiles(files, None if tiled else predictor.prepare_fn, keep_image=draw or tiled)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list,
-                        persistent_workers=False)  # fmt: skip
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list, persistent_workers=False)
     names = _drawing_names(files)
     result = InferenceResult(out, [])
     sizes: list[dict[str, Any]] = []  # per image: file, width, height and its number of detections, for the hints
     rasters: dict[str, Raster] = {}
     raster_records: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as streams, tqdm(total=len(files), unit="image", desc="detect",
-                                                 disable=not progress) as bar:  # fmt: skip
-        outputs = _Outputs(streams, out, predictor.categories, csv_file, yolo_txt)
+    with (
+        contextlib.ExitStack() as streams,
+        tqdm(total=len(files), unit="image", desc="detect", disable=not progress) as bar,
+    ):
+        outputs = DetectionWriter(streams, out, predictor.categories, csv_file, yolo_txt)
         for batch in loader:
             good = [s for s in batch if s.error is None and not s.large]
             found_in = dict(zip((s.index for s in good), _predict(predictor, good, tiled)))
@@ -238,66 +235,28 @@ def run_inference(
                 if s.large:
                     raster_records.append(record)
                 if drawn:
-                    result.written.append(save_detections_image(out / names[s.index], s.image.float() / 255,
-                                                                found.boxes, found.scores, found.labels,
-                                                                predictor.class_names, mode))  # fmt: skip
+                    result.written.append(
+                        save_detections_image(
+                            out / names[s.index],
+                            s.image.float() / 255,
+                            found.boxes,
+                            found.scores,
+                            found.labels,
+                            predictor.class_names,
+                            mode,
+                        )
+                    )
             bar.update(len(batch))
         result.written += outputs.finish(result.skipped)
     if draw and rasters:
-        notice(f"{len(rasters)} image(s) past Pillow's limit were detected but not drawn (e.g. "
-               f"{Path(next(iter(rasters))).name})")
+        notice(
+            f"{len(rasters)} image(s) past Pillow's limit were detected but not drawn (e.g. "
+            f"{Path(next(iter(rasters))).name})"
+        )
     for line in size_hints(predictor, sizes):
         notice(line)
     result.written += [p for p in [write_geojson(out / "detections.geojson", raster_records, rasters)] if p is not None]
     return result
-
-
-class _Outputs:
-    """The files of a detection, each written as the images come (retinanet.runtime.outputs.atomic_stream: under a
-    temporary name until the run's end); labels/NAME.txt are written whole, one per image."""
-
-    def __init__(self, streams: contextlib.ExitStack, out: Path, categories: list[dict[str, Any]], csv_file: bool,
-                 yolo_txt: bool):  # fmt: skip
-        self.out, self.categories = out, categories
-        self.detections = JsonList(streams.enter_context(atomic_stream(out / "detections.json")), indent=1)
-        self.results = JsonList(streams.enter_context(atomic_stream(out / "results.json")))
-        self.csv = csv.writer(_Text(streams.enter_context(atomic_stream(out / "detections.csv")))) if csv_file else None
-        self.yolo = _YoloTxt(out / "labels") if yolo_txt else None
-
-    def add(self, record: dict[str, Any], found: Prediction) -> None:
-        self.detections.add(record)
-        one = {"image_id": record["image_id"], "boxes": found.boxes, "scores": found.scores, "labels": found.labels}
-        for row in coco_results([one], self.categories):
-            self.results.add(row)
-        if self.csv is not None:
-            self.csv.writerows(csv_rows(record))
-        if self.yolo is not None:
-            self.yolo.add(record)
-
-    def finish(self, skipped: list[tuple[str, str]]) -> list[Path]:
-        """Close the lists (detections.json ends with the files left out); the files the run writes. They take
-        their names when the caller's ExitStack closes."""
-        for file, reason in skipped:
-            self.detections.add({"file": file, "skipped": reason, "detections": []})
-        self.detections.close()
-        self.results.close()
-        written = [self.out / "detections.json", self.out / "results.json"]
-        if skipped:
-            written.append(atomic_write(self.out / "skipped.json", json.dumps([{"file": f, "reason": r}
-                                                                               for f, r in skipped], indent=1)))
-        if self.csv is not None:
-            written.append(self.out / "detections.csv")
-        return written + (self.yolo.written if self.yolo is not None else [])
-
-
-class _Text:
-    """A binary file as the text file csv.writer wants (UTF-8, no newline translation)."""
-
-    def __init__(self, file: IO[bytes]):
-        self.file = file
-
-    def write(self, text: str) -> int:
-        return self.file.write(text.encode("utf-8"))
 
 
 SHRINK_HINT = 1.5  # an image (or tile) shrunk by more than this to the model's size gets a line naming --tile
@@ -315,10 +274,10 @@ def _count(record: dict[str, Any]) -> int:
 
 
 def size_hints(predictor: Predictor, records: list[dict[str, Any]], shrunk: float = SHRINK_HINT) -> list[str]:
-    """One-line hints (records: file, width, height, and detections: the image's, or their number) for results that the model's size limited: images, or tiles, shrunk by more than `shrunk`
-    times to the model's size (small objects vanish when shrunk), with the --tile that keeps them at the model's
-    scale; images, or tiles, whose detections reached the model's cap. Tiles are named only where they would
-    help (an image shrunk to the model's size)."""
+    """One-line hints (records: file, width, height, and detections: the image's, or their number) for results that the
+    model's size limited: images, or tiles, shrunk by more than `shrunk` times to the model's size (small objects vanish
+    when shrunk), with the --tile that keeps them at the model's scale; images, or tiles, whose detections reached the
+    model's cap. Tiles are named only where they would help (an image shrunk to the model's size)."""
     cfg, lines = predictor.config, []
     cap = cfg.detections_per_image
     if predictor.tile is None:
@@ -326,26 +285,34 @@ def size_hints(predictor: Predictor, records: list[dict[str, Any]], shrunk: floa
         if large:
             r = large[0]
             factor = shrink_factor(r["height"], r["width"], cfg.min_size, cfg.max_size)
-            lines.append(f"hint: {len(large)} image(s) larger than the model's {cfg.min_size}-{cfg.max_size} px were "
-                         f"shrunk to it (e.g. {Path(r['file']).name}, {r['width']}x{r['height']}, {factor:.1f}x), "
-                         "and small objects vanish when shrunk: detect them in tiles with "
-                         f"--tile {cfg.min_size}")  # fmt: skip
+            lines.append(
+                f"hint: {len(large)} image(s) larger than the model's {cfg.min_size}-{cfg.max_size} px were "
+                f"shrunk to it (e.g. {Path(r['file']).name}, {r['width']}x{r['height']}, {factor:.1f}x), "
+                "and small objects vanish when shrunk: detect them in tiles with "
+                f"--tile {cfg.min_size}"
+            )
         capped = [r for r in records if _count(r) >= cap]
         if capped:
             tiles = any(shrink_factor(r["height"], r["width"], cfg.min_size, cfg.max_size) > 1 for r in capped)
             tiles_or = f"detect in tiles (--tile {cfg.min_size}) or " if tiles else ""
-            lines.append(f"warning: {len(capped)} image(s) reached the model's cap of {cap} detections (e.g. "
-                         f"{Path(capped[0]['file']).name}): more objects may be there; {tiles_or}raise the cap "
-                         "with --max-detections")  # fmt: skip
+            lines.append(
+                f"warning: {len(capped)} image(s) reached the model's cap of {cap} detections (e.g. "
+                f"{Path(capped[0]['file']).name}): more objects may be there; {tiles_or}raise the cap "
+                "with --max-detections"
+            )
         return lines
     factor = shrink_factor(predictor.tile, predictor.tile, cfg.min_size, cfg.max_size)
     if factor > shrunk:
-        lines.append(f"hint: tiles of {predictor.tile} px were shrunk {factor:.1f}x to the model's {cfg.min_size}-"
-                     f"{cfg.max_size} px, and small objects vanish when shrunk: --tile {cfg.min_size} keeps them at "
-                     "the model's scale")  # fmt: skip
+        lines.append(
+            f"hint: tiles of {predictor.tile} px were shrunk {factor:.1f}x to the model's {cfg.min_size}-"
+            f"{cfg.max_size} px, and small objects vanish when shrunk: --tile {cfg.min_size} keeps them at "
+            "the model's scale"
+        )
     if predictor.capped_tiles:
-        lines.append(f"warning: {predictor.capped_tiles} tile(s) reached the model's cap of {cap} detections per "
-                     "tile: more objects may be there; raise the cap with --max-detections, or use smaller tiles")
+        lines.append(
+            f"warning: {predictor.capped_tiles} tile(s) reached the model's cap of {cap} detections per "
+            "tile: more objects may be there; raise the cap with --max-detections, or use smaller tiles"
+        )
     return lines
 
 
@@ -361,8 +328,14 @@ def _predict(predictor: Predictor, samples: list[_Sample], tiled: bool) -> list[
 
 def _record(sample: _Sample, found: Prediction, image_id: int, drawing: str | None) -> dict[str, Any]:
     height, width = sample.size_hw
-    return {"file": str(sample.path), "image_id": image_id, "width": width, "height": height,
-            "detections": found.to_dicts(), **({"drawing": drawing} if drawing else {})}  # fmt: skip
+    return {
+        "file": str(sample.path),
+        "image_id": image_id,
+        "width": width,
+        "height": height,
+        "detections": found.to_dicts(),
+        **({"drawing": drawing} if drawing else {}),
+    }
 
 
 def _drawing_names(files: list[Path]) -> list[str]:
@@ -374,59 +347,3 @@ def _drawing_names(files: list[Path]) -> list[str]:
         seen.add(path.stem)
         names.append(name)
     return names
-
-
-def write_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    """keras-retinanet's annotation layout of `records` (as in detections.json): `csv_rows` of each."""
-    path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        for record in records:
-            writer.writerows(csv_rows(record))
-    return path
-
-
-def csv_rows(record: dict[str, Any]) -> list[list[Any]]:
-    """One image's rows in keras-retinanet's layout: `path,x1,y1,x2,y2,class_name` per box, in the whole pixels that
-    contain it (keras-retinanet reads integers); `path,,,,,` for an image with no detections (or only boxes of no
-    width or height, which the layout cannot hold)."""
-    rows = []
-    for d in record["detections"]:
-        x1, y1 = (math.floor(v) for v in d["box"][:2])
-        x2, y2 = (math.ceil(v) for v in d["box"][2:])
-        if x2 > x1 and y2 > y1:
-            rows.append([record["file"], x1, y1, x2, y2, d["name"]])
-    return rows or [[record["file"], "", "", "", "", ""]]
-
-
-def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> list[Path]:
-    """Ultralytics' prediction layout of `records` (as in detections.json) in `folder`: NAME.txt per image (its
-    file's stem; a stem met before gets _2, _3, ...), one detection per line `class cx cy w h score`, the class the
-    0-based label and the box as fractions of the image's size; an empty file for an image with no detections.
-    Returns the files written."""
-    writer = _YoloTxt(Path(folder))
-    for record in records:
-        writer.add(record)
-    return writer.written
-
-
-class _YoloTxt:
-    """write_yolo_txt one image at a time."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.taken, self.written = folder, {}, []
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def add(self, record: dict[str, Any]) -> None:
-        stem = Path(record["file"]).stem
-        self.taken[stem] = self.taken.get(stem, 0) + 1
-        name = stem if self.taken[stem] == 1 else f"{stem}_{self.taken[stem]}"
-        width, height = record["width"], record["height"]
-        lines = []
-        for d in record["detections"]:
-            x1, y1, x2, y2 = d["box"]
-            cx, cy, w, h = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height
-            lines.append(f"{d['label']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {d['score']:.6f}\n")
-        path = self.folder / f"{name}.txt"
-        path.write_text("".join(lines))
-        self.written.append(path)

@@ -10,8 +10,8 @@ on the decoded pixels, as the evaluation dataset does; then predicted `batch_siz
 back to each image's pixels. `retinanet detect` and `retinanet eval` run through the same code (`detect_resized`).
 
 Large images: `load(..., tile=800, overlap=0.2)` detects in overlapping tiles merged across tile borders
-(retinanet.inference.tiling). Other engines (ONNX Runtime, OpenVINO: retinanet.deploy.OnnxPredictor) subclass Predictor and
-replace `detect_prepared` alone, so that they resize, tile and name classes exactly as it does.
+(retinanet.inference.tiling). Other engines (ONNX Runtime, OpenVINO: retinanet.deploy.OnnxPredictor) subclass Predictor
+and replace `detect_prepared` alone, so that they resize, tile and name classes exactly as it does.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision import tv_tensors
 
-from retinanet.runtime import fastpath
-from retinanet.runtime.device import resolve_device, resolve_precision
 from retinanet.config import ModelConfig, size_overrides
 from retinanet.data.base import to_rgb
 from retinanet.data.transforms import eval_transforms
@@ -38,6 +36,8 @@ from retinanet.inference.tta import check_tta, predict_views
 from retinanet.model import RetinaNet, load_model
 from retinanet.ops.postprocess import Detections
 from retinanet.ops.resize import resize_like_torchvision
+from retinanet.runtime import fastpath
+from retinanet.runtime.device import resolve_device, resolve_precision
 
 __all__ = ["Prediction", "Predictor", "load", "detect_resized", "prepare_image", "read_image", "categories_of"]
 
@@ -67,11 +67,17 @@ class Prediction:
     def to_dicts(self, decimals: int = 2) -> list[dict[str, Any]]:
         """[{"box": [x1, y1, x2, y2], "score", "label", "category_id", "name"}] (JSON-ready)."""
         return [
-            {"box": [round(float(v), decimals) for v in b], "score": round(float(s), 4), "label": int(lab),
-             "category_id": cid, "name": name}
-            for b, s, lab, cid, name in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(),
-                                            self.category_ids, self.names)
-        ]  # fmt: skip
+            {
+                "box": [round(float(v), decimals) for v in b],
+                "score": round(float(s), 4),
+                "label": int(lab),
+                "category_id": cid,
+                "name": name,
+            }
+            for b, s, lab, cid, name in zip(
+                self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.category_ids, self.names
+            )
+        ]
 
 
 def categories_of(model: RetinaNet | ModelConfig) -> list[dict[str, Any]]:
@@ -107,11 +113,15 @@ def as_image_tensor(image: Any, index: int = 0) -> tuple[Tensor, str | None]:
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), None
     if torch.is_tensor(image):
         if image.dim() != 3 or image.shape[0] != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
-            raise ValueError(f"image {index}: expected a [3, H, W] uint8 or float tensor in [0, 1], got "
-                             f"{image.dtype} {tuple(image.shape)}")  # fmt: skip
+            raise ValueError(
+                f"image {index}: expected a [3, H, W] uint8 or float tensor in [0, 1], got "
+                f"{image.dtype} {tuple(image.shape)}"
+            )
         return image.detach().cpu(), None
-    raise ValueError(f"image {index}: cannot take a {type(image).__name__}; give a path, a PIL image, an HxWx3 uint8 "
-                     "array or a [3, H, W] tensor")  # fmt: skip
+    raise ValueError(
+        f"image {index}: cannot take a {type(image).__name__}; give a path, a PIL image, an HxWx3 uint8 "
+        "array or a [3, H, W] tensor"
+    )
 
 
 def prepare_image(
@@ -137,9 +147,13 @@ def prepare_image(
 
 @torch.no_grad()
 def detect_resized(
-    model: RetinaNet, images: list[Tensor], scales: Sequence[tuple[float, float]], amp: str = "none",
-    score_thresh: float | None = None, tta: str | None = None,
-) -> list[Detections]:  # fmt: skip
+    model: RetinaNet,
+    images: list[Tensor],
+    scales: Sequence[tuple[float, float]],
+    amp: str = "none",
+    score_thresh: float | None = None,
+    tta: str | None = None,
+) -> list[Detections]:
     """Detections of images already resized by the evaluation transform (float [3, h, w] in [0, 1]), with boxes
     divided by each image's (scale_y, scale_x) back into its original pixels, scores above score_thresh (default:
     the model config's); tta: the views of test-time augmentation to fuse (retinanet.inference.tta), None: one
@@ -189,11 +203,19 @@ class Predictor:
         self.amp = resolve_precision(amp, device, "amp")
         self._tuned = False
         self.model_resizes = not model.config.resize_antialias  # torchvision's weights: its own resize
-        self._setup(model.config, categories, batch_size, score_thresh, tile, overlap)
+        self.configure(model.config, categories, batch_size, score_thresh, tile, overlap)
 
-    def _setup(self, config: ModelConfig, categories: list[dict[str, Any]] | None, batch_size: int,
-               score_thresh: float | None, tile: int | None, overlap: float) -> None:  # fmt: skip
-        """What every engine's predictor holds: the model's config, its classes, the batch and tile settings."""
+    def configure(
+        self,
+        config: ModelConfig,
+        categories: list[dict[str, Any]] | None,
+        batch_size: int,
+        score_thresh: float | None,
+        tile: int | None,
+        overlap: float,
+    ) -> None:
+        """Set what every engine's predictor holds (an engine subclass calls it in place of __init__): the model's
+        config, its classes, the batch and tile settings."""
         if tile is not None:
             tile_windows(tile, tile, tile, overlap)  # checks tile and overlap now, not at the first image
         self.config = config
@@ -225,16 +247,21 @@ class Predictor:
         """Predictions of [3, H, W] uint8 (or float in [0, 1]) tensors, resized as evaluation resizes."""
         thresh = self.score_thresh if score_thresh is None else score_thresh
         if thresh < self.score_thresh:
-            raise ValueError(f"score_thresh {thresh} is below the predictor's own {self.score_thresh}, which it "
-                             f"detects at: make the predictor with score_thresh={thresh}")  # fmt: skip
+            raise ValueError(
+                f"score_thresh {thresh} is below the predictor's own {self.score_thresh}, which it "
+                f"detects at: make the predictor with score_thresh={thresh}"
+            )
         sources = sources or [None] * len(images)
         if self.tile is not None:
-            dets = [detect_tiled(image, self._detect_counting_caps, self.tile, self.overlap, self.batch_size, thresh)
-                    for image in images]  # fmt: skip
+            dets = [
+                detect_tiled(image, self._detect_counting_caps, self.tile, self.overlap, self.batch_size, thresh)
+                for image in images
+            ]
         else:
             dets = self.detect_images(images)
-        return [self.to_prediction(d, tuple(image.shape[-2:]), src, thresh)
-                for d, image, src in zip(dets, images, sources)]  # fmt: skip
+        return [
+            self.to_prediction(d, tuple(image.shape[-2:]), src, thresh) for d, image, src in zip(dets, images, sources)
+        ]
 
     @property
     def prepare_fn(self) -> Callable[[Tensor], tuple[Tensor, tuple[float, float]]]:
@@ -251,8 +278,15 @@ class Predictor:
         thresh = self.score_thresh if score_thresh is None else score_thresh
         if self.tile is None:
             return self.predict_tensors([raster.read_all()], [str(raster.path)], score_thresh)[0]
-        found = detect_windows(raster.read, (raster.height, raster.width), self._detect_counting_caps, self.tile,
-                               self.overlap, self.batch_size, thresh)  # fmt: skip
+        found = detect_windows(
+            raster.read,
+            (raster.height, raster.width),
+            self._detect_counting_caps,
+            self.tile,
+            self.overlap,
+            self.batch_size,
+            thresh,
+        )
         return self.to_prediction(found, (raster.height, raster.width), str(raster.path), thresh)
 
     def _detect_counting_caps(self, tiles: list[Tensor]) -> list[Detections]:
@@ -271,9 +305,10 @@ class Predictor:
         the one step an engine replaces."""
         if self.model_resizes:
             with torch.no_grad():
-                return [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu())
-                        for d in self.model.predict([im.to(self.device) for im in images],
-                                                    score_thresh=self.score_thresh)]  # fmt: skip
+                return [
+                    Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu())
+                    for d in self.model.predict([im.to(self.device) for im in images], score_thresh=self.score_thresh)
+                ]
         if not self._tuned:  # the memory layout faster on this machine, for batches like this one
             fastpath.tune(self.model, [im.to(self.device) for im in images])
             self._tuned = True
@@ -287,11 +322,14 @@ class Predictor:
         keep = d.scores >= (self.score_thresh if thresh is None else thresh)
         labels = d.labels[keep]
         return Prediction(
-            d.boxes[keep], d.scores[keep], labels,
+            d.boxes[keep],
+            d.scores[keep],
+            labels,
             names=[self.categories[int(k)]["name"] for k in labels],
             category_ids=[int(self.categories[int(k)]["id"]) for k in labels],
-            image_size=(int(image_size_hw[0]), int(image_size_hw[1])), source=source,
-        )  # fmt: skip
+            image_size=(int(image_size_hw[0]), int(image_size_hw[1])),
+            source=source,
+        )
 
 
 def load(

@@ -97,12 +97,15 @@ def open_raster(path: str | Path, allow_large: bool = False) -> Raster:
     if not allow_large:
         width, height = image_pixels(path) or (0, 0)
         gb = width * height * 3 / 1e9
-        by_windows = (" or install rasterio (pip install \"retinanet[geo]\") to read it by windows in little memory"
-                      if gdal else "")  # fmt: skip
-        raise ValueError(f"{path}: {width}x{height} px ({width * height / 1e6:.0f} megapixels) is past Pillow's limit "
-                         f"of {(pixel_limit() or 0) / 1e6:.0f} megapixels (a guard against decompression bombs): "
-                         f"allow it with --allow-large-images (decoded whole: about {gb:.1f} GB of memory)"
-                         f"{by_windows}")  # fmt: skip
+        by_windows = (
+            ' or install rasterio (pip install "retinanet[geo]") to read it by windows in little memory' if gdal else ""
+        )
+        raise ValueError(
+            f"{path}: {width}x{height} px ({width * height / 1e6:.0f} megapixels) is past Pillow's limit "
+            f"of {(pixel_limit() or 0) / 1e6:.0f} megapixels (a guard against decompression bombs): "
+            f"allow it with --allow-large-images (decoded whole: about {gb:.1f} GB of memory)"
+            f"{by_windows}"
+        )
     with _no_pixel_limit(), Image.open(path) as im:
         pixels = torch.from_numpy(to_rgb(im).copy()).permute(2, 0, 1)
     return Raster(path, int(pixels.shape[1]), int(pixels.shape[2]), lambda w: pixels[:, w.y0 : w.y1, w.x0 : w.x1])
@@ -138,10 +141,15 @@ def _rasterio_raster(path: Path) -> Raster:
 
     georeferenced = src.crs is not None
     t = src.transform
-    return Raster(path, int(src.height), int(src.width), read,
-                  crs=src.crs.to_string() if georeferenced else None,
-                  transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None,
-                  close=lambda: (src.close(), env.__exit__(None, None, None)))  # fmt: skip
+    return Raster(
+        path,
+        int(src.height),
+        int(src.width),
+        read,
+        crs=src.crs.to_string() if georeferenced else None,
+        transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None,
+        close=lambda: (src.close(), env.__exit__(None, None, None)),
+    )
 
 
 def _range(src: Any, bands: Sequence[int]) -> tuple[float, float]:
@@ -149,8 +157,9 @@ def _range(src: Any, bands: Sequence[int]) -> tuple[float, float]:
     factor = max(1, -(-max(src.width, src.height) // RANGE_SIDE))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        small = src.read(sorted(set(bands)), out_shape=(len(set(bands)), max(1, src.height // factor),
-                                                        max(1, src.width // factor)))  # fmt: skip
+        small = src.read(
+            sorted(set(bands)), out_shape=(len(set(bands)), max(1, src.height // factor), max(1, src.width // factor))
+        )
     finite = small[np.isfinite(small)] if small.dtype.kind == "f" else small
     return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
 
@@ -175,9 +184,19 @@ def write_geojson(path: str | Path, records: list[dict[str, Any]], rasters: dict
             x1, y1, x2, y2 = det["box"]
             corners = [(x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1)]
             ring = [[a * col + b * row + c, d * col + e * row + f] for col, row in corners]
-            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                             "properties": {"file": record["file"], "score": det["score"], "label": det["label"],
-                                            "name": det["name"], "category_id": det["category_id"]}})  # fmt: skip
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "properties": {
+                        "file": record["file"],
+                        "score": det["score"],
+                        "label": det["label"],
+                        "name": det["name"],
+                        "category_id": det["category_id"],
+                    },
+                }
+            )
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if crss:  # RFC 7946 assumes WGS 84; a raster's own CRS is named as GDAL and QGIS read it
         collection["crs"] = {"type": "name", "properties": {"name": crss[0]}}

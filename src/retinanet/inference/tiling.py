@@ -69,8 +69,11 @@ def tile_windows(height: int, width: int, tile: int, overlap: float = 0.2) -> li
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     stride = max(1, round(tile * (1 - overlap)))
-    return [Window(y, x, min(y + tile, height), min(x + tile, width))
-            for y in _starts(height, tile, stride) for x in _starts(width, tile, stride)]  # fmt: skip
+    return [
+        Window(y, x, min(y + tile, height), min(x + tile, width))
+        for y in _starts(height, tile, stride)
+        for x in _starts(width, tile, stride)
+    ]
 
 
 def detect_tiled(
@@ -89,8 +92,17 @@ def detect_tiled(
     up to batch_size tiles at a time. Detections under score_thresh are dropped before merging (see the module
     docstring for match_iou and border_margin). Returns Detections by decreasing score."""
     height, width = image.shape[-2:]
-    return detect_windows(lambda w: image[:, w.y0 : w.y1, w.x0 : w.x1], (int(height), int(width)), detect, tile,
-                          overlap, batch_size, score_thresh, match_iou, border_margin)  # fmt: skip
+    return detect_windows(
+        lambda w: image[:, w.y0 : w.y1, w.x0 : w.x1],
+        (int(height), int(width)),
+        detect,
+        tile,
+        overlap,
+        batch_size,
+        score_thresh,
+        match_iou,
+        border_margin,
+    )
 
 
 def detect_windows(
@@ -156,7 +168,9 @@ def _is_cut(boxes: Tensor, windows_yxyx: Tensor, image_size_hw: tuple[int, int],
     return left | top | right | bottom
 
 
-def _matches(boxes: Tensor, labels: Tensor, tile_of: Tensor, windows: list[Window], match_iou: float) -> list[list[int]]:
+def _matches(
+    boxes: Tensor, labels: Tensor, tile_of: Tensor, windows: list[Window], match_iou: float
+) -> list[list[int]]:
     """Per detection, the detections of other tiles that are the same object: same class and IoU >= match_iou of
     the two boxes clipped to the region both tiles see."""
     neighbours: list[list[int]] = [[] for _ in range(len(labels))]
@@ -183,8 +197,10 @@ def _overlapping_pairs(windows: list[Window]) -> list[tuple[int, int, Window]]:
     y1 = torch.minimum(w[:, None, 2], w[None, :, 2])
     x1 = torch.minimum(w[:, None, 3], w[None, :, 3])
     shared = torch.triu((y1 > y0) & (x1 > x0), diagonal=1)
-    return [(i, j, Window(int(y0[i, j]), int(x0[i, j]), int(y1[i, j]), int(x1[i, j])))
-            for i, j in torch.nonzero(shared).tolist()]  # fmt: skip
+    return [
+        (i, j, Window(int(y0[i, j]), int(x0[i, j]), int(y1[i, j]), int(x1[i, j])))
+        for i, j in torch.nonzero(shared).tolist()
+    ]
 
 
 def _clip(boxes: Tensor, region: Window) -> Tensor:

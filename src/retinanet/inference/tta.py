@@ -28,12 +28,15 @@ def check_tta(tta: str | None) -> str | None:
 
 
 @torch.no_grad()
-def predict_views(model: RetinaNet, images: list[Tensor], tta: str, score_thresh: float | None = None) -> list[Detections]:
+def predict_views(
+    model: RetinaNet, images: list[Tensor], tta: str, score_thresh: float | None = None
+) -> list[Detections]:
     """Detections of resized float [3, h, w] images (as `model.predict(..., resize=False)` takes them), each fused
     from the views `tta` names; boxes in the images' pixels, at most the model's detections_per_image."""
     views = TTA_VIEWS[check_tta(tta)]
-    found = [model.predict([view_image(im, v) for im in images], resize=False, score_thresh=score_thresh)
-             for v in views]  # fmt: skip
+    found = [
+        model.predict([view_image(im, v) for im in images], resize=False, score_thresh=score_thresh) for v in views
+    ]
     out = []
     for i, image in enumerate(images):
         size = (int(image.shape[-2]), int(image.shape[-1]))

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retinanet.runtime.downloads import fetch_state_dict
 from retinanet.model.conv import conv2d
+from retinanet.runtime.downloads import fetch_state_dict
 
 __all__ = ["ResNetBody", "build_backbone", "BACKBONES"]
 
@@ -224,8 +224,9 @@ def build_backbone(
         resnet = _with_width(resnet, width)
         channels = tuple(c * width // 64 for c in channels)
     if weights == "imagenet":
-        state = fetch_state_dict(imagenet, f"the ImageNet weights of {name}",
-                                 "set model.backbone_weights to that file's path")  # fmt: skip
+        state = fetch_state_dict(
+            imagenet, f"the ImageNet weights of {name}", "set model.backbone_weights to that file's path"
+        )
         resnet.load_state_dict(state)
     elif weights not in (None, "none"):
         _load_local_weights(resnet, weights)

@@ -12,13 +12,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from retinanet.runtime import fastpath
 from retinanet.config import ModelConfig, TrainConfig, apply_overrides
 from retinanet.model.detector import RetinaNet, build_from_config
+from retinanet.runtime import fastpath
 from retinanet.runtime.outputs import atomic_write
 
-__all__ = ["FORMAT_VERSION", "load_checkpoint", "load_model", "model_weights", "rng_state", "save_checkpoint",
-           "saved_model_config", "set_rng_state"]  # fmt: skip
+__all__ = [
+    "FORMAT_VERSION",
+    "load_checkpoint",
+    "load_model",
+    "model_weights",
+    "rng_state",
+    "save_checkpoint",
+    "saved_model_config",
+    "set_rng_state",
+]
 
 
 FORMAT_VERSION = 1  # bump when the checkpoint's keys change meaning; load_checkpoint refuses versions it does not know
@@ -87,8 +95,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if _is_onnx(path):
-        raise ValueError(f"{path} is an exported ONNX model, not a checkpoint: detect with it by `retinanet detect "
-                         "--onnx FILE`; --checkpoint takes the last.pt or best.pt of a training run")  # fmt: skip
+        raise ValueError(
+            f"{path} is an exported ONNX model, not a checkpoint: detect with it by `retinanet detect "
+            "--onnx FILE`; --checkpoint takes the last.pt or best.pt of a training run"
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -99,8 +109,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         raise ValueError(f"{path}: not a RetinaNet training checkpoint: no 'format_version' key{hint}")
     version = checkpoint["format_version"]
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format_version {version!r} is not supported; this code reads "
-                         f"version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: checkpoint format_version {version!r} is not supported; this code reads version {FORMAT_VERSION}"
+        )
     return checkpoint
 
 

@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retinanet.ops.winograd import computes, winograd_conv3x3
 from retinanet.runtime import fastpath
 from retinanet.runtime.fastpath import RunFastPaths
-from retinanet.ops.winograd import computes, winograd_conv3x3
 
 __all__ = ["ALGORITHMS", "Conv2d", "conv2d", "winograd_applies"]
 
 ALGORITHMS = ("auto", "direct", "winograd")
 
 
-def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
-                     fast_paths: RunFastPaths | None = None) -> bool:  # fmt: skip
+def winograd_applies(
+    x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, fast_paths: RunFastPaths | None = None
+) -> bool:
     """Whether "auto" uses Winograd: for a float32 CPU tensor outside autocast and a 3x3 filter with stride 1,
     padding 1, no dilation or groups, where it is measured faster on this machine for this shape class
     (`retinanet.runtime.fastpath.conv3x3_algorithm`)."""
@@ -54,8 +55,9 @@ def conv2d(
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-def _use_winograd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, algorithm: str,
-                  fast_paths: RunFastPaths | None) -> bool:  # fmt: skip
+def _use_winograd(
+    x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, algorithm: str, fast_paths: RunFastPaths | None
+) -> bool:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"conv algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if algorithm == "winograd":  # every convolution the algorithm computes
@@ -73,5 +75,14 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.algorithm,
-                      self.fast_paths)
+        return conv2d(
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.algorithm,
+            self.fast_paths,
+        )

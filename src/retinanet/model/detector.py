@@ -212,9 +212,13 @@ class RetinaNet(nn.Module):
         for t in targets:
             if cfg.assigner == "atss":
                 matched = atss_match_anchors(
-                    anchors, t["boxes"], num_per_level or [anchors.shape[0]], cfg.atss_topk,
-                    self.anchor_generator.num_anchors_per_location(), t.get("iscrowd"),
-                )  # fmt: skip
+                    anchors,
+                    t["boxes"],
+                    num_per_level or [anchors.shape[0]],
+                    cfg.atss_topk,
+                    self.anchor_generator.num_anchors_per_location(),
+                    t.get("iscrowd"),
+                )
             else:
                 matched = match_anchors(
                     anchors, t["boxes"], cfg.fg_iou, cfg.bg_iou, cfg.allow_low_quality_matches, t.get("iscrowd")
@@ -247,8 +251,9 @@ class RetinaNet(nn.Module):
             return self.loss_normalizer.clone()
         return num_pos.clamp(min=1.0)
 
-    def _classification_loss(self, cls_logits: Tensor, labels: Tensor, anchors: Tensor,
-                             quality: Tensor | None = None) -> Tensor:  # fmt: skip
+    def _classification_loss(
+        self, cls_logits: Tensor, labels: Tensor, anchors: Tensor, quality: Tensor | None = None
+    ) -> Tensor:
         cfg = self.config
         logits = cls_logits.reshape(-1, cls_logits.shape[-1])
         flat = labels.reshape(-1)
@@ -256,9 +261,13 @@ class RetinaNet(nn.Module):
         if kind == "focal":
             return losses.sigmoid_focal_loss_from_labels(logits, flat, cfg.alpha, cfg.gamma)
         if kind == "focal_star":
-            return losses.sigmoid_focal_loss_from_labels(logits, flat, cfg.alpha, cfg.gamma, loss="focal_star", beta=cfg.beta)
+            return losses.sigmoid_focal_loss_from_labels(
+                logits, flat, cfg.alpha, cfg.gamma, loss="focal_star", beta=cfg.beta
+            )
         if kind == "quality_focal":
-            return losses.sigmoid_focal_loss_from_labels(logits, flat, loss=kind, beta=cfg.quality_beta, quality=quality)
+            return losses.sigmoid_focal_loss_from_labels(
+                logits, flat, loss=kind, beta=cfg.quality_beta, quality=quality
+            )
         if kind == "varifocal":
             return losses.sigmoid_focal_loss_from_labels(
                 logits, flat, cfg.varifocal_alpha, cfg.varifocal_gamma, loss=kind, quality=quality
@@ -305,10 +314,16 @@ class RetinaNet(nn.Module):
         cfg = self.config
         anchors = self.anchors_per_level(head, tuple(batch.images.shape[-2:]))
         dets = postprocess(
-            head.cls_logits, head.box_deltas, anchors, batch.image_sizes, self.box_coder,
-            cfg.score_thresh if score_thresh is None else score_thresh, cfg.topk_candidates, cfg.nms_thresh,
+            head.cls_logits,
+            head.box_deltas,
+            anchors,
+            batch.image_sizes,
+            self.box_coder,
+            cfg.score_thresh if score_thresh is None else score_thresh,
+            cfg.topk_candidates,
+            cfg.nms_thresh,
             cfg.detections_per_image,
-        )  # fmt: skip
+        )
         return [_unscale(d, sy, sx) for d, (sy, sx) in zip(dets, batch.scales)]
 
 
@@ -323,8 +338,9 @@ def _check_target(t: dict[str, Tensor], index: int, num_classes: int) -> dict[st
         raise ValueError(f"target {index}: needs 'boxes' [N, 4] and 'labels' [N]")
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) if boxes.numel() == 0 else boxes
     if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
-        raise ValueError(f"target {index}: boxes must be [N, 4] and labels [N], got {tuple(boxes.shape)}, "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"target {index}: boxes must be [N, 4] and labels [N], got {tuple(boxes.shape)}, {tuple(labels.shape)}"
+        )
     found = first_invalid_box(boxes)
     if found is not None:
         j, why = found
@@ -364,19 +380,33 @@ def build_from_config(cfg: ModelConfig) -> RetinaNet:
     follow from whether the backbone is pretrained (ModelConfig.resolved)."""
     cfg = cfg.check().resolved()
     backbone = build_backbone(
-        cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_bn_eps, cfg.freeze_at, cfg.fold_frozen_bn,
+        cfg.backbone,
+        cfg.backbone_weights,
+        cfg.backbone_norm,
+        cfg.frozen_bn_eps,
+        cfg.freeze_at,
+        cfg.fold_frozen_bn,
         cfg.backbone_width,
     )
     fpn = FPN(backbone.out_channels, cfg.fpn_channels, cfg.p6_from)
     anchors = anchor_generator(cfg)
     head = RetinaNetHead(
-        cfg.fpn_channels, anchors.num_anchors_per_location(), cfg.num_classes,
-        cfg.head_channels, cfg.head_convs, cfg.head_norm, cfg.prior_prob,
-    )  # fmt: skip
+        cfg.fpn_channels,
+        anchors.num_anchors_per_location(),
+        cfg.num_classes,
+        cfg.head_channels,
+        cfg.head_convs,
+        cfg.head_norm,
+        cfg.prior_prob,
+    )
     model = RetinaNet(
-        backbone=backbone, fpn=fpn, head=head, anchor_generator=anchors,
-        box_coder=BoxCoder(cfg.box_coder_weights, cfg.box_clamp), config=cfg,
-    )  # fmt: skip
+        backbone=backbone,
+        fpn=fpn,
+        head=head,
+        anchor_generator=anchors,
+        box_coder=BoxCoder(cfg.box_coder_weights, cfg.box_clamp),
+        config=cfg,
+    )
     layout = "channels_last" if cfg.memory_format == "auto" else cfg.memory_format
     return model.use_memory_format(layout).use_conv_algorithm(cfg.conv_algorithm)
 
@@ -386,4 +416,3 @@ def build_model(name: str = "retinanet_r50_fpn", **overrides: Any) -> RetinaNet:
     keyword overrides of any ModelConfig field (backbone, fpn_channels, head_channels, anchor_scales,
     aspect_ratios, cls_loss, alpha, gamma, fg_iou, detections_per_image, ...)."""
     return build_from_config(model_config(name, **overrides))
-

@@ -22,8 +22,14 @@ from torch import Tensor
 if TYPE_CHECKING:
     from retinanet.config import ModelConfig
 
-__all__ = ["AnchorGenerator", "NUM_LEVELS", "PAPER_SIZES_PER_LEVEL", "TORCHVISION_SIZES_PER_LEVEL", "anchor_generator",
-           "grid_sizes"]  # fmt: skip
+__all__ = [
+    "AnchorGenerator",
+    "NUM_LEVELS",
+    "PAPER_SIZES_PER_LEVEL",
+    "TORCHVISION_SIZES_PER_LEVEL",
+    "anchor_generator",
+    "grid_sizes",
+]
 
 NUM_LEVELS = 5  # P3..P7
 

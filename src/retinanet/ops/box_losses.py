@@ -60,8 +60,9 @@ IOU_LOSSES = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}
 def _iou_loss(fn, boxes: Tensor, target_boxes: Tensor, reduction: str, eps: float) -> Tensor:
     check_reduction(reduction)
     if boxes.shape != target_boxes.shape or boxes.shape[-1:] != (4,):
-        raise ValueError(f"boxes and target_boxes must both be [N, 4], got {tuple(boxes.shape)} and "
-                         f"{tuple(target_boxes.shape)}")
+        raise ValueError(
+            f"boxes and target_boxes must both be [N, 4], got {tuple(boxes.shape)} and {tuple(target_boxes.shape)}"
+        )
     if boxes.numel() == 0:  # torchvision's mean of nothing is NaN; the sum of nothing is 0
         return _reduce(boxes.new_zeros(boxes.shape[:-1]), reduction)
     return _reduce(fn(boxes, target_boxes, reduction="none", eps=eps), reduction)

@@ -18,8 +18,9 @@ object), so that a score ranks boxes by how well they fit:
 The losses are computed by one fused autograd Function whose backward is the closed form of appendix B: a summed
 loss computes its gradient in the same pass as its value and keeps only that; an elementwise loss keeps only its
 inputs and recomputes the gradient in the backward. The elementwise maths live in `_focal_terms`,
-`_focal_star_terms`, `_quality_focal_terms` and `_varifocal_terms`; they run either through `torch.compile` (one fused loop per pass) or eagerly in cache-sized
-chunks, and both give the same numbers. Half and bfloat16 inputs are computed in float32.
+`_focal_star_terms`, `_quality_focal_terms` and `_varifocal_terms`; they run either through `torch.compile` (one fused
+loop per pass) or eagerly in cache-sized chunks, and both give the same numbers. Half and bfloat16 inputs are computed
+in float32.
 """
 
 from __future__ import annotations

@@ -32,9 +32,7 @@ def _chunks(num_anchors: int, num_gt: int, chunk_elements: int) -> Iterator[slic
         yield slice(start, min(start + step, num_anchors))
 
 
-def _best_gt_per_anchor(
-    anchors: Tensor, gt_boxes: Tensor, chunk_elements: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def _best_gt_per_anchor(anchors: Tensor, gt_boxes: Tensor, chunk_elements: int) -> tuple[Tensor, Tensor, Tensor]:
     """First pass: per anchor the highest IoU [A] and its gt index [A] int64; per gt its highest IoU [G]."""
     num_anchors = anchors.shape[0]
     best_iou = anchors.new_empty(num_anchors)
@@ -69,8 +67,9 @@ def _covered_by_crowd(anchors: Tensor, crowd_boxes: Tensor, min_ioa: float, chun
 
 def _check_match_args(anchors: Tensor, gt_boxes: Tensor, fg_iou: float, bg_iou: float, gt_is_crowd) -> None:
     if anchors.dim() != 2 or anchors.shape[1] != 4 or gt_boxes.dim() != 2 or gt_boxes.shape[1] != 4:
-        raise ValueError(f"anchors and gt_boxes must be [A, 4] and [G, 4], got {tuple(anchors.shape)} and "
-                         f"{tuple(gt_boxes.shape)}")
+        raise ValueError(
+            f"anchors and gt_boxes must be [A, 4] and [G, 4], got {tuple(anchors.shape)} and {tuple(gt_boxes.shape)}"
+        )
     if not bg_iou <= fg_iou:
         raise ValueError(f"bg_iou must be <= fg_iou, got bg_iou {bg_iou} and fg_iou {fg_iou}")
     if gt_is_crowd is not None and gt_is_crowd.shape != gt_boxes.shape[:1]:
@@ -157,8 +156,9 @@ def atss_match_anchors(
     """
     _check_match_args(anchors, gt_boxes, 0.0, 0.0, gt_is_crowd)
     if sum(num_per_level) != anchors.shape[0]:
-        raise ValueError(f"num_per_level {list(num_per_level)} sums to {sum(num_per_level)}, not the "
-                         f"{anchors.shape[0]} anchors")  # fmt: skip
+        raise ValueError(
+            f"num_per_level {list(num_per_level)} sums to {sum(num_per_level)}, not the {anchors.shape[0]} anchors"
+        )
     dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
     anchors, gt_boxes = anchors.to(dtype), gt_boxes.to(dtype)
     crowd = None if gt_is_crowd is None else gt_is_crowd.bool()
@@ -179,8 +179,9 @@ def atss_match_anchors(
         score = torch.where(positive, iou, iou.new_tensor(-1.0)).reshape(-1)
         flat = candidates.reshape(-1)
         best = iou.new_full((anchors.shape[0],), -1.0).scatter_reduce(0, flat, score, "amax")
-        owner = torch.where(positive.reshape(-1) & (score == best[flat]),
-                            target_index[:, None].expand(g, k).reshape(-1), -1)  # fmt: skip
+        owner = torch.where(
+            positive.reshape(-1) & (score == best[flat]), target_index[:, None].expand(g, k).reshape(-1), -1
+        )
         winner = torch.full_like(matches, -1).scatter_reduce(0, flat, owner, "amax")
         matches = torch.where(winner >= 0, winner, matches)
     if crowd is not None and bool(crowd.any()) and anchors.shape[0] > 0:
@@ -189,8 +190,9 @@ def atss_match_anchors(
     return matches
 
 
-def _nearest_per_level(anchors: Tensor, targets: Tensor, num_per_level: Sequence[int], k: int,
-                       chunk_elements: int) -> Tensor:  # fmt: skip
+def _nearest_per_level(
+    anchors: Tensor, targets: Tensor, num_per_level: Sequence[int], k: int, chunk_elements: int
+) -> Tensor:
     """[G, sum_l min(k, n_l)] int64: per box, the indices of the k anchors of each level whose centres are nearest
     its centre (boxes in chunks, so that at most about chunk_elements distances exist at once)."""
     anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2
@@ -250,8 +252,9 @@ class BoxCoder:
     def encode(self, anchors: Tensor, boxes: Tensor) -> Tensor:
         """Deltas that turn each anchor into its box. anchors, boxes: [N, 4] float XYXY; returns [N, 4] float."""
         if anchors.shape != boxes.shape or anchors.shape[-1:] != (4,):
-            raise ValueError(f"anchors and boxes must both be [N, 4], got {tuple(anchors.shape)} and "
-                             f"{tuple(boxes.shape)}")
+            raise ValueError(
+                f"anchors and boxes must both be [N, 4], got {tuple(anchors.shape)} and {tuple(boxes.shape)}"
+            )
         dtype = torch.promote_types(torch.promote_types(anchors.dtype, boxes.dtype), torch.float32)
         ax, ay, aw, ah = self._centre_size(anchors.to(dtype))
         gx, gy, gw, gh = self._centre_size(boxes.to(dtype))
@@ -265,8 +268,9 @@ class BoxCoder:
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """Boxes from predicted deltas. deltas, anchors: [N, 4] float; returns [N, 4] float XYXY (unclipped)."""
         if deltas.shape != anchors.shape or deltas.shape[-1:] != (4,):
-            raise ValueError(f"deltas and anchors must both be [N, 4], got {tuple(deltas.shape)} and "
-                             f"{tuple(anchors.shape)}")
+            raise ValueError(
+                f"deltas and anchors must both be [N, 4], got {tuple(deltas.shape)} and {tuple(anchors.shape)}"
+            )
         dtype = torch.promote_types(deltas.dtype, torch.float32)
         deltas = deltas.to(dtype)
         ax, ay, aw, ah = self._centre_size(anchors.to(dtype))

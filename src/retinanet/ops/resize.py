@@ -42,8 +42,9 @@ def resize_like_torchvision(image: Tensor, min_size: int, max_size: int) -> Tens
     without antialiasing, the scale factor recomputed from the rounded size (the rule of models with
     resize_antialias False: torchvision's weights)."""
     scale = resize_scale(image.shape[-2], image.shape[-1], min_size, max_size)
-    return nnf.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                           align_corners=False)[0]  # fmt: skip
+    return nnf.interpolate(
+        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+    )[0]
 
 
 def padded_size(size_hw: tuple[int, int], size_divisible: int) -> tuple[int, int]:

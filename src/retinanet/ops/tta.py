@@ -63,8 +63,9 @@ def boxes_from_view(boxes: Tensor, view: View, size_hw: tuple[int, int]) -> Tens
     return boxes
 
 
-def fuse_detections(boxes: Tensor, scores: Tensor, labels: Tensor, num_views: int, iou_thresh: float = 0.55,
-                    max_detections: int = 100) -> Detections:  # fmt: skip
+def fuse_detections(
+    boxes: Tensor, scores: Tensor, labels: Tensor, num_views: int, iou_thresh: float = 0.55, max_detections: int = 100
+) -> Detections:
     """One set of detections from those of `num_views` views of an image (all in its pixels), by weighted boxes
     fusion: boxes of a class that overlap by more than iou_thresh form a cluster around its highest-scoring box (a
     class-wise NMS picks the clusters); a cluster's box is its boxes' score-weighted mean, its score their mean

@@ -29,11 +29,24 @@ TILE = 4  # output tile side m of F(m x m, 3 x 3)
 _A = TILE + 2  # input tile side
 
 # F(4, 3) with interpolation points 0, +-1, +-2, infinity: input transform B^T, filter transform G, output A^T
-_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
-       (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))  # fmt: skip
-_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))  # fmt: skip
+_BT = (
+    (4, 0, -5, 0, 1, 0),
+    (0, -4, -4, 1, 1, 0),
+    (0, 4, -4, -1, 1, 0),
+    (0, -2, -1, 2, 1, 0),
+    (0, 2, -1, -2, 1, 0),
+    (0, 4, 0, -5, 0, 1),
+)
+_G = (
+    (1 / 4, 0, 0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0, 0, 1),
+)
 _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+
 
 @lru_cache(maxsize=None)
 def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,7 +82,8 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     float32 or float64 (in lower precision the transforms lose too much). The output is channels-last."""
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[-2:]) != (3, 3) or x.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"winograd_conv3x3 needs x [N, C, H, W] and weight [K, C, 3, 3], got {tuple(x.shape)}, {tuple(weight.shape)}"
+            "winograd_conv3x3 needs x [N, C, H, W] and weight [K, C, 3, 3], "
+            f"got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
     if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
         raise ValueError(f"winograd_conv3x3 computes float32 or float64, got {x.dtype} input, {weight.dtype} weight")

@@ -27,8 +27,10 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
     except RuntimeError:
         raise ValueError(f"{flag} {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{flag}: device {name!r} but this machine has no CUDA GPU that torch can use; use "
-                         f"{_set(flag, 'cpu')} (or auto)")  # fmt: skip
+        raise ValueError(
+            f"{flag}: device {name!r} but this machine has no CUDA GPU that torch can use; use "
+            f"{_set(flag, 'cpu')} (or auto)"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

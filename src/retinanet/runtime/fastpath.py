@@ -35,7 +35,6 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -43,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from retinanet.runtime.fastpath_run import ROUNDS, RunFastPaths, figures
 from retinanet.runtime.machine import Cache, CpuInfo, busy_processes, cpu_info, machine_id
 
 __all__ = [
@@ -71,7 +71,6 @@ PROBE_MIN_POSITIONS = 8 * 8
 # The other option replaces the default only when it is at least 5% faster in every round. Winograd's float32
 # rounding is a little coarser, bf16's much coarser, and a layout change costs a copy: none is worth a tie.
 MARGIN = 0.95
-ROUNDS = 3
 DEFAULTS = {"conv3x3": "direct", "memory_format": "channels_last", "amp": "none"}
 _CACHE = Cache()
 # a cached record whose one-round check is more than this many times away from its figures is measured again
@@ -80,60 +79,7 @@ NOTES: list[str] = []  # what this process measured again, and why: begin_run pu
 _CHECKED: set[tuple[str, str]] = set()  # the cached records this process has checked
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class RunFastPaths:
-    """The fast paths of one training run, made once at its first batch and then facts of the run.
-
-    machine: `machine_id()` of where they were measured. amp: the precision trained in ("none", "bf16", "fp16").
-    memory_format: the model's layout in training. records: every choice the run consulted, {kind: {shape class:
-    record}} with kind "conv3x3", "memory_format" or "amp" and record {"choice", the probe's figures}. origin: how
-    the choices were made ("measured", "the checkpoint's", "rank 0's, shared with N processes"). shared: a
-    distributed run, where a training shape class met after the start takes the default on every process.
-    """
-
-    machine: str
-    amp: str = "none"
-    memory_format: str = "channels_last"
-    records: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    origin: str = "measured"
-    shared: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(asdict(self))
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "RunFastPaths":
-        """The same object: a copy of the model (its moving average, the layout probe's copy) stays in the run, and
-        what it measures is the run's."""
-        return self
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunFastPaths":
-        known = {k: copy.deepcopy(v) for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def describe(self) -> str:
-        """One line for train.log: the choices, how they were made, and the figures behind them."""
-        parts = [f"fast paths ({self.origin}, {cpu_info().describe()}): amp {self.amp}"
-                 + _figures(self.records.get("amp", {}).values())]  # fmt: skip
-        layouts = self.records.get("memory_format", {})
-        parts.append(f"memory format {self.memory_format}" + _figures(layouts.values()))
-        convs = self.records.get("conv3x3", {}).values()
-        if convs:
-            wino = sum(r["choice"] == "winograd" for r in convs)
-            unmeasured = sum("measured" in r and not r["measured"] for r in convs)
-            later = f" ({unmeasured} met after the start: torch's, not measured)" if unmeasured else ""
-            parts.append(f"3x3 convolutions: Winograd for {wino} of {len(convs)} shape classes{later}")
-        return "; ".join(parts)
-
-
-def _figures(records: Any) -> str:
-    figures = [", ".join(f"{k[:-3]} {v:.3g} ms" for k, v in r.items() if k.endswith("_ms")) for r in records]
-    figures = [f for f in figures if f]
-    return f" ({'; '.join(figures)}, medians of {ROUNDS} rounds)" if figures else ""
-
-
 def begin_run(
     model: Any,
     batch: tuple[list[Tensor], list[dict[str, Tensor]]] | None,
@@ -157,8 +103,10 @@ def begin_run(
     lines: list[str] = []
     reuse = saved if saved and saved.get("machine") == machine_id() else None
     if saved and reuse is None:
-        lines.append(f"fast paths: the checkpoint's were measured on another machine ({saved.get('machine')}); this "
-                     f"is {machine_id()}: measured again")  # fmt: skip
+        lines.append(
+            f"fast paths: the checkpoint's were measured on another machine ({saved.get('machine')}); this "
+            f"is {machine_id()}: measured again"
+        )
     run = None
     if rank == 0:
         run = RunFastPaths(machine_id(), records=copy.deepcopy(reuse["records"]) if reuse else {})
@@ -186,8 +134,14 @@ def begin_run(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _choose(kind: str, key: str, measure: Callable[..., dict[str, Any]], lockstep: bool, recheck: bool = False,
-            run: RunFastPaths | None = None) -> dict[str, Any]:  # fmt: skip
+def _choose(
+    kind: str,
+    key: str,
+    measure: Callable[..., dict[str, Any]],
+    lockstep: bool,
+    recheck: bool = False,
+    run: RunFastPaths | None = None,
+) -> dict[str, Any]:
     """The record of a choice: the run's (`run`, the fast paths of the model asking, if it holds it), else the
     cache's, else measured.
     lockstep: a training choice every process of a distributed run makes alike; met after a shared run's start,
@@ -205,8 +159,9 @@ def _choose(kind: str, key: str, measure: Callable[..., dict[str, Any]], lockste
                 _CHECKED.add((kind, key))
                 why = _stale(record, measure if recheck else None)
                 if why:
-                    NOTES.append(f"fast paths: the cached {kind} choice for {key} ({record['choice']}) was measured "
-                                 f"again: {why}")  # fmt: skip
+                    NOTES.append(
+                        f"fast paths: the cached {kind} choice for {key} ({record['choice']}) was measured again: {why}"
+                    )
                     record = None
             if record is None:
                 record = {**measure(), "busy": busy_processes()}
@@ -233,8 +188,10 @@ def _stale(record: dict[str, Any], quick: Callable[..., dict[str, Any]] | None) 
     was, found = figures[other] / figures[chosen], now[other] / now[chosen]
     if abs(math.log(found / was)) <= math.log(RECHECK):
         return None
-    return (f"a quick check ({chosen} {now[chosen]:.3g} ms, {other} {now[other]:.3g} ms) is more than {RECHECK:g}x "
-            f"away from its figures ({chosen} {figures[chosen]:.3g} ms, {other} {figures[other]:.3g} ms)")
+    return (
+        f"a quick check ({chosen} {now[chosen]:.3g} ms, {other} {now[other]:.3g} ms) is more than {RECHECK:g}x "
+        f"away from its figures ({chosen} {figures[chosen]:.3g} ms, {other} {figures[other]:.3g} ms)"
+    )
 
 
 def _compare(default: str, other: str, run: Callable[[str], object], rounds: int = ROUNDS) -> dict[str, Any]:
@@ -250,8 +207,10 @@ def _compare(default: str, other: str, run: Callable[[str], object], rounds: int
             run(name)
             times[name].append(time.perf_counter() - t0)
     wins = all(o < MARGIN * d for o, d in zip(times[other], times[default]))
-    return {"choice": other if wins else default,
-            **{f"{name}_ms": round(statistics.median(t) * 1e3, 3) for name, t in times.items()}}  # fmt: skip
+    return {
+        "choice": other if wins else default,
+        **{f"{name}_ms": round(statistics.median(t) * 1e3, 3) for name, t in times.items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,9 +228,10 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def conv3x3_algorithm(x: Tensor, weight: Tensor, winograd: Callable[..., Tensor],
-                      run: RunFastPaths | None = None) -> str:  # fmt: skip
-    """"winograd" or "direct" for a float32 CPU 3x3 convolution with stride 1 and padding 1 of input x [N, C, H, W]
+def conv3x3_algorithm(
+    x: Tensor, weight: Tensor, winograd: Callable[..., Tensor], run: RunFastPaths | None = None
+) -> str:
+    """ "winograd" or "direct" for a float32 CPU 3x3 convolution with stride 1 and padding 1 of input x [N, C, H, W]
     and weight [K, C, 3, 3]: the faster on this machine, measured once per shape class (forward only, or forward
     and backward when autograd will need the gradients). winograd(x, weight, bias): the Winograd kernel timed
     against F.conv2d. run: the fast paths of the model that asks (its run's choices first; what is measured is
@@ -284,8 +244,9 @@ def conv3x3_algorithm(x: Tensor, weight: Tensor, winograd: Callable[..., Tensor]
     return _choose("conv3x3", _conv_class(x, weight, training), measure, lockstep=training, run=run)["choice"]
 
 
-def _probe_conv(shape: tuple[int, ...], out_channels: int, channels_last: bool, training: bool,
-                winograd: Callable[..., Tensor]) -> dict[str, Any]:  # fmt: skip
+def _probe_conv(
+    shape: tuple[int, ...], out_channels: int, channels_last: bool, training: bool, winograd: Callable[..., Tensor]
+) -> dict[str, Any]:
     """torch's convolution against Winograd's on random data of this shape (`_compare`). Draws from its own
     generator, so that probing does not change the run's random numbers."""
     g = torch.Generator().manual_seed(0)
@@ -332,8 +293,14 @@ def tune(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | No
         return "channels_last"
     training = targets is not None
     measure = lambda rounds=ROUNDS: _probe_layouts(model, images, targets, rounds)  # noqa: E731
-    choice = _choose("memory_format", _model_class(model, images, training), measure, lockstep=training,
-                     recheck=True, run=getattr(model, "fast_paths", None))["choice"]  # fmt: skip
+    choice = _choose(
+        "memory_format",
+        _model_class(model, images, training),
+        measure,
+        lockstep=training,
+        recheck=True,
+        run=getattr(model, "fast_paths", None),
+    )["choice"]
     model.use_memory_format(choice)
     return choice
 
@@ -343,13 +310,16 @@ def _model_class(model: Any, images: list[Tensor], training: bool) -> str:
     h = max(int(im.shape[-2]) for im in images)
     w = max(int(im.shape[-1]) for im in images)
     positions = 2 ** (round(2 * math.log2(h * w)) / 2)
-    return (f"{cfg.backbone}/{cfg.backbone_norm}/freeze{cfg.freeze_at} fpn{cfg.fpn_channels} "
-            f"head{cfg.head_convs}x{cfg.head_channels}/{cfg.head_norm} K{cfg.num_classes} n{len(images)} "
-            f"~{positions:.0f}px conv {cfg.conv_algorithm} {'train' if training else 'infer'}")  # fmt: skip
+    return (
+        f"{cfg.backbone}/{cfg.backbone_norm}/freeze{cfg.freeze_at} fpn{cfg.fpn_channels} "
+        f"head{cfg.head_convs}x{cfg.head_channels}/{cfg.head_norm} K{cfg.num_classes} n{len(images)} "
+        f"~{positions:.0f}px conv {cfg.conv_algorithm} {'train' if training else 'infer'}"
+    )
 
 
-def _probe_layouts(model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | None,
-                   rounds: int = ROUNDS) -> dict[str, Any]:  # fmt: skip
+def _probe_layouts(
+    model: Any, images: list[Tensor], targets: list[dict[str, Tensor]] | None, rounds: int = ROUNDS
+) -> dict[str, Any]:
     """The model's inference or training step (loss and backward) in each layout (`_compare`), on a copy (the
     class's own methods: what an instance may have patched is not timed) that computes its loss on this process
     alone, with the random state put back."""
@@ -425,7 +395,7 @@ def summary() -> str:
     """What this process runs and why, in one line: the CPU, the layouts and convolution algorithms chosen so far."""
     parts = [cpu_info().describe()]
     for record in _CACHE.used.get("memory_format", {}).values():
-        parts.append(f"memory format {record['choice']}" + _figures([record]))
+        parts.append(f"memory format {record['choice']}" + figures([record]))
     convs = _CACHE.used.get("conv3x3", {}).values()
     if convs:
         wino = sum(r["choice"] == "winograd" for r in convs)

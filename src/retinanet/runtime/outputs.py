@@ -4,8 +4,8 @@ A training run refuses a folder that holds another run unless told to continue i
 (--overwrite), which removes that run's files once the new run's checks have passed (only those: a user's other
 files stay). `detect --overwrite` keeps a previous detection's files until the new one has written its own, then
 removes those it did not write again. Files are written atomically (atomic_write): a failed write leaves the
-previous file whole and says so in one line, with the folder's free space. Every check happens before anything is computed or written, and fails in
-one line that says what to do.
+previous file whole and says so in one line, with the folder's free space. Every check happens before anything is
+computed or written, and fails in one line that says what to do.
 """
 
 from __future__ import annotations
@@ -39,8 +39,17 @@ __all__ = [
 ]
 
 # what a training run writes in its folder (iter_*.pt too, with keep_all_checkpoints)
-RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.jsonl", "train.log", "training_curves.png", "skipped.json",
-             "tb", "eval")  # fmt: skip
+RUN_FILES = (
+    "config.yaml",
+    "last.pt",
+    "best.pt",
+    "log.jsonl",
+    "train.log",
+    "training_curves.png",
+    "skipped.json",
+    "tb",
+    "eval",
+)
 # what `retinanet detect` writes, besides the drawings its detections.json names
 DETECT_FILES = ("detections.json", "results.json", "detections.csv", "skipped.json", "labels", "detections.geojson")
 
@@ -60,8 +69,9 @@ def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ValueError(f"{folder}: cannot write the {what} there ({exc.strerror or exc}); give another "
-                         "folder") from None  # fmt: skip
+        raise ValueError(
+            f"{folder}: cannot write the {what} there ({exc.strerror or exc}); give another folder"
+        ) from None
     return folder
 
 
@@ -76,8 +86,10 @@ def claim_run_folder(folder: str | Path, resume: str | Path | None, overwrite: b
         shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
         last = folder / "last.pt"
         go_on = f"continue it with --resume {last}, " if last.is_file() else "it has no checkpoint to resume; "
-        raise ValueError(f"{folder} holds a training run already ({shown}): {go_on}write to a new folder "
-                         "(--set train.output_dir=...), or replace it with --overwrite")  # fmt: skip
+        raise ValueError(
+            f"{folder} holds a training run already ({shown}): {go_on}write to a new folder "
+            "(--set train.output_dir=...), or replace it with --overwrite"
+        )
     writable_folder(folder, "training run")
     return found if overwrite and resume is None else []
 
@@ -89,8 +101,10 @@ def claim_detect_folder(folder: str | Path, overwrite: bool) -> list[Path]:
     folder = Path(folder)
     previous = folder / "detections.json"
     if previous.exists() and not overwrite:
-        raise ValueError(f"{folder} holds the results of an earlier detection (detections.json): write to a new "
-                         "folder (--output ...) or replace them with --overwrite")  # fmt: skip
+        raise ValueError(
+            f"{folder} holds the results of an earlier detection (detections.json): write to a new "
+            "folder (--output ...) or replace them with --overwrite"
+        )
     writable_folder(folder, "detections")
     if not previous.exists():
         return []
@@ -118,8 +132,9 @@ def remove_stale(paths: list[Path], written: list[Path]) -> None:
 def _run_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return [p for p in sorted(folder.iterdir()) if p.name in RUN_FILES or (p.name.startswith("iter_")
-                                                                            and p.suffix == ".pt")]  # fmt: skip
+    return [
+        p for p in sorted(folder.iterdir()) if p.name in RUN_FILES or (p.name.startswith("iter_") and p.suffix == ".pt")
+    ]
 
 
 def remove(paths: list[Path]) -> None:
@@ -142,8 +157,10 @@ def write_error(path: str | Path, exc: OSError) -> WriteError:
         free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free in {folder}"
     except OSError:
         free = f"{folder} cannot be read"
-    return WriteError(f"cannot write {path} ({exc.strerror or exc}); {free}. The previous file there, if any, is "
-                      "whole: free some space (or write elsewhere) and run again")  # fmt: skip
+    return WriteError(
+        f"cannot write {path} ({exc.strerror or exc}); {free}. The previous file there, if any, is "
+        "whole: free some space (or write elsewhere) and run again"
+    )
 
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], None]) -> Path:
@@ -222,7 +239,11 @@ class JsonList:
             text = ("[" if self.count == 0 else ", ") + json.dumps(item)
         else:
             pad = " " * self.indent  # a newline inside a JSON string is escaped: every raw one starts a line
-            text = ("[\n" if self.count == 0 else ",\n") + pad + json.dumps(item, indent=self.indent).replace("\n", "\n" + pad)
+            text = (
+                ("[\n" if self.count == 0 else ",\n")
+                + pad
+                + json.dumps(item, indent=self.indent).replace("\n", "\n" + pad)
+            )
         self.file.write(text.encode())
         self.count += 1
 

@@ -28,6 +28,7 @@ from retinanet.ops.anchors import AnchorGenerator, anchor_generator, grid_sizes
 from retinanet.ops.boxes import clip_boxes
 from retinanet.ops.matching import anchor_counts, match_anchors
 from retinanet.ops.resize import padded_size, resized_size
+from retinanet.tools.anchor_grid import GridOffsets, best_iou_on_grid
 
 __all__ = [
     "LOW_QUALITY",
@@ -36,10 +37,7 @@ __all__ = [
     "STATUS_NAMES",
     "BoxSet",
     "Coverage",
-    "GridOffsets",
     "ImageStatus",
-    "anchor_shapes",
-    "best_iou_on_grid",
     "level_shapes",
     "best_ious",
     "box_status",
@@ -75,8 +73,14 @@ def level_shapes(generator: AnchorGenerator) -> Tensor:
     return torch.stack([torch.stack((b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]), 1) for b in per_level])
 
 
-def _candidates(generator: AnchorGenerator, grids: list[tuple[int, int]], padded_hw: tuple[int, int],
-                boxes: Tensor, best_iou: Tensor, bg_iou: float) -> Tensor:  # fmt: skip
+def _candidates(
+    generator: AnchorGenerator,
+    grids: list[tuple[int, int]],
+    padded_hw: tuple[int, int],
+    boxes: Tensor,
+    best_iou: Tensor,
+    bg_iou: float,
+) -> Tensor:
     """Indices into the image's anchors (all levels, ascending) of those that can matter to the matcher: for some
     box, IoU >= min(bg_iou, the box's best IoU) may hold. Every other anchor has IoU < bg_iou with every box and is
     no box's best, so the matcher makes it background; on these alone it gives each the same result as on all.
@@ -125,8 +129,13 @@ class ImageStatus:
     matches: Tensor
 
 
-def box_status(cfg: ModelConfig, boxes: Tensor, padded_hw: tuple[int, int],
-               generator: AnchorGenerator | None = None, best_iou: Tensor | None = None) -> ImageStatus:  # fmt: skip
+def box_status(
+    cfg: ModelConfig,
+    boxes: Tensor,
+    padded_hw: tuple[int, int],
+    generator: AnchorGenerator | None = None,
+    best_iou: Tensor | None = None,
+) -> ImageStatus:
     """What training's matcher does with the boxes of one image.
 
     boxes: [G, 4] float XYXY in the resized image's pixels (crowd regions left out: they are never targets and do
@@ -202,8 +211,9 @@ def resize_boxes(boxes: Tensor, size_hw: tuple[int, int], resized_hw: tuple[int,
     return boxes[kept], kept
 
 
-def training_boxes(records: Sequence[Any], cfg: ModelConfig, sizes: Iterable[int] | None = None,
-                   one_size_each: bool = False) -> BoxSet:  # fmt: skip
+def training_boxes(
+    records: Sequence[Any], cfg: ModelConfig, sizes: Iterable[int] | None = None, one_size_each: bool = False
+) -> BoxSet:
     """The boxes of a dataset's records (`DetectionDataset.records`) resized to each training size (default
     model.training_sizes), with the padded size the model would give each image. one_size_each: image i at size
     i mod len(sizes) only, an estimate of multi-scale training's coverage at the cost of one size."""
@@ -254,9 +264,11 @@ class Coverage:
         """{"boxes", "coverage", "low_quality_only", "no_anchor"} of all boxes or those of `mask`."""
         status = self.status if mask is None else self.status[mask]
         n = int(status.numel())
-        share = {k: (float((status == s).sum()) / n if n else None)
-                 for k, s in (("coverage", POSITIVE), ("low_quality_only", LOW_QUALITY), ("no_anchor", NONE))}
-        return {"boxes": n, **share}  # fmt: skip
+        share = {
+            k: (float((status == s).sum()) / n if n else None)
+            for k, s in (("coverage", POSITIVE), ("low_quality_only", LOW_QUALITY), ("no_anchor", NONE))
+        }
+        return {"boxes": n, **share}
 
     def buckets(self) -> dict[str, list[dict[str, Any]]]:
         """Shares by size (sqrt of the area after resizing) and by aspect ratio h / w; empty buckets left out."""
@@ -267,22 +279,39 @@ class Coverage:
         by_size = torch.bucketize(side, torch.tensor(SIZE_EDGES, dtype=side.dtype), right=True)
         by_ratio = torch.bucketize(ratio, torch.tensor(RATIO_EDGES, dtype=ratio.dtype), right=True)
         return {
-            "by_size": [{"bucket": n, **self.shares(by_size == i)} for i, n in enumerate(size_names)
-                        if bool((by_size == i).any())],
-            "by_aspect_ratio": [{"bucket": n, **self.shares(by_ratio == i)} for i, n in enumerate(RATIO_NAMES)
-                                if bool((by_ratio == i).any())],
-        }  # fmt: skip
+            "by_size": [
+                {"bucket": n, **self.shares(by_size == i)}
+                for i, n in enumerate(size_names)
+                if bool((by_size == i).any())
+            ],
+            "by_aspect_ratio": [
+                {"bucket": n, **self.shares(by_ratio == i)}
+                for i, n in enumerate(RATIO_NAMES)
+                if bool((by_ratio == i).any())
+            ],
+        }
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: the shares overall and by bucket, the best IoUs' quantiles, what was left out."""
-        q = (torch.quantile(self.best_iou.double(), torch.tensor([0.05, 0.25, 0.5], dtype=torch.float64)).tolist()
-             if self.num_boxes else [None] * 3)  # fmt: skip
+        q = (
+            torch.quantile(self.best_iou.double(), torch.tensor([0.05, 0.25, 0.5], dtype=torch.float64)).tolist()
+            if self.num_boxes
+            else [None] * 3
+        )
         return {
-            **self.shares(), "fg_iou": self.fg_iou, "images": self.images,
-            "best_iou": {"mean": float(self.best_iou.mean()) if self.num_boxes else None, "p5": q[0], "p25": q[1],
-                         "median": q[2]},
-            "dropped_under_1px": self.dropped, "crowd_ignored": self.crowd, **self.buckets(),
-        }  # fmt: skip
+            **self.shares(),
+            "fg_iou": self.fg_iou,
+            "images": self.images,
+            "best_iou": {
+                "mean": float(self.best_iou.mean()) if self.num_boxes else None,
+                "p5": q[0],
+                "p25": q[1],
+                "median": q[2],
+            },
+            "dropped_under_1px": self.dropped,
+            "crowd_ignored": self.crowd,
+            **self.buckets(),
+        }
 
     def describe(self) -> str:
         """One line: the coverage and what the other boxes get."""
@@ -290,9 +319,11 @@ class Coverage:
             return "anchors: the training set has no boxes"
         s = self.shares()
         dropped = f"; {self.dropped} boxes under 1 px after resizing are dropped by training" if self.dropped else ""
-        return (f"anchors: {100 * s['coverage']:.1f}% of the {self.num_boxes} training boxes have an anchor at IoU "
-                f">= {self.fg_iou:g} ({100 * s['low_quality_only']:.1f}% only low-quality matches, "
-                f"{100 * s['no_anchor']:.1f}% none){dropped}")  # fmt: skip
+        return (
+            f"anchors: {100 * s['coverage']:.1f}% of the {self.num_boxes} training boxes have an anchor at IoU "
+            f">= {self.fg_iou:g} ({100 * s['low_quality_only']:.1f}% only low-quality matches, "
+            f"{100 * s['no_anchor']:.1f}% none){dropped}"
+        )
 
 
 def coverage_lines(found: Coverage, least: float = 0.95) -> list[str]:
@@ -306,12 +337,16 @@ def coverage_lines(found: Coverage, least: float = 0.95) -> list[str]:
     small = float((~found.reachable[missed]).float().mean()) if found.reachable is not None else 0.0
     what = f"{100 * (1 - found.value):.1f}% of the training boxes have no anchor at IoU >= {found.fg_iou:g}"
     if small >= 0.5:
-        lines.append(f"warning: {what}, and {100 * small:.0f}% of those are too small for any anchor on the grid at "
-                     "this image size (no anchor shape would reach it): raise model.min_size and max_size, or train "
-                     "on smaller tiles; `retinanet anchors --config RUN.yaml --output DIR --fit` proposes a size")  # fmt: skip
+        lines.append(
+            f"warning: {what}, and {100 * small:.0f}% of those are too small for any anchor on the grid at "
+            "this image size (no anchor shape would reach it): raise model.min_size and max_size, or train "
+            "on smaller tiles; `retinanet anchors --config RUN.yaml --output DIR --fit` proposes a size"
+        )
     else:
-        lines.append(f"warning: {what} (training learns a box from such anchors); `retinanet anchors --config "
-                     "RUN.yaml --output DIR --fit` shows which and proposes anchors that fit the data")  # fmt: skip
+        lines.append(
+            f"warning: {what} (training learns a box from such anchors); `retinanet anchors --config "
+            "RUN.yaml --output DIR --fit` shows which and proposes anchors that fit the data"
+        )
     return lines
 
 
@@ -332,15 +367,22 @@ def coverage(box_set: BoxSet, cfg: ModelConfig) -> Coverage:
     """Training's matcher on every entry of `box_set` with the anchors of `cfg` (see the module docstring)."""
     generator = anchor_generator(cfg)
     best = _best_ious_per_entry(box_set, generator)
-    status = [box_status(cfg, boxes, padded, generator, b).status
-              for boxes, padded, b in zip(box_set.boxes_per_entry, box_set.padded_sizes, best) if len(boxes)]
+    status = [
+        box_status(cfg, boxes, padded, generator, b).status
+        for boxes, padded, b in zip(box_set.boxes_per_entry, box_set.padded_sizes, best)
+        if len(boxes)
+    ]
     boxes = box_set.all_boxes()
     return Coverage(
         best_iou=torch.cat(best) if best else torch.zeros(0),
         status=torch.cat(status) if status else torch.zeros(0, dtype=torch.int64),
-        wh=boxes[:, 2:] - boxes[:, :2], images=box_set.images, dropped=box_set.dropped, crowd=box_set.crowd,
-        fg_iou=cfg.fg_iou, reachable=reachable(box_set, generator, cfg.fg_iou),
-    )  # fmt: skip
+        wh=boxes[:, 2:] - boxes[:, :2],
+        images=box_set.images,
+        dropped=box_set.dropped,
+        crowd=box_set.crowd,
+        fg_iou=cfg.fg_iou,
+        reachable=reachable(box_set, generator, cfg.fg_iou),
+    )
 
 
 def _best_ious_per_entry(box_set: BoxSet, generator: AnchorGenerator) -> list[Tensor]:
@@ -354,67 +396,3 @@ def _best_ious_per_entry(box_set: BoxSet, generator: AnchorGenerator) -> list[Te
         for i, best in zip(entries, best_ious(torch.cat(parts), padded, generator).split([len(p) for p in parts])):
             out[i] = best
     return out
-
-
-def anchor_shapes(sizes_per_level: Sequence[Sequence[float]], ratios: Sequence[float]) -> Tensor:
-    """[L, A, 2] anchor (width, height) per level, ratio-major then size, as AnchorGenerator orders them."""
-    sizes = torch.tensor(sizes_per_level, dtype=torch.float64)  # [L, S]
-    h_ratio = torch.tensor(ratios, dtype=torch.float64).sqrt()  # [R]
-    ws = (sizes[:, None, :] / h_ratio[None, :, None]).reshape(len(sizes), -1)
-    hs = (sizes[:, None, :] * h_ratio[None, :, None]).reshape(len(sizes), -1)
-    return torch.stack((ws, hs), -1)
-
-
-@dataclass
-class GridOffsets:
-    """Per box (one per image and training size): wh [N, 2] its width and height, and per level d [N, L, 2] the
-    x and y distance from its centre to the nearest anchor centre of the level's grid (inside the grid)."""
-
-    wh: Tensor
-    d: Tensor
-
-    @classmethod
-    def of_image(cls, boxes: Tensor, padded_hw: tuple[int, int], generator: AnchorGenerator) -> "GridOffsets":
-        """The offsets of one image's boxes [G, 4] on the grids of its padded input."""
-        grids = grid_sizes(padded_hw, generator.num_levels)
-        strides = torch.tensor(generator.strides_for(grids, padded_hw), dtype=torch.float64)  # [L, 2] (y, x)
-        b = boxes.double()
-        centre = torch.stack(((b[:, 1] + b[:, 3]) / 2, (b[:, 0] + b[:, 2]) / 2), 1)  # [G, 2] (y, x)
-        index = (centre[:, None] / strides - generator.offset).round().clamp(min=0)
-        index = torch.minimum(index, torch.tensor(grids, dtype=torch.float64) - 1)
-        nearest = (index + generator.offset) * strides
-        return cls(b[:, 2:] - b[:, :2], (nearest - centre[:, None]).abs().flip(-1))  # d as (x, y)
-
-    @classmethod
-    def of(cls, box_set: BoxSet, generator: AnchorGenerator) -> "GridOffsets":
-        """The offsets of every box of `box_set`."""
-        parts = [cls.of_image(b, p, generator) for b, p in zip(box_set.boxes_per_entry, box_set.padded_sizes)
-                 if len(b)]  # fmt: skip
-        if not parts:
-            return cls(torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, generator.num_levels, 2))
-        return cls(torch.cat([p.wh for p in parts]), torch.cat([p.d for p in parts]))
-
-    def subset(self, count: int, seed: int = 0) -> "GridOffsets":
-        """At most `count` of the boxes, drawn at random (reproducibly), in float32 (enough for a search)."""
-        pick = torch.randperm(len(self.wh), generator=torch.Generator().manual_seed(seed))[:count]
-        return GridOffsets(self.wh[pick].float(), self.d[pick].float())
-
-
-def best_iou_on_grid(offsets: GridOffsets, shapes: Tensor, reduce: bool = True) -> Tensor:
-    """[N] (in the offsets' dtype) each box's highest IoU with any anchor, in closed form: per level and shape the
-    anchor centred nearest the box's centre (on each axis IoU only falls as the centres part).
-
-    shapes: [L, A, 2] anchor (width, height) per level (`anchor_shapes`, or `level_shapes` of a generator).
-    reduce=False: the IoU per level and shape, [N, L, A], instead of the maximum."""
-    if not len(offsets.wh):
-        return offsets.wh.new_zeros(0)
-    shapes = shapes.to(offsets.wh.dtype)
-    half_box = offsets.wh[:, None, None, :] / 2  # [N, 1, 1, 2]
-    half_anchor = shapes[None] / 2  # [1, L, A, 2]
-    d = offsets.d[:, :, None, :]  # [N, L, 1, 2]
-    # the box spans [-half_box, half_box] on each axis, the anchor [d - half_anchor, d + half_anchor]
-    overlap = (torch.minimum(half_box, d + half_anchor) + torch.minimum(half_box, half_anchor - d)).clamp_(min=0)
-    inter = overlap[..., 0] * overlap[..., 1]
-    union = (offsets.wh.prod(1)[:, None, None] + shapes.prod(-1)[None]) - inter
-    iou = inter / union
-    return iou.flatten(1).amax(1) if reduce else iou

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from retinanet.config import ModelConfig, apply_overrides
 from retinanet.ops.anchors import anchor_generator
-from retinanet.tools.anchor_coverage import BoxSet, GridOffsets, best_iou_on_grid, one_thread
+from retinanet.tools.anchor_coverage import BoxSet, one_thread
+from retinanet.tools.anchor_grid import GridOffsets, best_iou_on_grid
 
 __all__ = ["AnchorLayout", "Fit", "fit_anchors"]
 
@@ -107,8 +108,12 @@ class _Search:
         best of a scan from 4 to 128 px in quarter octaves."""
         log_ratio = (self.offsets.wh[:, 1] / self.offsets.wh[:, 0]).log2().double()
         qs = torch.tensor([(i + 0.5) / self.num_ratios for i in range(self.num_ratios)], dtype=torch.float64)
-        rest = torch.cat((torch.arange(1, self.num_scales, dtype=torch.float64) / self.num_scales,
-                          torch.quantile(log_ratio, qs).clamp(-4, 4)))  # fmt: skip
+        rest = torch.cat(
+            (
+                torch.arange(1, self.num_scales, dtype=torch.float64) / self.num_scales,
+                torch.quantile(log_ratio, qs).clamp(-4, 4),
+            )
+        )
         every = list(range(self.num_scales * self.num_ratios))
         starts = [torch.cat((torch.tensor([b], dtype=torch.float64), rest)) for b in torch.arange(2.0, 7.01, 0.25)]
         return max(starts, key=lambda p: self.score(self.columns(p, every)))
@@ -152,8 +157,14 @@ class Fit:
 
 
 @one_thread()
-def fit_anchors(box_set: BoxSet, cfg: ModelConfig, max_anchors: int = 9, tolerance: float = 0.005,
-                max_boxes: int = 5000, seed: int = 0) -> Fit:  # fmt: skip
+def fit_anchors(
+    box_set: BoxSet,
+    cfg: ModelConfig,
+    max_anchors: int = 9,
+    tolerance: float = 0.005,
+    max_boxes: int = 5000,
+    seed: int = 0,
+) -> Fit:
     """Anchor sizes (doubling per level), scales and aspect ratios that give the most boxes an anchor at
     IoU >= fg_iou, by the closed form `best_iou_on_grid` over up to `max_boxes` boxes.
 
@@ -176,13 +187,16 @@ def fit_anchors(box_set: BoxSet, cfg: ModelConfig, max_anchors: int = 9, toleran
     pattern = [cfg.anchor_sizes[0] * 2**level for level in range(generator.num_levels)]
     doubling = cfg.anchor_sizes_per_level is None and all(map(math.isclose, cfg.anchor_sizes, pattern))
     if doubling and current.num_anchors <= max_anchors:  # a search from the current layout too
-        search = _Search(offsets, cfg.fg_iou, len(current.anchor_scales), len(current.aspect_ratios),
-                         generator.num_levels)  # fmt: skip
+        search = _Search(
+            offsets, cfg.fg_iou, len(current.anchor_scales), len(current.aspect_ratios), generator.num_levels
+        )
         score, params = search.descend(search.params_of(current))
         tried.append((score, search.layout(params)))
     most = max(score[0] for score, _ in tried)
     good = [(score, layout) for score, layout in tried if score[0] >= most - tolerance * n]
     _, chosen = min(good, key=lambda t: (t[1].num_anchors, -t[0][0], -t[0][1]))
-    rows = [{"num_anchors": layout.num_anchors, "proxy_coverage": score[0] / n, **dataclasses.asdict(layout)}
-            for score, layout in tried]  # fmt: skip
+    rows = [
+        {"num_anchors": layout.num_anchors, "proxy_coverage": score[0] / n, **dataclasses.asdict(layout)}
+        for score, layout in tried
+    ]
     return Fit(chosen, rows)

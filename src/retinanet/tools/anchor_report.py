@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,18 +12,18 @@ import yaml
 
 from retinanet.config import ModelConfig, apply_overrides
 from retinanet.ops.anchors import AnchorGenerator, anchor_generator
+from retinanet.runtime.outputs import atomic_write, save_figure, write_json
 from retinanet.tools.anchor_coverage import (
     LOW_QUALITY,
     NONE,
     POSITIVE,
     STATUS_NAMES,
     Coverage,
-    anchor_shapes,
     coverage,
     training_boxes,
 )
 from retinanet.tools.anchor_fit import fit_anchors
-from retinanet.runtime.outputs import atomic_write, save_figure, write_json
+from retinanet.tools.anchor_grid import anchor_shapes
 
 __all__ = ["layout_summary", "plot_coverage", "summary_lines", "write_report"]
 
@@ -32,13 +31,16 @@ __all__ = ["layout_summary", "plot_coverage", "summary_lines", "write_report"]
 def layout_summary(cfg: ModelConfig) -> dict[str, Any]:
     """The anchors of a config, JSON-ready: sizes per level (P3 first), aspect ratios, A per location."""
     generator = anchor_generator(cfg)
-    return {"sizes_per_level": [[round(s, 2) for s in sizes] for sizes in generator.sizes_per_level],
-            "aspect_ratios": list(generator.aspect_ratios),
-            "anchors_per_location": generator.num_anchors_per_location()}
+    return {
+        "sizes_per_level": [[round(s, 2) for s in sizes] for sizes in generator.sizes_per_level],
+        "aspect_ratios": list(generator.aspect_ratios),
+        "anchors_per_location": generator.num_anchors_per_location(),
+    }
 
 
-def write_report(records: Sequence[Any], cfg: ModelConfig, output: str | Path, fit: bool = False,
-                 max_anchors: int = 9) -> dict[str, Any]:  # fmt: skip
+def write_report(
+    records: Sequence[Any], cfg: ModelConfig, output: str | Path, fit: bool = False, max_anchors: int = 9
+) -> dict[str, Any]:
     """Coverage of the dataset's boxes by the anchors of `cfg` (and, with `fit`, by fitted anchors), written to
     output/anchors.json, output/anchors.png and, with `fit`, output/anchors_fit.yaml (the model overrides).
     Returns the summary written to anchors.json: coverage, shares by bucket, best IoUs; fitted_coverage,
@@ -54,23 +56,34 @@ def write_report(records: Sequence[Any], cfg: ModelConfig, output: str | Path, f
         fitted_cfg = result.layout.apply(cfg)
         fitted = coverage(box_set, fitted_cfg)
         overrides = result.layout.overrides(cfg)
-        summary.update(fitted_coverage=fitted.value, overrides=overrides, fitted=fitted.summary(),
-                       fitted_anchors=layout_summary(fitted_cfg), search=result.tried)  # fmt: skip
+        summary.update(
+            fitted_coverage=fitted.value,
+            overrides=overrides,
+            fitted=fitted.summary(),
+            fitted_anchors=layout_summary(fitted_cfg),
+            search=result.tried,
+        )
         generators["fitted"] = anchor_generator(fitted_cfg)
         out.mkdir(parents=True, exist_ok=True)
-        header = (f"# retinanet anchors --fit: {_percent(found.value)} -> {_percent(fitted.value)} of the "
-                  f"{found.num_boxes} training boxes get an anchor at IoU >= {cfg.fg_iou:g}\n")  # fmt: skip
+        header = (
+            f"# retinanet anchors --fit: {_percent(found.value)} -> {_percent(fitted.value)} of the "
+            f"{found.num_boxes} training boxes get an anchor at IoU >= {cfg.fg_iou:g}\n"
+        )
         before, after = anchor_generator(cfg).num_anchors_per_location(), result.layout.num_anchors
         if before != after:
-            header += (f"# anchors per location {before} -> {after}: a model started (model.init_from) from one with "
-                       f"{before} starts its final layers again\n")  # fmt: skip
+            header += (
+                f"# anchors per location {before} -> {after}: a model started (model.init_from) from one with "
+                f"{before} starts its final layers again\n"
+            )
         text = yaml.safe_dump({"model": overrides}, sort_keys=False, default_flow_style=None)
         larger = fit_size(records, cfg, max_anchors) if fitted.value is not None and fitted.value < LEAST else None
         if larger is not None:
             summary["larger_size"] = larger
-            text += (f"# objects too small for the anchor grid at this size: at {larger['factor']:g}x the image size "
-                     f"(about {larger['factor'] ** 2:.1f}x the compute) anchors fitted there cover "
-                     f"{_percent(larger['coverage'])}; in place of the above:\n")
+            text += (
+                f"# objects too small for the anchor grid at this size: at {larger['factor']:g}x the image size "
+                f"(about {larger['factor'] ** 2:.1f}x the compute) anchors fitted there cover "
+                f"{_percent(larger['coverage'])}; in place of the above:\n"
+            )
             dump = yaml.safe_dump({"model": larger["overrides"]}, sort_keys=False, default_flow_style=None)
             text += "".join(f"# {line}" for line in dump.splitlines(keepends=True))
         atomic_write(out / "anchors_fit.yaml", header + text)
@@ -93,8 +106,11 @@ def fit_size(records: Sequence[Any], cfg: ModelConfig, max_anchors: int = 9) -> 
     best, start = None, coverage(training_boxes(records, cfg), cfg).value or 0.0
     d = cfg.size_divisible
     for factor in SIZE_FACTORS:
-        sizes = {"min_size": d * round(cfg.min_size * factor / d), "max_size": d * round(cfg.max_size * factor / d),
-                 "train_min_sizes": [d * round(t * factor / d) for t in cfg.train_min_sizes]}  # fmt: skip
+        sizes = {
+            "min_size": d * round(cfg.min_size * factor / d),
+            "max_size": d * round(cfg.max_size * factor / d),
+            "train_min_sizes": [d * round(t * factor / d) for t in cfg.train_min_sizes],
+        }
         larger = apply_overrides(cfg, sizes)
         boxes = training_boxes(records, larger)
         layout = fit_anchors(boxes, larger, max_anchors=max_anchors).layout
@@ -117,9 +133,11 @@ def summary_lines(summary: dict[str, Any], output: Path) -> list[str]:
         lines.append(yaml.safe_dump({"model": summary["overrides"]}, sort_keys=False, default_flow_style=None).rstrip())
     if "larger_size" in summary:
         larger = summary["larger_size"]
-        lines.append(f"objects too small for the anchor grid at this size: at {larger['factor']:g}x the image size "
-                     f"(about {larger['factor'] ** 2:.1f}x the compute) anchors fitted there cover "
-                     f"{_percent(larger['coverage'])} (or train on tiles {larger['factor']:g}x smaller):")  # fmt: skip
+        lines.append(
+            f"objects too small for the anchor grid at this size: at {larger['factor']:g}x the image size "
+            f"(about {larger['factor'] ** 2:.1f}x the compute) anchors fitted there cover "
+            f"{_percent(larger['coverage'])} (or train on tiles {larger['factor']:g}x smaller):"
+        )
         lines.append(yaml.safe_dump({"model": larger["overrides"]}, sort_keys=False, default_flow_style=None).rstrip())
     lines.append(f"anchors.json and anchors.png in {output} ({summary['seconds']} s)")
     return lines
@@ -128,12 +146,16 @@ def summary_lines(summary: dict[str, Any], output: Path) -> list[str]:
 def _coverage_lines(name: str, summary: dict[str, Any]) -> list[str]:
     if not summary["boxes"]:
         return [f"{name}: no boxes"]
-    lines = [f"{name}: {100 * summary['coverage']:.1f}% of {summary['boxes']} boxes have an anchor at IoU >= "
-             f"{summary['fg_iou']:g}; {100 * summary['low_quality_only']:.1f}% only low-quality matches, "
-             f"{100 * summary['no_anchor']:.1f}% none"]  # fmt: skip
+    lines = [
+        f"{name}: {100 * summary['coverage']:.1f}% of {summary['boxes']} boxes have an anchor at IoU >= "
+        f"{summary['fg_iou']:g}; {100 * summary['low_quality_only']:.1f}% only low-quality matches, "
+        f"{100 * summary['no_anchor']:.1f}% none"
+    ]
     for row in summary["by_size"] + summary["by_aspect_ratio"]:
-        lines.append(f"  {row['bucket']:>12}: {row['boxes']:>7} boxes, {100 * row['coverage']:5.1f}% covered, "
-                     f"{100 * row['no_anchor']:5.1f}% none")  # fmt: skip
+        lines.append(
+            f"  {row['bucket']:>12}: {row['boxes']:>7} boxes, {100 * row['coverage']:5.1f}% covered, "
+            f"{100 * row['no_anchor']:5.1f}% none"
+        )
     return lines
 
 
@@ -148,8 +170,9 @@ def _percent(value: float | None) -> str:
 COLOURS = {POSITIVE: "#2ca02c", LOW_QUALITY: "#ff7f0e", NONE: "#d62728"}
 
 
-def plot_coverage(found: Coverage, layouts: dict[str, AnchorGenerator], path: str | Path,
-                  max_points: int = 20000) -> Path:  # fmt: skip
+def plot_coverage(
+    found: Coverage, layouts: dict[str, AnchorGenerator], path: str | Path, max_points: int = 20000
+) -> Path:
     """A PNG: the boxes' widths and heights (log-log, coloured by status) with each layout's anchor shapes over
     them, and the coverage by size bucket."""
     import matplotlib

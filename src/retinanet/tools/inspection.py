@@ -7,13 +7,12 @@ and statistics of the annotations. Headless: everything is written to files.
     stats.json, stats.png     images, empty images, boxes per image, boxes and images per class, box sizes and
                               aspect ratios as stored and after the resize, crowd regions
 
-The boxes' status is training's matcher on the anchors of the padded image (retinanet.tools.anchor_coverage), so a red box
-here is a box the model is never taught to find.
+The boxes' status is training's matcher on the anchors of the padded image (retinanet.tools.anchor_coverage), so a red
+box here is a box the model is never taught to find.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,12 +23,12 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
 from retinanet.config import ModelConfig
+from retinanet.inference.drawing import DRAW_MODES, label_font, label_style, upscale_small, with_labels
 from retinanet.ops.anchors import anchor_generator
 from retinanet.ops.boxes import paired_iou
 from retinanet.ops.resize import padded_size
-from retinanet.tools.anchor_coverage import LOW_QUALITY, NONE, POSITIVE, box_status, training_boxes
-from retinanet.inference.drawing import DRAW_MODES, label_font, label_style, upscale_small, with_labels
 from retinanet.runtime.outputs import save_figure, write_json
+from retinanet.tools.anchor_coverage import LOW_QUALITY, NONE, POSITIVE, box_status, training_boxes
 
 __all__ = ["dataset_statistics", "draw_inspection", "inspect_dataset", "plot_statistics", "summary_line"]
 
@@ -65,21 +64,26 @@ def dataset_statistics(records: Sequence[Any], categories: Sequence[dict[str, An
         "empty_images": int((per_image == 0).sum()),
         "boxes": int(per_image.sum()),
         "crowd_regions": sum(int(r.iscrowd.sum()) for r in records),
-        "boxes_per_image": {"mean": round(float(per_image.mean()), 3) if records else None,
-                            **(_quantiles(per_image) or {})},
-        "classes": [{"label": k, "id": c["id"], "name": c["name"], "boxes": counts.get(k, 0),
-                     "images": images_with.get(k, 0)} for k, c in enumerate(categories)],
+        "boxes_per_image": {
+            "mean": round(float(per_image.mean()), 3) if records else None,
+            **(_quantiles(per_image) or {}),
+        },
+        "classes": [
+            {"label": k, "id": c["id"], "name": c["name"], "boxes": counts.get(k, 0), "images": images_with.get(k, 0)}
+            for k, c in enumerate(categories)
+        ],
         "box_size_px": _quantiles(wh.prod(1).sqrt()),
         "box_width_px": _quantiles(wh[:, 0]),
         "box_height_px": _quantiles(wh[:, 1]),
         "aspect_ratio_h_over_w": _quantiles(wh[:, 1] / wh[:, 0]),
         "box_size_px_after_resize": _quantiles((resized[:, 2:] - resized[:, :2]).prod(1).sqrt()),
         "resize": {"min_size": cfg.min_size, "max_size": cfg.max_size},
-    }  # fmt: skip
+    }
 
 
-def plot_statistics(records: Sequence[Any], categories: Sequence[dict[str, Any]], cfg: ModelConfig,
-                    path: str | Path) -> Path:  # fmt: skip
+def plot_statistics(
+    records: Sequence[Any], categories: Sequence[dict[str, Any]], cfg: ModelConfig, path: str | Path
+) -> Path:
     """A PNG of four histograms: boxes per image, boxes per class, box sizes (stored and resized), aspect ratios."""
     import matplotlib
 
@@ -112,15 +116,24 @@ def plot_statistics(records: Sequence[Any], categories: Sequence[dict[str, Any]]
     return save_figure(fig, path)
 
 
-def draw_inspection(image: Tensor, boxes: Tensor, status: Tensor, labels: Tensor, class_names: Sequence[str],
-                    best_iou: Tensor, crowd: Tensor | None = None, anchors_per_box: list[Tensor] | None = None,
-                    mode: str = "auto") -> Tensor:  # fmt: skip
+def draw_inspection(
+    image: Tensor,
+    boxes: Tensor,
+    status: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str],
+    best_iou: Tensor,
+    crowd: Tensor | None = None,
+    anchors_per_box: list[Tensor] | None = None,
+    mode: str = "auto",
+) -> Tensor:
     """The image with its boxes coloured by status; mode: with their labels ("labels"), boxes alone ("boxes"), or
-    labels while they stay readable (retinanet.inference.drawing.labels_readable) and boxes alone in dense scenes ("auto").
+        labels while they stay readable (retinanet.inference.drawing.labels_readable) and boxes alone in dense scenes
+    ("auto").
 
-    image: float [3, H, W] in [0, 1]; boxes [G, 4] XYXY pixels; status [G] (POSITIVE, LOW_QUALITY, NONE);
-    labels [G]; best_iou [G]; crowd [C, 4] regions drawn grey; anchors_per_box: per box [M_g, 4] anchors drawn thin.
-    Returns uint8 [3, H', W'] (small images are enlarged so that the labels stay legible)."""
+        image: float [3, H, W] in [0, 1]; boxes [G, 4] XYXY pixels; status [G] (POSITIVE, LOW_QUALITY, NONE);
+        labels [G]; best_iou [G]; crowd [C, 4] regions drawn grey; anchors_per_box: per box [M_g, 4] anchors drawn thin.
+        Returns uint8 [3, H', W'] (small images are enlarged so that the labels stay legible)."""
     original_width = image.shape[-1]
     image, boxes = upscale_small(image.detach().cpu(), boxes.detach().cpu().float())
     up = image.shape[-1] // original_width  # the enlargement, for the crowd regions and anchors too
@@ -129,20 +142,31 @@ def draw_inspection(image: Tensor, boxes: Tensor, status: Tensor, labels: Tensor
     if anchors_per_box:
         drawn = [(a.float() * up, ANCHOR_COLOURS[int(s)]) for a, s in zip(anchors_per_box, status) if len(a)]
         if drawn:
-            img = draw_bounding_boxes(img, torch.cat([a for a, _ in drawn]), width=1,
-                                      colors=[c for a, c in drawn for _ in range(len(a))])  # fmt: skip
+            img = draw_bounding_boxes(
+                img, torch.cat([a for a, _ in drawn]), width=1, colors=[c for a, c in drawn for _ in range(len(a))]
+            )
     if crowd is not None and len(crowd):
         img = draw_bounding_boxes(img, crowd.float() * up, colors=CROWD_COLOUR, width=width)
     if len(boxes):
-        text = [f"{_name(class_names, k)}" + ("" if s == POSITIVE else f" IoU {iou:.2f}")
-                for k, s, iou in zip(labels.tolist(), status.tolist(), best_iou.tolist())]  # fmt: skip
+        text = [
+            f"{_name(class_names, k)}" + ("" if s == POSITIVE else f" IoU {iou:.2f}")
+            for k, s, iou in zip(labels.tolist(), status.tolist(), best_iou.tolist())
+        ]
         colours = [COLOURS[int(s)] for s in status]
         side = float((boxes[:, 2:] - boxes[:, :2]).min(1).values.median())
         line = max(1, min(width + 1, round(side / 10)))  # lines thin enough not to hide small objects
         if with_labels(mode, boxes, text, tuple(img.shape[-2:])):
-            img = draw_bounding_boxes(img, boxes, labels=text, colors=colours, width=line, font=label_font(),
-                                      font_size=label_style(tuple(img.shape[-2:]))[0], label_colors="white",
-                                      fill_labels=True)  # fmt: skip
+            img = draw_bounding_boxes(
+                img,
+                boxes,
+                labels=text,
+                colors=colours,
+                width=line,
+                font=label_font(),
+                font_size=label_style(tuple(img.shape[-2:]))[0],
+                label_colors="white",
+                fill_labels=True,
+            )
         else:
             img = draw_bounding_boxes(img, boxes, colors=colours, width=line)
     return img
@@ -165,9 +189,15 @@ def _positive_anchors(found: Any, boxes: Tensor, fg_iou: float) -> list[Tensor]:
     return out
 
 
-def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anchors: bool = False,
-                    limit: int | None = 64, only_missed: bool = False,
-                    draw: str = "auto") -> dict[str, Any]:  # fmt: skip
+def inspect_dataset(
+    dataset: Any,
+    cfg: ModelConfig,
+    output: str | Path,
+    show_anchors: bool = False,
+    limit: int | None = 64,
+    only_missed: bool = False,
+    draw: str = "auto",
+) -> dict[str, Any]:
     """Write the drawn images of `dataset` (with its transforms) and its statistics under `output`.
 
     limit: at most this many images drawn (None: all); only_missed: draw only images that have a box without a
@@ -198,21 +228,31 @@ def inspect_dataset(dataset: Any, cfg: ModelConfig, output: str | Path, show_anc
     return result
 
 
-def _inspect_one(dataset: Any, index: int, cfg: ModelConfig, generator: Any, names: Sequence[str], folder: Path,
-                 show_anchors: bool, only_missed: bool, draw: str = "auto") -> dict[str, Any] | None:  # fmt: skip
+def _inspect_one(
+    dataset: Any,
+    index: int,
+    cfg: ModelConfig,
+    generator: Any,
+    names: Sequence[str],
+    folder: Path,
+    show_anchors: bool,
+    only_missed: bool,
+    draw: str = "auto",
+) -> dict[str, Any] | None:
     image, target = dataset[index]
     image = image.as_subclass(Tensor)
     all_boxes = target["boxes"].as_subclass(Tensor).float()
     crowd = target["iscrowd"].as_subclass(Tensor).bool()
     boxes, labels = all_boxes[~crowd], target["labels"].as_subclass(Tensor)[~crowd]
     found = box_status(cfg, boxes, padded_size(tuple(image.shape[-2:]), cfg.size_divisible), generator)
-    counts = {key: int((found.status == s).sum()) for key, s in
-              (("positive", POSITIVE), ("low_quality_only", LOW_QUALITY), ("no_anchor", NONE))}  # fmt: skip
+    counts = {
+        key: int((found.status == s).sum())
+        for key, s in (("positive", POSITIVE), ("low_quality_only", LOW_QUALITY), ("no_anchor", NONE))
+    }
     if only_missed and counts["positive"] == len(boxes):
         return None
     anchors = _positive_anchors(found, boxes, cfg.fg_iou) if show_anchors else None
-    drawn = draw_inspection(image, boxes, found.status, labels, names, found.best_iou, all_boxes[crowd], anchors,
-                            draw)  # fmt: skip
+    drawn = draw_inspection(image, boxes, found.status, labels, names, found.best_iou, all_boxes[crowd], anchors, draw)
     record = dataset.records[index]
     stem = record.path.stem if record.path is not None else f"image{record.image_id}"
     path = folder / f"{index:05d}_{stem}.png"
@@ -223,6 +263,8 @@ def _inspect_one(dataset: Any, index: int, cfg: ModelConfig, generator: Any, nam
 def summary_line(result: dict[str, Any]) -> str:
     """What `retinanet inspect` prints of `inspect_dataset`'s result: the data's size and the drawn boxes' status."""
     stats, by_status = result["statistics"], result["boxes_by_status"]
-    return (f"{stats['images']} images ({stats['empty_images']} empty), {stats['boxes']} boxes; drawn: "
-            f"{len(result['images'])} images, boxes with a positive anchor {by_status.get('positive', 0)}, only "
-            f"low-quality {by_status.get('low_quality_only', 0)}, none {by_status.get('no_anchor', 0)}")  # fmt: skip
+    return (
+        f"{stats['images']} images ({stats['empty_images']} empty), {stats['boxes']} boxes; drawn: "
+        f"{len(result['images'])} images, boxes with a positive anchor {by_status.get('positive', 0)}, only "
+        f"low-quality {by_status.get('low_quality_only', 0)}, none {by_status.get('no_anchor', 0)}"
+    )

@@ -6,8 +6,9 @@ FIRST_CHECK iterations, from their speed) comes before the schedule's length mat
 CHECK_EVERY iterations the speed of every iteration since the first check (a mean over hundreds of iterations: the
 speed of a few tens moves with each batch's augmentation) says how many iterations the remaining minutes hold, and
 max_iters - the cosine decay's or the steps' length - follows it when it moves by more than TOLERANCE, or at once
-when the time is spent. Evaluation is not counted (the log says how long it took), checkpoints are. The seconds spent travel with
-every checkpoint, so that a resumed run spends only what is left. Under DDP rank 0's clock decides for every process.
+when the time is spent. Evaluation is not counted (the log says how long it took), checkpoints are. The seconds spent
+travel with every checkpoint, so that a resumed run spends only what is left. Under DDP rank 0's clock decides for every
+process.
 """
 
 from __future__ import annotations

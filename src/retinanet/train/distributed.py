@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from retinanet.runtime.device import check_precision, resolve_device
 from retinanet.config import TrainConfig
 from retinanet.model.detector import RetinaNet
+from retinanet.runtime.device import check_precision, resolve_device
 
 __all__ = [
     "LossModule",
@@ -110,8 +110,10 @@ def per_process_batch(batch_size: int, world: int) -> int:
     if batch_size % world:
         lower, upper = batch_size - batch_size % world, batch_size + world - batch_size % world
         choices = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ValueError(f"train.batch_size {batch_size} does not split evenly over {world} processes "
-                         f"({batch_size / world:g} images each): use train.batch_size={choices}")  # fmt: skip
+        raise ValueError(
+            f"train.batch_size {batch_size} does not split evenly over {world} processes "
+            f"({batch_size / world:g} images each): use train.batch_size={choices}"
+        )
     return batch_size // world
 
 
@@ -119,6 +121,8 @@ def check_batch_size(loader: DataLoader, cfg: TrainConfig, world: int) -> None:
     """The loader's batch times the processes is train.batch_size (the lr is set for it); a ValueError otherwise."""
     per_process = getattr(loader, "batch_size", None)
     if per_process is not None and per_process != per_process_batch(cfg.batch_size, world):
-        raise ValueError(f"the loader gives {per_process} images x {world} process(es) per iteration but "
-                         f"train.batch_size is {cfg.batch_size}: make the loader's batch "
-                         f"{cfg.batch_size // world}")  # fmt: skip
+        raise ValueError(
+            f"the loader gives {per_process} images x {world} process(es) per iteration but "
+            f"train.batch_size is {cfg.batch_size}: make the loader's batch "
+            f"{cfg.batch_size // world}"
+        )

@@ -84,8 +84,9 @@ class Progress:
         self.total, self.n, self.start = total, start, start
         self.enabled = enabled
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
-        self.bar = tqdm(total=total, initial=start, disable=not (enabled and self.terminal), desc="train",
-                        dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=total, initial=start, disable=not (enabled and self.terminal), desc="train", dynamic_ncols=True
+        )
         self.t0 = time.perf_counter()
 
     def update(self) -> None:
@@ -102,8 +103,11 @@ class Progress:
         rate = (self.n - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
         losses = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-        print(f"train: iteration {self.n}/{self.total} ({rate:.2f} it/s, {left / 60:.1f} min left): {losses}, "
-              f"lr {lr:.3g}", flush=True)  # fmt: skip
+        print(
+            f"train: iteration {self.n}/{self.total} ({rate:.2f} it/s, {left / 60:.1f} min left): {losses}, "
+            f"lr {lr:.3g}",
+            flush=True,
+        )
 
     def close(self) -> None:
         self.bar.close()
@@ -136,9 +140,12 @@ def plot_training_curves(log_jsonl: str | Path, path: str | Path) -> Path:
     if evals:
         # every validation set's AP (data.extra_val's after their names), then the training images'
         others = sorted({k.split("/")[1] for r in evals for k in r if k.count("/") == 2 and k.endswith("/AP")})
-        for key, label in (("eval/AP", "validation AP"), ("eval/AP50", "validation AP50"),
-                           *((f"eval/{n}/AP", f"{n} AP") for n in others),
-                           ("eval/train_AP", "training images' AP")):  # fmt: skip
+        for key, label in (
+            ("eval/AP", "validation AP"),
+            ("eval/AP50", "validation AP50"),
+            *((f"eval/{n}/AP", f"{n} AP") for n in others),
+            ("eval/train_AP", "training images' AP"),
+        ):
             points = [(r["iter"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
             if points:
                 axes[2].plot(*zip(*points), marker="o", label=label)

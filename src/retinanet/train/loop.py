@@ -28,10 +28,10 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retinanet.runtime import fastpath
 from retinanet.config import TrainConfig
 from retinanet.model import RetinaNet
 from retinanet.model.checkpoint import rng_state, save_checkpoint, set_rng_state
+from retinanet.runtime import fastpath
 from retinanet.train.budget import TimeBudget
 from retinanet.train.distributed import check_batch_size, rank_and_world, train_device, wrap_for_ddp
 from retinanet.train.ema import build_ema, ema_state, load_ema_state
@@ -101,8 +101,9 @@ def train(
                 with torch.autocast(r.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = r.loss_fn(images, targets)
                 total = sum(losses.values())
-                stopping, due = _check_finite(losses, total, it, r.world > 1, r.out / "last.pt", stop.requested,
-                                              r.checkpoint_due(cfg))  # fmt: skip
+                stopping, due = _check_finite(
+                    losses, total, it, r.world > 1, r.out / "last.pt", stop.requested, r.checkpoint_due(cfg)
+                )
                 r.optimizer.zero_grad(set_to_none=True)
                 r.scaler.scale(total).backward()
                 if cfg.grad_clip is not None:
@@ -119,8 +120,8 @@ def train(
                 last = it == cfg.max_iters
                 if it % cfg.log_every == 0 or last or stopping:
                     values = {k: v.item() for k, v in losses.items()} | {"loss": total.item()}
-                    r.log.write(it, {**values, "lr": lr, "time": time.perf_counter() - tic, "data_time": data_time,
-                                     **_coverage_counts(model)})  # fmt: skip
+                    timing = {"lr": lr, "time": time.perf_counter() - tic, "data_time": data_time}
+                    r.log.write(it, values | timing | _coverage_counts(model))
                     bar.show(values, lr)
                 if eval_fn is not None and ((cfg.eval_every and it % cfg.eval_every == 0) or last):
                     t_eval -= time.perf_counter()
@@ -136,8 +137,8 @@ def train(
     finally:
         bar.close()
         r.finish(bar.n, time.perf_counter() - t_start - t_eval, t_eval)
-    return {"iteration": max(r.start, cfg.max_iters), "losses": values, "metrics": metrics,
-            "checkpoint": r.out / "last.pt", "fast_paths": r.fast}  # fmt: skip
+    result = {"iteration": max(r.start, cfg.max_iters), "losses": values, "metrics": metrics}
+    return result | {"checkpoint": r.out / "last.pt", "fast_paths": r.fast}
 
 
 @dataclass
@@ -179,8 +180,11 @@ class _Run:
         if new is not None:
             cfg.max_iters = bar.total = new
             fit_schedule(self.scheduler, cfg)
-            self.log.note(f"train.minutes {cfg.minutes:g}: {self.budget.used(elapsed) / 60:.1f} min spent at iteration "
-                          f"{iteration}; the run now ends at iteration {new}", echo=False)  # fmt: skip
+            self.log.note(
+                f"train.minutes {cfg.minutes:g}: {self.budget.used(elapsed) / 60:.1f} min spent at iteration "
+                f"{iteration}; the run now ends at iteration {new}",
+                echo=False,
+            )
 
     def keep_best(self, model: RetinaNet, iteration: int, metrics: Mapping[str, Any], cfg: TrainConfig) -> None:
         """best.pt (rank 0) when the evaluation's selection score (`SELECTION`: best_metric, weighed over the
@@ -192,8 +196,14 @@ class _Run:
         name = f"{cfg.best_metric} weighed over the validation sets" if weighed else cfg.best_metric
         self.best = {"metric": name, "value": float(value), "iteration": iteration}
         if self.rank == 0:
-            save_checkpoint(self.out / "best.pt", self.evaluated(model), iteration=iteration, train_config=cfg,
-                            extra={"best": self.best}, fast_paths=self.fast)  # fmt: skip
+            save_checkpoint(
+                self.out / "best.pt",
+                self.evaluated(model),
+                iteration=iteration,
+                train_config=cfg,
+                extra={"best": self.best},
+                fast_paths=self.fast,
+            )
             self.log.note(f"best.pt: {name} {value:.4f} at iteration {iteration}", echo=False)
 
     def checkpoint_due(self, cfg: TrainConfig) -> bool:
@@ -207,22 +217,46 @@ class _Run:
         """last.pt, with the training seconds spent so far (train.minutes continues from them on resume)."""
         self.saved_at = time.monotonic()
         spent = self.budget.used(elapsed) if self.budget is not None else None
-        checkpoint_run(self.out, model, self.optimizer, self.scheduler, self.scaler, iteration, cfg, self.stream,
-                       self.rank, self.world, self.fast, ema_state(self.ema), self.best, spent)  # fmt: skip
+        checkpoint_run(
+            self.out,
+            model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            iteration,
+            cfg,
+            self.stream,
+            self.rank,
+            self.world,
+            self.fast,
+            ema_state(self.ema),
+            self.best,
+            spent,
+        )
 
     def finish(self, reached: int, seconds: float, eval_seconds: float) -> None:
         if reached > self.start:
-            self.log.note(f"trained iterations {self.start + 1}..{reached} in {seconds:.1f} s (evaluation not "
-                          f"counted: {eval_seconds:.1f} s)", echo=False)  # fmt: skip
+            self.log.note(
+                f"trained iterations {self.start + 1}..{reached} in {seconds:.1f} s (evaluation not "
+                f"counted: {eval_seconds:.1f} s)",
+                echo=False,
+            )
         else:  # a resumed run that had already ended
-            self.log.note(f"nothing left to train: the checkpoint had reached iteration {self.start}, the run's end "
-                          "(raise train.max_iters or train.minutes to train on)")  # fmt: skip
+            self.log.note(
+                f"nothing left to train: the checkpoint had reached iteration {self.start}, the run's end "
+                "(raise train.max_iters or train.minutes to train on)"
+            )
         self.log.note(f"at the end: {self.fast.describe()}", echo=False)  # with the classes met after the start
         self.log.close()
 
 
-def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: str | Path | None,
-           resume: str | Path | Resume | None) -> _Run:  # fmt: skip
+def _setup(
+    model: RetinaNet,
+    loader: DataLoader,
+    cfg: TrainConfig,
+    output_dir: str | Path | None,
+    resume: str | Path | Resume | None,
+) -> _Run:
     """Seeds, the resumed state, the run's fast paths (once, before DDP compares the replicas), DDP, the optimiser,
     the schedule and the logs."""
     rank, world = rank_and_world()
@@ -261,8 +295,24 @@ def _setup(model: RetinaNet, loader: DataLoader, cfg: TrainConfig, output_dir: s
     for line in [f"warning: {w}" for w in cfg.schedule().warnings] + notes + [fast.describe()]:
         log.note(line)
     loss_fn = wrap_for_ddp(model, device, world)
-    return _Run(out, device, rank, world, start, stream, first, log, fast, loss_fn, optimizer, scheduler, scaler, ema,
-                best, budget)  # fmt: skip
+    return _Run(
+        out,
+        device,
+        rank,
+        world,
+        start,
+        stream,
+        first,
+        log,
+        fast,
+        loss_fn,
+        optimizer,
+        scheduler,
+        scaler,
+        ema,
+        best,
+        budget,
+    )
 
 
 class _StopOnInterrupt:
@@ -286,23 +336,36 @@ class _StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signal, self.reason = True, signum, self.SIGNALS.get(signum, f"signal {signum}")
-        tqdm.write(f"retinanet: {self.reason}: stopping after this iteration to save a checkpoint (again to quit at "
-                   "once)")  # fmt: skip
+        tqdm.write(
+            f"retinanet: {self.reason}: stopping after this iteration to save a checkpoint (again to quit at once)"
+        )
 
     def __exit__(self, *exc) -> None:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
 
 
-def _check_finite(losses: dict[str, Tensor], total: Tensor, iteration: int, distributed: bool, last: Path,
-                  stop_requested: bool = False, checkpoint_due: bool = False) -> tuple[bool, bool]:
+def _check_finite(
+    losses: dict[str, Tensor],
+    total: Tensor,
+    iteration: int,
+    distributed: bool,
+    last: Path,
+    stop_requested: bool = False,
+    checkpoint_due: bool = False,
+) -> tuple[bool, bool]:
     """Raise NonFiniteLossError naming every non-finite loss, on all processes at once under DDP; return (whether a
     stop (Ctrl-C, SIGTERM) was requested on any process, whether a time-based checkpoint is due on any)."""
     # One host-device sync per iteration: we must know before the optimiser step, or NaN reaches the weights. Under
     # DDP the stop requests and rank 0's checkpoint clock travel in the same all-reduce, so that every process stops
     # or checkpoints after the same iteration.
-    flags = torch.stack([(~torch.isfinite(total.detach())).float(), total.new_tensor(float(stop_requested)),
-                         total.new_tensor(float(checkpoint_due))])  # fmt: skip
+    flags = torch.stack(
+        [
+            (~torch.isfinite(total.detach())).float(),
+            total.new_tensor(float(stop_requested)),
+            total.new_tensor(float(checkpoint_due)),
+        ]
+    )
     if distributed:  # all stop together, rather than the healthy ones waiting forever in the next all-reduce
         dist.all_reduce(flags)
     bad, stop, due = flags.tolist()
@@ -312,7 +375,8 @@ def _check_finite(losses: dict[str, Tensor], total: Tensor, iteration: int, dist
     which = ", ".join(named) if named else ("the sum of the losses" if not distributed else "on another process")
     finite = ", ".join(f"{k} = {v.item():.4g}" for k, v in losses.items() if torch.isfinite(v))
     raise NonFiniteLossError(
-        f"non-finite loss at iteration {iteration}: {which}" + (f" (finite: {finite})" if finite else "")
+        f"non-finite loss at iteration {iteration}: {which}"
+        + (f" (finite: {finite})" if finite else "")
         + f"; stopped before the optimiser step. The last checkpoint, if any, is {last}"
     )
 

@@ -49,9 +49,12 @@ def fit_schedule(scheduler: LambdaLR, cfg: TrainConfig) -> None:
 def _schedule(cfg: TrainConfig) -> functools.partial:
     plan = cfg.schedule()
     return functools.partial(
-        lr_factor, warmup_iters=plan.warmup_iters, warmup_factor=cfg.warmup_factor, steps=plan.steps,
+        lr_factor,
+        warmup_iters=plan.warmup_iters,
+        warmup_factor=cfg.warmup_factor,
+        steps=plan.steps,
         cosine_iters=cfg.max_iters if cfg.lr_schedule == "cosine" else None,
-    )  # fmt: skip
+    )
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)

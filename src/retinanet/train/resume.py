@@ -4,9 +4,9 @@ process's random-number generators, the data position and the run's fast paths."
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from retinanet.runtime import fastpath
 from retinanet.config import TrainConfig
 from retinanet.model.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from retinanet.runtime import fastpath
 from retinanet.train.distributed import gather
 from retinanet.train.stream import BatchStream
 
-__all__ = ["Resume", "check_resumable", "checkpoint_run", "open_resume", "restore_rng", "restore_run", "seed_everything"]
+__all__ = [
+    "Resume",
+    "check_resumable",
+    "checkpoint_run",
+    "open_resume",
+    "restore_rng",
+    "restore_run",
+    "seed_everything",
+]
 
 
 @dataclass
@@ -46,16 +54,29 @@ def check_resumable(checkpoint: dict[str, Any], path: str | Path, cfg: TrainConf
     position and the lr schedule)."""
     saved = (checkpoint.get("train_config") or {}).get("batch_size")
     if saved is not None and saved != cfg.batch_size:
-        raise ValueError(f"{path}: the run trained with train.batch_size {saved}, this config says {cfg.batch_size}: "
-                         f"resume with train.batch_size={saved}, or start a new run from its weights with "
-                         f"model.init_from={path}")  # fmt: skip
+        raise ValueError(
+            f"{path}: the run trained with train.batch_size {saved}, this config says {cfg.batch_size}: "
+            f"resume with train.batch_size={saved}, or start a new run from its weights with "
+            f"model.init_from={path}"
+        )
 
 
-
-def checkpoint_run(out: Path, model: nn.Module, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig,
-                   stream: BatchStream, rank: int, world: int, fast: fastpath.RunFastPaths,
-                   ema: dict[str, Any] | None = None, best: dict[str, Any] | None = None,
-                   train_seconds: float | None = None) -> None:  # fmt: skip
+def checkpoint_run(
+    out: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    iteration: int,
+    cfg: TrainConfig,
+    stream: BatchStream,
+    rank: int,
+    world: int,
+    fast: fastpath.RunFastPaths,
+    ema: dict[str, Any] | None = None,
+    best: dict[str, Any] | None = None,
+    train_seconds: float | None = None,
+) -> None:
     """last.pt (and with keep_all_checkpoints iter_N.pt) of the run at `iteration`, written by rank 0 with every
     process's random generators (a collective: every process calls it), the moving average, the best evaluation so
     far and (train.minutes) the training seconds spent."""
@@ -74,7 +95,9 @@ def restore_run(checkpoint: dict[str, Any], path: str | Path, model: nn.Module, 
     saved = checkpoint["model_config"]
     config = getattr(model, "config", None)
     if saved is not None and dataclasses.is_dataclass(config):
-        differ = sorted(k for k, v in dataclasses.asdict(config).items() if k in saved and _plain_value(saved[k]) != _plain_value(v))
+        differ = sorted(
+            k for k, v in dataclasses.asdict(config).items() if k in saved and _plain_value(saved[k]) != _plain_value(v)
+        )
         if differ:
             warnings.warn(f"resuming from {path}: the model config differs in {differ}", stacklevel=3)
     model.load_state_dict(checkpoint["model"])
@@ -90,8 +113,11 @@ def _plain_value(v: Any) -> Any:
 
 def restore_rng(states: list[dict[str, Any]], rank: int, world: int) -> None:
     if len(states) != world:
-        warnings.warn(f"the checkpoint holds random states of {len(states)} processes, this run has {world}: "
-                      "random augmentations will differ from an uninterrupted run", stacklevel=3)
+        warnings.warn(
+            f"the checkpoint holds random states of {len(states)} processes, this run has {world}: "
+            "random augmentations will differ from an uninterrupted run",
+            stacklevel=3,
+        )
         return
     set_rng_state(states[rank])
 

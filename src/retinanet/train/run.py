@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -11,12 +10,19 @@ from typing import Any
 
 import torch
 
-from retinanet.runtime import fastpath
-from retinanet.config import PRESETS, ModelConfig, RunConfig, TrainConfig, apply_overrides, save_run_config
-from retinanet.data import DetectionDataset, build_dataset, categories_config, eval_transforms, make_loader, val_datasets
+from retinanet.config import PRESETS, ModelConfig, RunConfig, apply_overrides, save_run_config
+from retinanet.data import (
+    DetectionDataset,
+    build_dataset,
+    categories_config,
+    eval_transforms,
+    make_loader,
+    val_datasets,
+)
 from retinanet.evaluation import evaluate_model, selection_score, validate, validation_lines
-from retinanet.runtime.machine import busy_processes, set_threads
 from retinanet.model import RetinaNet, build_from_config
+from retinanet.runtime import fastpath
+from retinanet.runtime.machine import busy_processes, set_threads
 from retinanet.runtime.outputs import claim_run_folder, remove, write_json
 from retinanet.tools.anchor_coverage import coverage, coverage_lines, training_boxes
 from retinanet.train.distributed import init_distributed, per_process_batch, rank_and_world, train_device
@@ -28,8 +34,9 @@ from retinanet.weights import init_from
 __all__ = ["check_learnable", "memorising", "run_train", "train_set_subset", "write_skipped"]
 
 
-def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True,
-              overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_train(
+    cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
     """Train as `cfg` says: saves config.yaml, train.log, log.jsonl, tb/, last.pt, training_curves.png (and with
     validation sets: evaluation every train.eval_every iterations and at the end, on each of them and on a fixed
     sample of the training images, eval/ results (eval/<name>/ for data.extra_val's sets), the last evaluation's
@@ -63,8 +70,15 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
     init_lines = _init_weights(model, resume.path if resume is not None else None)
     per_process = per_process_batch(cfg.train.batch_size, world)  # an uneven split stops the run here
     check_enough_images(len(train_set), per_process, world, cfg.train.batch_size)
-    loader = make_loader(train_set, per_process, shuffle=True, num_workers=workers,
-                         seed=cfg.train.seed, distributed=world > 1, drop_last=True)  # fmt: skip
+    loader = make_loader(
+        train_set,
+        per_process,
+        shuffle=True,
+        num_workers=workers,
+        seed=cfg.train.seed,
+        distributed=world > 1,
+        drop_last=True,
+    )
     if rank == 0:  # the run will start: now its folder is written
         remove(earlier)  # --overwrite: the earlier run's files, now that this run's checks have passed
         save_run_config(cfg, out / "config.yaml")
@@ -72,8 +86,15 @@ def run_train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool =
         boxes = training_boxes(train_set.records, model.config, one_size_each=True)  # seconds
         precision = fastpath.choose_amp(cfg.train.amp, device)  # rank 0's choice: the one every process will take
         summary = _summary(cfg, train_set, val_sets, device, workers, precision, threads)
-        for line in [resume_line, summary, busy_line(), workers_warning, cap_line, *init_lines,
-                     *coverage_lines(coverage(boxes, model.config))]:  # fmt: skip
+        for line in [
+            resume_line,
+            summary,
+            busy_line(),
+            workers_warning,
+            cap_line,
+            *init_lines,
+            *coverage_lines(coverage(boxes, model.config)),
+        ]:
             if line:
                 print(line, flush=True)
                 write_note(out, line)
@@ -117,23 +138,36 @@ def _init_weights(model: RetinaNet, resume: str | Path | None) -> list[str]:
     return init_from(model).lines()
 
 
-def _summary(cfg: RunConfig, train_set: DetectionDataset, val_sets: dict[str, DetectionDataset], device: torch.device,
-             workers: int, precision: str, threads: str = "") -> str:  # fmt: skip
+def _summary(
+    cfg: RunConfig,
+    train_set: DetectionDataset,
+    val_sets: dict[str, DetectionDataset],
+    device: torch.device,
+    workers: int,
+    precision: str,
+    threads: str = "",
+) -> str:
     """One line saying what the run will do; threads: this process's intra-op threads, in words."""
     t, m = cfg.train, cfg.model
     epochs = t.max_iters * t.batch_size / max(len(train_set), 1)
     val = ", ".join(f"{len(v)} ({k})" for k, v in val_sets.items())
     val = {0: ", no validation set", 1: f", {sum(map(len, val_sets.values()))} validation images"}.get(
-        len(val_sets), f", validation images {val}")
+        len(val_sets), f", validation images {val}"
+    )
     sizes = "" if m.training_sizes == (m.min_size,) else f" (training: drawn from {list(m.training_sizes)})"
-    length = (f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs" if t.minutes is None else
-              f"{t.minutes:g} minutes of training in iterations of {t.batch_size} images (the length set from the "
-              "measured speed)")  # fmt: skip
-    return (f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
-            f"{length}; images resized to shorter side {m.min_size}, longer at most {m.max_size}{sizes}; "
-            f"{cfg.preset} {m.backbone}; lr {t.lr:g} ({t.optimizer}), {t.schedule().describe()}; device {device}, "
-            f"{_precision(t.amp, precision)}, {workers} data workers"
-            f"{', ' + threads + ' per process' if threads and device.type == 'cpu' else ''}; output {t.output_dir}")
+    length = (
+        f"{t.max_iters} iterations of {t.batch_size} images = {epochs:.1f} epochs"
+        if t.minutes is None
+        else f"{t.minutes:g} minutes of training in iterations of {t.batch_size} images (the length set from the "
+        "measured speed)"
+    )
+    return (
+        f"run: {len(train_set)} training images ({cfg.data.format}, {m.num_classes} classes){val}; "
+        f"{length}; images resized to shorter side {m.min_size}, longer at most {m.max_size}{sizes}; "
+        f"{cfg.preset} {m.backbone}; lr {t.lr:g} ({t.optimizer}), {t.schedule().describe()}; device {device}, "
+        f"{_precision(t.amp, precision)}, {workers} data workers"
+        f"{', ' + threads + ' per process' if threads and device.type == 'cpu' else ''}; output {t.output_dir}"
+    )
 
 
 def _precision(asked: str, chosen: str) -> str:
@@ -159,17 +193,20 @@ def memorising(metrics: dict[str, Any], iteration: int, gap: float = 0.25, ratio
         return []
     if seen - val <= gap or seen <= ratio * max(val, 0.0):
         return []
-    return [f"warning: at iteration {iteration} the training images' AP ({seen:.3f}) is far above the validation "
-            f"AP ({val:.3f}): the model is learning its training images by heart. More varied data, stronger "
-            "augmentation (data.augment: top_down for top-down imagery), a moving average of the weights "
-            "(train.ema_decay), fewer iterations or pretrained weights help; best.pt keeps the best validation AP"]
+    return [
+        f"warning: at iteration {iteration} the training images' AP ({seen:.3f}) is far above the validation "
+        f"AP ({val:.3f}): the model is learning its training images by heart. More varied data, stronger "
+        "augmentation (data.augment: top_down for top-down imagery), a moving average of the weights "
+        "(train.ema_decay), fewer iterations or pretrained weights help; best.pt keeps the best validation AP"
+    ]
 
 
 def write_skipped(out: Path, datasets: dict[str, DetectionDataset | None]) -> None:
     """skipped.json in the run's folder: what skip_bad left out of its datasets (split, file, index, reason, and
     whether an image or a box was dropped)."""
-    skipped = [{"split": split, **skip.to_dict()} for split, ds in datasets.items() if ds is not None
-               for skip in ds.skipped]  # fmt: skip
+    skipped = [
+        {"split": split, **skip.to_dict()} for split, ds in datasets.items() if ds is not None for skip in ds.skipped
+    ]
     if skipped:
         write_json(out / "skipped.json", skipped)
 
@@ -179,9 +216,11 @@ def busy_line() -> str | None:
     others = busy_processes()
     if not others:
         return None
-    return (f"the machine is busy: {others} other process(es) computing on its {os.cpu_count()} cores. This run "
-            "shares them (its threads wait without spinning), so it runs slower than alone; the fast paths it "
-            "measures now are measured again once the machine is quiet")
+    return (
+        f"the machine is busy: {others} other process(es) computing on its {os.cpu_count()} cores. This run "
+        "shares them (its threads wait without spinning), so it runs slower than alone; the fast paths it "
+        "measures now are measured again once the machine is quiet"
+    )
 
 
 def resolve_resume(resume: str | Path | None, out: Path, overwrite: bool) -> tuple[Path | None, bool, str | None]:
@@ -205,12 +244,15 @@ def detection_cap(model: ModelConfig, train_set: DetectionDataset) -> tuple[Mode
     if most <= cap:
         return model, None
     if cap != ModelConfig.detections_per_image:
-        return model, (f"warning: a training image holds {most} objects, more than model.detections_per_image = "
-                       f"{cap}: evaluation and detection stop at {cap} per image")  # fmt: skip
+        return model, (
+            f"warning: a training image holds {most} objects, more than model.detections_per_image = "
+            f"{cap}: evaluation and detection stop at {cap} per image"
+        )
     raised = 100 * math.ceil(1.5 * most / 100)
     return apply_overrides(model, {"detections_per_image": raised}), (
         f"detection cap: a training image holds {most} objects, more than the default model.detections_per_image "
-        f"= {cap}: raised to {raised} (set the key to choose)")
+        f"= {cap}: raised to {raised} (set the key to choose)"
+    )
 
 
 def check_enough_images(images: int, per_process: int, world: int, batch_size: int) -> None:
@@ -220,18 +262,24 @@ def check_enough_images(images: int, per_process: int, world: int, batch_size: i
         return
     fits = max(1, images // world) * world
     share = f" ({images // world} per process of {world})" if world > 1 else ""
-    raise ValueError(f"the training set has {images} image(s){share}, fewer than one batch of train.batch_size = "
-                     f"{batch_size}: add images, or set train.batch_size={fits}")  # fmt: skip
+    raise ValueError(
+        f"the training set has {images} image(s){share}, fewer than one batch of train.batch_size = "
+        f"{batch_size}: add images, or set train.batch_size={fits}"
+    )
 
 
 def check_learnable(cfg: RunConfig, train_set: DetectionDataset) -> None:
     """One line, before anything is written, for a training set with nothing to learn from, and for a
     model.num_classes the data contradicts (training takes the number of classes from the data)."""
     if sum(len(r.boxes) for r in train_set.records) == 0:
-        raise ValueError(f"data config: the training set ({cfg.data.format}, {len(train_set)} images) has no boxes at "
-                         "all: there is nothing to learn from; check the annotation file's 'annotations' (or lines)")
+        raise ValueError(
+            f"data config: the training set ({cfg.data.format}, {len(train_set)} images) has no boxes at "
+            "all: there is nothing to learn from; check the annotation file's 'annotations' (or lines)"
+        )
     preset_classes = PRESETS[cfg.preset].num_classes if cfg.preset in PRESETS else None
     if cfg.model.num_classes not in (preset_classes, train_set.num_classes):
-        raise ValueError(f"model config: num_classes = {cfg.model.num_classes} but the training data has "
-                         f"{train_set.num_classes} classes ({', '.join(train_set.category_names[:10])}): leave "
-                         "model.num_classes out, it is taken from the data")  # fmt: skip
+        raise ValueError(
+            f"model config: num_classes = {cfg.model.num_classes} but the training data has "
+            f"{train_set.num_classes} classes ({', '.join(train_set.category_names[:10])}): leave "
+            "model.num_classes out, it is taken from the data"
+        )

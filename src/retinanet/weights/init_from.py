@@ -27,16 +27,23 @@ from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
 from retinanet.config import TORCHVISION_DETECTORS, ModelConfig
-from retinanet.runtime.downloads import fetch_state_dict
 from retinanet.model import RetinaNet, load_checkpoint, model_weights, saved_model_config
+from retinanet.runtime.downloads import fetch_state_dict
 from retinanet.weights.torchvision import TORCHVISION_COCO_WEIGHTS, from_torchvision
 
 __all__ = ["InitReport", "Source", "init_from", "load_source"]
 
 # the config keys that shape the modules whose weights are loaded: they must agree with the source's
 ARCHITECTURE = ("backbone", "backbone_width", "fpn_channels", "p6_from", "head_channels", "head_convs", "head_norm")
-ANCHORS = ("anchor_sizes", "anchor_scales", "aspect_ratios", "anchor_sizes_per_level", "anchor_offset",
-           "anchor_round_base", "anchor_strides_from_image")  # fmt: skip
+ANCHORS = (
+    "anchor_sizes",
+    "anchor_scales",
+    "aspect_ratios",
+    "anchor_sizes_per_level",
+    "anchor_offset",
+    "anchor_round_base",
+    "anchor_strides_from_image",
+)
 CLASS_LAYER = ("head.cls_logits.weight", "head.cls_logits.bias")
 BOX_LAYER = ("head.box_deltas.weight", "head.box_deltas.bias")
 # buffers that are not weights: the loss normaliser's running value and BatchNorm's step counter
@@ -104,15 +111,21 @@ def load_source(spec: str) -> Source:
         return _our_checkpoint(path)
     if isinstance(state, dict) and "backbone.fpn.extra_blocks.p6.weight" in state:
         return _torchvision_state(state, f"{spec} (torchvision RetinaNet)")
-    raise ValueError(f"model.init_from: {spec} is neither a checkpoint written by `retinanet train` nor a "
-                     "torchvision RetinaNet state dict")  # fmt: skip
+    raise ValueError(
+        f"model.init_from: {spec} is neither a checkpoint written by `retinanet train` nor a "
+        "torchvision RetinaNet state dict"
+    )
 
 
 def _our_checkpoint(path: Path) -> Source:
     checkpoint = load_checkpoint(path)
     config = saved_model_config(checkpoint, f"model.init_from: {path}")
-    return Source(model_weights(checkpoint), config, tuple(config.class_names),
-                  f"{path} (iteration {checkpoint['iteration']}, {config.num_classes} classes)")  # fmt: skip
+    return Source(
+        model_weights(checkpoint),
+        config,
+        tuple(config.class_names),
+        f"{path} (iteration {checkpoint['iteration']}, {config.num_classes} classes)",
+    )
 
 
 def _torchvision_state(state: dict[str, Tensor], description: str) -> Source:
@@ -123,17 +136,21 @@ def _torchvision_state(state: dict[str, Tensor], description: str) -> Source:
     if converted.num_classes == len(coco):
         names = tuple(coco)
     version = "v1" if converted.config.p6_from == "p5" else "v2"
-    return Source(converted.state_dict(), converted.config, names,
-                  f"{description}, {version}, {converted.num_classes} classes")  # fmt: skip
+    return Source(
+        converted.state_dict(), converted.config, names, f"{description}, {version}, {converted.num_classes} classes"
+    )
 
 
 def _torchvision_download(name: str) -> Source:
     if name not in TORCHVISION_DETECTORS:
-        raise ValueError(f"model.init_from: unknown torchvision detector {name!r}; expected one of "
-                         f"{['torchvision:' + n for n in TORCHVISION_DETECTORS]}")  # fmt: skip
+        raise ValueError(
+            f"model.init_from: unknown torchvision detector {name!r}; expected one of "
+            f"{['torchvision:' + n for n in TORCHVISION_DETECTORS]}"
+        )
     weights = getattr(tvd, TORCHVISION_COCO_WEIGHTS[name][0]).COCO_V1
-    state = fetch_state_dict(weights, f"torchvision's {name} COCO weights",
-                             f"set model.init_from to its path ({Path(weights.url).name})")  # fmt: skip
+    state = fetch_state_dict(
+        weights, f"torchvision's {name} COCO weights", f"set model.init_from to its path ({Path(weights.url).name})"
+    )
     return _torchvision_state(state, f"torchvision:{name} (COCO)")
 
 
@@ -161,8 +178,10 @@ def init_from(model: RetinaNet, spec: str | Source | None = None, init_classes: 
     _load_shared(model, source, same_anchors, report)
     if not same_anchors:
         _new_box_layer(model.head.box_deltas)
-        report.reinitialised.append(f"head.box_deltas (the source has {_anchors_per_location(source)} anchors "
-                                    f"per location, this model {model.head.num_anchors})")  # fmt: skip
+        report.reinitialised.append(
+            f"head.box_deltas (the source has {_anchors_per_location(source)} anchors "
+            f"per location, this model {model.head.num_anchors})"
+        )
     _class_layer(model, source, mode, pairs if same_anchors else [], report)
     report.notes += _notes(source.config, cfg)
     return report
@@ -195,16 +214,23 @@ def _check_fit(source: Source, state: dict[str, Tensor], cfg: ModelConfig) -> No
     free = set(CLASS_LAYER) | set(BOX_LAYER)  # these may differ in shape: they start again
     problems = [f"{k} is missing in the source" for k in sorted(ours - theirs)]
     problems += [f"{k} is not in this model" for k in sorted(theirs - ours)]
-    problems += [f"{k} is {list(source.state[k].shape)} there, {list(state[k].shape)} here"
-                 for k in sorted(ours & theirs - free) if source.state[k].shape != state[k].shape]  # fmt: skip
+    problems += [
+        f"{k} is {list(source.state[k].shape)} there, {list(state[k].shape)} here"
+        for k in sorted(ours & theirs - free)
+        if source.state[k].shape != state[k].shape
+    ]
     if not problems:
         return
-    differ = [f"model.{k}: {getattr(source.config, k)!r}" for k in ARCHITECTURE
-              if getattr(source.config, k) != getattr(cfg, k)]  # fmt: skip
+    differ = [
+        f"model.{k}: {getattr(source.config, k)!r}"
+        for k in ARCHITECTURE
+        if getattr(source.config, k) != getattr(cfg, k)
+    ]
     hint = f"; set {', '.join(differ)} to build the source's architecture" if differ else ""
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise ValueError(f"model.init_from: {source.description} does not fit this model: {'; '.join(problems[:3])}"
-                     f"{more}{hint}")  # fmt: skip
+    raise ValueError(
+        f"model.init_from: {source.description} does not fit this model: {'; '.join(problems[:3])}{more}{hint}"
+    )
 
 
 def _anchors_per_location(source: Source) -> int:
@@ -216,8 +242,7 @@ def _new_box_layer(conv: nn.Conv2d) -> None:
     nn.init.zeros_(conv.bias)
 
 
-def _class_layer(model: RetinaNet, source: Source, mode: str, pairs: list[tuple[int, int]],
-                 report: InitReport) -> None:  # fmt: skip
+def _class_layer(model: RetinaNet, source: Source, mode: str, pairs: list[tuple[int, int]], report: InitReport) -> None:
     """Copy, partly copy (the rows of `pairs`: our label, the source's) or start again the last classification
     layer."""
     cfg, conv = model.config, model.head.cls_logits
@@ -231,9 +256,11 @@ def _class_layer(model: RetinaNet, source: Source, mode: str, pairs: list[tuple[
         report.loaded.append("head.cls_logits")
         report.tensors += 2
         if source.class_names and cfg.class_names and tuple(source.class_names) != tuple(cfg.class_names):
-            report.notes.append(f"the source's classes {list(source.class_names)} differ from this model's "
-                                f"{list(cfg.class_names)}: kept by index (model.init_classes=match pairs them by "
-                                "name)")  # fmt: skip
+            report.notes.append(
+                f"the source's classes {list(source.class_names)} differ from this model's "
+                f"{list(cfg.class_names)}: kept by index (model.init_classes=match pairs them by "
+                "name)"
+            )
         return
     _new_class_layer(conv, cfg.prior_prob)
     a = model.head.num_anchors
@@ -245,10 +272,14 @@ def _class_layer(model: RetinaNet, source: Source, mode: str, pairs: list[tuple[
     report.kept_classes = [(names[o], source.class_names[t]) for o, t in pairs]
     report.new_classes = [names[k] for k in range(ours_k) if k not in {o for o, _ in pairs}] if pairs else []
     fresh = ours_k - len(pairs)
-    why = (f"the source has {theirs_k} classes" if same_anchors
-           else f"the source has {_anchors_per_location(source)} anchors per location")  # fmt: skip
-    report.reinitialised.append(f"head.cls_logits for {fresh} of {ours_k} classes with the prior "
-                                f"{cfg.prior_prob:g} ({why})")  # fmt: skip
+    why = (
+        f"the source has {theirs_k} classes"
+        if same_anchors
+        else f"the source has {_anchors_per_location(source)} anchors per location"
+    )
+    report.reinitialised.append(
+        f"head.cls_logits for {fresh} of {ours_k} classes with the prior {cfg.prior_prob:g} ({why})"
+    )
 
 
 def _new_class_layer(conv: nn.Conv2d, prior_prob: float) -> None:
@@ -265,11 +296,15 @@ def _normalised(name: str) -> str:
 def _class_pairs(cfg: ModelConfig, source: Source) -> list[tuple[int, int]]:
     """(our label, the source's label) for each of our classes whose name the source has."""
     if not cfg.class_names:
-        raise ValueError("model.init_classes=match needs this model's class names (model.class_names; training sets "
-                         "them from the data)")  # fmt: skip
+        raise ValueError(
+            "model.init_classes=match needs this model's class names (model.class_names; training sets "
+            "them from the data)"
+        )
     if not source.class_names:
-        raise ValueError(f"model.init_classes=match: {source.description} carries no class names to match; use "
-                         "model.init_classes=reinit")  # fmt: skip
+        raise ValueError(
+            f"model.init_classes=match: {source.description} carries no class names to match; use "
+            "model.init_classes=reinit"
+        )
     theirs = {_normalised(n): i for i, n in reversed(list(enumerate(source.class_names))) if n not in UNUSED_NAMES}
     return [(k, theirs[_normalised(n)]) for k, n in enumerate(cfg.class_names) if _normalised(n) in theirs]
 
@@ -279,18 +314,24 @@ def _notes(theirs: ModelConfig, ours: ModelConfig) -> list[str]:
     notes = []
     anchors = [k for k in ANCHORS if _plain(getattr(theirs, k)) != _plain(getattr(ours, k))]
     if anchors:
-        notes.append(f"the source's anchors differ in {anchors}: the box layer starts from boxes relative to other "
-                     "anchors and adapts in training")  # fmt: skip
+        notes.append(
+            f"the source's anchors differ in {anchors}: the box layer starts from boxes relative to other "
+            "anchors and adapts in training"
+        )
     frozen = theirs.resolved().backbone_norm == "frozen_bn" and ours.resolved().backbone_norm == "frozen_bn"
     if frozen and theirs.frozen_bn_eps != ours.frozen_bn_eps:
-        notes.append(f"the source's frozen BatchNorm eps is {theirs.frozen_bn_eps:g}, this model's "
-                     f"{ours.frozen_bn_eps:g} (model.frozen_bn_eps={theirs.frozen_bn_eps:g} computes the source's "
-                     "function exactly)")  # fmt: skip
+        notes.append(
+            f"the source's frozen BatchNorm eps is {theirs.frozen_bn_eps:g}, this model's "
+            f"{ours.frozen_bn_eps:g} (model.frozen_bn_eps={theirs.frozen_bn_eps:g} computes the source's "
+            "function exactly)"
+        )
     if theirs.pixel_mean != ours.pixel_mean or theirs.pixel_std != ours.pixel_std:
         notes.append("the source normalises pixels by another mean / std (model.pixel_mean, model.pixel_std)")
     if ours.backbone_weights not in (None, "none"):
-        notes.append(f"model.backbone_weights ({ours.backbone_weights}) were replaced by the source's backbone: "
-                     "leave it unset to skip loading them")  # fmt: skip
+        notes.append(
+            f"model.backbone_weights ({ours.backbone_weights}) were replaced by the source's backbone: "
+            "leave it unset to skip loading them"
+        )
     return notes
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from retinanet.config import ModelConfig, apply_overrides
-from retinanet.runtime.downloads import fetch_state_dict
 from retinanet.model.detector import RetinaNet, build_from_config
 from retinanet.ops.anchors import TORCHVISION_SIZES_PER_LEVEL
+from retinanet.runtime.downloads import fetch_state_dict
 
 __all__ = ["from_torchvision", "torchvision_config", "load_torchvision_coco", "TORCHVISION_COCO_WEIGHTS"]
 
@@ -29,9 +29,14 @@ TORCHVISION_COCO_WEIGHTS = {
 
 
 def torchvision_config(
-    version: str, num_classes: int, min_size: int = 800, max_size: int = 1333, norm: str = "frozen_bn",
-    frozen_bn_eps: float = 0.0, **overrides: Any,
-) -> ModelConfig:  # fmt: skip
+    version: str,
+    num_classes: int,
+    min_size: int = 800,
+    max_size: int = 1333,
+    norm: str = "frozen_bn",
+    frozen_bn_eps: float = 0.0,
+    **overrides: Any,
+) -> ModelConfig:
     """Our ModelConfig for torchvision's RetinaNet v1 (P6 from P5, plain head, L1 box loss) or v2 (P6 from C5,
     GroupNorm head, GIoU loss)."""
     if version not in ("v1", "v2"):
@@ -146,10 +151,15 @@ def from_torchvision(module_or_state_dict: nn.Module | dict[str, torch.Tensor], 
         version = _detect_version(state)
         t = module.transform
         settings = dict(
-            min_size=int(t.min_size[-1]), max_size=int(t.max_size), score_thresh=float(module.score_thresh),
-            nms_thresh=float(module.nms_thresh), detections_per_image=int(module.detections_per_img),
-            topk_candidates=int(module.topk_candidates), pixel_mean=tuple(t.image_mean), pixel_std=tuple(t.image_std),
-        )  # fmt: skip
+            min_size=int(t.min_size[-1]),
+            max_size=int(t.max_size),
+            score_thresh=float(module.score_thresh),
+            nms_thresh=float(module.nms_thresh),
+            detections_per_image=int(module.detections_per_img),
+            topk_candidates=int(module.topk_candidates),
+            pixel_mean=tuple(t.image_mean),
+            pixel_std=tuple(t.image_std),
+        )
     else:
         version = _detect_version(module_or_state_dict)
         module = _torchvision_module(dict(module_or_state_dict), version)
@@ -201,8 +211,11 @@ def load_torchvision_coco(
             raise ValueError(f"torchvision weights file not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        state = fetch_state_dict(weights, f"torchvision's {name} COCO weights",
-                                 f"pass its path (retinanet detect --torchvision {Path(weights.url).name})")
+        state = fetch_state_dict(
+            weights,
+            f"torchvision's {name} COCO weights",
+            f"pass its path (retinanet detect --torchvision {Path(weights.url).name})",
+        )
     model = from_torchvision(state, **overrides)
     categories = [{"id": i, "name": n} for i, n in enumerate(weights.meta["categories"])]
     return model, categories
