@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from retinanet.analysis.ablate import run_grids
+from retinanet.analysis.grids import load_grid, shipped_file
+from retinanet.config import load_run_config
+from retinanet.train import TrainingInterrupted
+
 __all__ = ["main"]
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.analysis.ablate import run_grids
-    from retinanet.analysis.grids import load_grid, shipped_file
-    from retinanet.config import load_run_config
-    from retinanet.train import TrainingInterrupted
-
     base = load_run_config(args.config or shipped_file("base.yaml"), args.set)
     source = args.config or "retinanet/analysis/grids/base.yaml (shipped)"
     try:

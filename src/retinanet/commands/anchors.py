@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from retinanet.config import RunConfig
+from retinanet.config import RunConfig, load_run_config
 from retinanet.data import build_dataset, categories_config
 from retinanet.runtime.outputs import writable_folder
 from retinanet.tools import anchor_report
+from retinanet.tools.anchor_report import summary_lines
 
 __all__ = ["main", "run_anchors"]
 
@@ -24,9 +25,6 @@ def run_anchors(cfg: RunConfig, output: str | Path, fit: bool = False, max_ancho
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-    from retinanet.tools.anchor_report import summary_lines
-
     summary = run_anchors(load_run_config(args.config, args.set), args.output, args.fit, args.max_anchors)
     print("\n".join(summary_lines(summary, Path(args.output))))
     return 0

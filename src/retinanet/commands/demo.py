@@ -97,7 +97,6 @@ def _draw_examples(model: RetinaNet, dataset: DetectionDataset, folder: Path, n:
 
 
 def main(args: argparse.Namespace) -> int:
-
     summary = run_demo(args.output, args.set)
     print("COCO metrics on the synthetic validation split:")
     for k, v in summary.items():

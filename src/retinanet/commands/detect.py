@@ -103,8 +103,6 @@ def run_detect(
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.config import size_overrides
-
     result = run_detect(
         args.inputs,
         args.output,

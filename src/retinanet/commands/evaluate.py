@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retinanet.config import DataConfig, parse_overrides, size_overrides
+from retinanet.config import DataConfig, load_run_config, parse_overrides, size_overrides
 from retinanet.data import DetectionDataset, build_dataset, parse_coco, val_datasets
 from retinanet.evaluation import evaluate_predictions, max_dets_for
 from retinanet.evaluation.errors import analyze_errors
@@ -21,7 +21,7 @@ from retinanet.inference import categories_of, check_tta
 from retinanet.model import RetinaNet, load_model
 from retinanet.ops.boxes import xywh_to_xyxy
 from retinanet.runtime.device import resolve_device, resolve_precision
-from retinanet.runtime.outputs import writable_folder
+from retinanet.runtime.outputs import strict_json, writable_folder
 
 __all__ = ["main", "report_main", "run_config_of", "run_eval", "run_report"]
 
@@ -151,9 +151,6 @@ def run_config_of(checkpoint: str | Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-    from retinanet.runtime.outputs import strict_json
-
     cfg = load_run_config(
         args.config or run_config_of(args.checkpoint), args.set + (["data.skip_bad=true"] if args.skip_bad else [])
     )
@@ -173,7 +170,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def report_main(args: argparse.Namespace) -> int:
-
     page = run_report(args.detections, args.annotations, args.output, args.images)
     print(f"report: {page} (errors.json beside it)")
     return 0

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from retinanet.config import RunConfig, size_overrides
+from retinanet.config import RunConfig, load_run_config, size_overrides
 from retinanet.data import build_dataset, val_dataset
 from retinanet.deploy import (
     ExportReport,
@@ -72,8 +72,6 @@ def _pixels(image: Any) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-
     if args.int8 and not args.calibration:
         raise ValueError("export --int8 needs --calibration RUN.yaml, the run config whose images calibrate it")
 

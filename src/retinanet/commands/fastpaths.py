@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from retinanet.runtime.machine import Cache, cache_key
+
 __all__ = ["main"]
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.runtime.machine import Cache, cache_key
-
     cache = Cache()
     if args.reset:
         count = cache.reset()

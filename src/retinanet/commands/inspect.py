@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from retinanet.config import RunConfig
+from retinanet.config import RunConfig, load_run_config
 from retinanet.data import build_dataset, categories_config, val_dataset, with_training_augmentation
-from retinanet.tools.inspection import inspect_dataset
+from retinanet.tools.inspection import inspect_dataset, summary_line
 
 __all__ = ["main", "run_inspect"]
 
@@ -44,9 +44,6 @@ def run_inspect(
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-    from retinanet.tools.inspection import summary_line
-
     result = run_inspect(
         load_run_config(args.config, args.set),
         args.output,

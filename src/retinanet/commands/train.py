@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from retinanet.config import load_run_config
+from retinanet.runtime.outputs import strict_json
+from retinanet.train import run_train
+
 __all__ = ["main"]
 
 
 def main(args: argparse.Namespace) -> int:
-    from retinanet.config import load_run_config
-    from retinanet.runtime.outputs import strict_json
-    from retinanet.train import run_train
-
     cfg = load_run_config(args.config, args.set + (["data.skip_bad=true"] if args.skip_bad else []))
     result = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"trained to iteration {result['iteration']}; checkpoint {result['checkpoint']}")

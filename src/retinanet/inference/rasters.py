@@ -15,7 +15,6 @@ every tile is scaled alike), as retinanet.data.base.to_rgb scales a small image 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import warnings
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from retinanet.data.base import to_rgb
 from retinanet.inference.tiling import Window
+from retinanet.runtime.machine import fixed_mmap_threshold
 from retinanet.runtime.outputs import atomic_write
 
 __all__ = ["GDAL_SUFFIXES", "Raster", "image_pixels", "is_large", "open_raster", "pixel_limit", "write_geojson"]
@@ -115,7 +115,7 @@ def _rasterio_raster(path: Path) -> Raster:
     import rasterio
     from rasterio.windows import Window as RioWindow
 
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()  # GDAL's reads between batches would otherwise grow the heap
 
     env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)  # GDAL's block cache, else 5% of the machine's memory
     env.__enter__()
@@ -201,19 +201,6 @@ def write_geojson(path: str | Path, records: list[dict[str, Any]], rasters: dict
     if crss:  # RFC 7946 assumes WGS 84; a raster's own CRS is named as GDAL and QGIS read it
         collection["crs"] = {"type": "name", "properties": {"name": crss[0]}}
     return atomic_write(path, json.dumps(collection))
-
-
-def _fixed_mmap_threshold() -> None:
-    """glibc's malloc raises its mmap threshold as large blocks are freed, and then serves them from the heap: with
-    GDAL's block reads between the model's batches, the heap then grew by 35 MB a second over a 400-megapixel raster
-    (a 6 GB peak). A fixed threshold (128 kB, M_MMAP_THRESHOLD) keeps large blocks in mmap, returned when freed: the
-    memory stays at one batch of tiles. Not glibc: nothing to do."""
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 def _has_rasterio() -> bool:
