@@ -83,3 +83,19 @@ def test_nothing_is_left_behind_when_a_writer_fails(tmp_path):
         written.write_bytes(b"half")
         raise ValueError("the checker refused the graph")
     assert _left(tmp_path) == [] and not os.path.exists(tmp_path / "model.onnx")
+
+
+def test_an_earlier_detections_drawings_are_read_line_by_line_and_only_inside_the_folder(tmp_path):
+    from retinanet.runtime.outputs import claim_detect_folder
+
+    records = [
+        {"file": 'x "drawing": "results.json"', "detections": [{"name": "drawing"}], "drawing": "a.png"},
+        {"file": "b.png", "detections": [], "drawing": "../outside.png"},  # never a file outside the folder
+        {"file": "c.png", "skipped": "unreadable", "detections": []},
+    ]
+    (tmp_path / "detections.json").write_text(json.dumps(records, indent=1))
+    for name in ("a.png", "c.png", "results.json"):
+        (tmp_path / name).write_text("earlier")
+    (tmp_path.parent / "outside.png").write_text("not ours")
+    found = claim_detect_folder(tmp_path, overwrite=True)
+    assert sorted(p.name for p in found) == ["a.png", "detections.json", "results.json"]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,12 +109,25 @@ def claim_detect_folder(folder: str | Path, overwrite: bool) -> list[Path]:
     writable_folder(folder, "detections")
     if not previous.exists():
         return []
-    drawings = []
-    try:
-        drawings = [folder / r["drawing"] for r in json.loads(previous.read_text()) if r.get("drawing")]
-    except (OSError, ValueError, TypeError, KeyError):
-        pass  # an unreadable list: its own files are replaced, the drawings stay
+    drawings = [folder / name for name in _drawings_listed(previous)]
     return [p for p in [*drawings, *(folder / name for name in DETECT_FILES)] if p.exists()]
+
+
+_DRAWING = re.compile(r'^ {1,2}"drawing": ("(?:[^"\\]|\\.)*")')
+
+
+def _drawings_listed(detections_json: Path) -> list[str]:
+    """The drawings an earlier detections.json names, read line by line (the file can hold millions of detections:
+    it is never loaded whole). It is written with one key per line (retinanet.inference.writers); an unreadable
+    file names none: its own files are replaced, the drawings stay."""
+    names = []
+    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+        with open(detections_json, encoding="utf-8") as f:
+            for line in f:
+                found = _DRAWING.match(line)
+                if found:
+                    names.append(json.loads(found.group(1)))
+    return [n for n in names if isinstance(n, str) and n and Path(n).name == n]
 
 
 def remove_stale(paths: list[Path], written: list[Path]) -> None:
