@@ -9,8 +9,13 @@ os.environ["RETINANET_CACHE_DIR"] = tempfile.mkdtemp(prefix="retinanet-test-cach
 # that turns into 10x slowdowns. Passive waiting must be chosen before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# two processes on this machine under torchrun (the start of a command line; the script or `-m module` follows)
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_run, tiny_settings, wait_for_first_iteration
+from conftest import TORCHRUN_2, tiny_run, tiny_settings, wait_for_first_iteration
 from PIL import Image
 
 from retinanet.cli import main
@@ -179,37 +179,12 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
 def test_resume_from_cli_continues(tmp_path):
     assert _train(tmp_path) == 0
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--set",
-                *tiny_settings(),
-                f"train.output_dir={run}",
-                "train.max_iters=4",
-                "--resume",
-                str(run / "last.pt"),
-            ]
-        )
-        == 0
-    )
+    resume = ["train", "--set", *tiny_settings(), f"train.output_dir={run}", "train.max_iters=4"]
+    assert main([*resume, "--resume", str(run / "last.pt")]) == 0
     iters = [json.loads(x)["iter"] for x in (run / "log.jsonl").read_text().splitlines()]
     assert [i for i in iters][-1] == 4
     # resumed again at its end: nothing to train, said as such
-    assert (
-        main(
-            [
-                "train",
-                "--set",
-                *tiny_settings(),
-                f"train.output_dir={run}",
-                "train.max_iters=4",
-                "--resume",
-                str(run / "last.pt"),
-            ]
-        )
-        == 0
-    )
+    assert main([*resume, "--resume", str(run / "last.pt")]) == 0
     log = (run / "train.log").read_text()
     assert "nothing left to train: the checkpoint had reached iteration 4" in log
     assert "trained iterations 5..4" not in log
@@ -368,16 +343,10 @@ def test_torchrun_two_processes_from_the_command_line(tmp_path):
     """`torchrun --nproc_per_node 2 -m retinanet.cli train ...`: DDP with gloo on the CPU, loopback only."""
     import os
     import subprocess
-    import sys
 
     run = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN_2,
         "-m",
         "retinanet.cli",
         "train",

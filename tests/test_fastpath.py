@@ -408,3 +408,16 @@ def test_the_fastpaths_command_shows_and_resets_the_cache(cache, capsys):
     assert main(["fastpaths", "--reset"]) == 0
     assert "forgot the 1 measured choices" in capsys.readouterr().out
     assert main(["fastpaths"]) == 0 and "no measured choices yet" in capsys.readouterr().out
+
+
+def test_every_convolution_of_a_model_asks_with_its_own_fast_paths(monkeypatch):
+    model = _tiny(backbone_norm="frozen_bn").eval()  # frozen BatchNorm folded: the backbone's convolutions are ours
+    run = RunFastPaths(fastpath.machine_id())
+    model.use_fast_paths(run)
+    asked = []
+    monkeypatch.setattr(fastpath, "conv3x3_algorithm", lambda x, w, kernel, fast: asked.append(fast) or "direct")
+    with torch.no_grad():
+        model.predict([torch.rand(3, 64, 64)])
+    weights = {id(m.weight) for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert len(asked) > len(weights) // 2  # the folded backbone's 3x3 convolutions, the FPN's and the heads'
+    assert all(fast is run for fast in asked)

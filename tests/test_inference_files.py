@@ -198,9 +198,12 @@ def test_outputs_are_streamed_as_json_writes_them_and_a_failed_run_leaves_the_ea
     assert listed == json.dumps(json.loads(listed), indent=1) and coco == json.dumps(json.loads(coco))
     assert result.images == 3 and result.detections == sum(len(r["detections"]) for r in result.records) > 0
     assert len(json.loads(coco)) == result.detections
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len([name for name in before if name.startswith("labels")]) == 3
     broken = folder / "zz_broken.png"  # the last file: the three before it are streamed when the run fails
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(ValueError, match="zz_broken.png"):
-        run_inference(predictor, [*files, broken], out, batch_size=1, csv_file=True, draw=False, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # and no temporary file left
+        other = Predictor(_tiny(), score_thresh=0.9)  # other detections: nothing it writes may replace the earlier
+        run_inference(other, [*files, broken], out, 1, csv_file=True, draw=False, progress=False, yolo_txt=True)
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # no tmp left
+    assert sorted(p.name for p in out.iterdir()) == ["detections.csv", "detections.json", "labels", "results.json"]

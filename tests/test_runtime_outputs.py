@@ -99,3 +99,18 @@ def test_an_earlier_detections_drawings_are_read_line_by_line_and_only_inside_th
     (tmp_path.parent / "outside.png").write_text("not ours")
     found = claim_detect_folder(tmp_path, overwrite=True)
     assert sorted(p.name for p in found) == ["a.png", "detections.json", "results.json"]
+
+
+def test_an_error_of_the_work_inside_a_stream_keeps_its_own_message(tmp_path):
+    """A corrupt raster read while the results stream (rasterio's errors are OSErrors) is not a failed write."""
+    with pytest.raises(OSError, match="corrupt raster") as caught, atomic_stream(tmp_path / "detections.json") as f:
+        f.write(b"[")
+        raise OSError("corrupt raster: big.tif")
+    assert not isinstance(caught.value, WriteError) and _left(tmp_path) == []
+
+
+def test_files_get_the_mode_a_new_file_gets(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = write_json(tmp_path / "metrics.json", {})
+    assert os.stat(written).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

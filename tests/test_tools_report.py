@@ -47,7 +47,7 @@ def test_the_runs_last_evaluation_and_eval_report_write_the_page(trained, tmp_pa
     assert (out / "report" / "index.html").exists() and "report:" in capsys.readouterr().out
 
 
-def test_report_of_detections_made_anywhere(tmp_path):
+def test_report_of_detections_made_anywhere(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)).save(
         tmp_path / "images" / "a.png"
@@ -67,43 +67,20 @@ def test_report_of_detections_made_anywhere(tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     (tmp_path / "dt.json").write_text(json.dumps(results))
     out = tmp_path / "report"
-    assert (
-        main(
-            [
-                "report",
-                "--detections",
-                str(tmp_path / "dt.json"),
-                "--annotations",
-                str(tmp_path / "ann.json"),
-                "--images",
-                str(tmp_path / "images"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    annotations = ["--annotations", str(tmp_path / "ann.json")]
+    images = ["--images", str(tmp_path / "images")]
+    assert main(["report", "--detections", str(tmp_path / "dt.json"), *annotations, *images, "--output", str(out)]) == 0
     errors = json.loads((out / "errors.json").read_text())
     assert errors["counts"]["bkg"] == 1 and errors["counts"]["missed"] == 1
     assert errors["best_f1"]["tree"]["threshold"] == pytest.approx(0.9)  # the background detection only lowers F1
     _self_contained(out / "index.html")
-    (tmp_path / "bad.json").write_text(
-        json.dumps([{"image_id": 7, "category_id": 99, "bbox": [0, 0, 1, 1], "score": 1}])
-    )
-    assert (
-        main(
-            [
-                "report",
-                "--detections",
-                str(tmp_path / "bad.json"),
-                "--annotations",
-                str(tmp_path / "ann.json"),
-                "--output",
-                str(tmp_path / "r2"),
-            ]
-        )
-        == 2
-    )
+    for bad, said in (
+        ({"category_id": 99, "bbox": [0, 0, 1, 1]}, "category ids [99]"),
+        ({"category_id": 3, "bbox": [0, 0, 1]}, "entry 0: bbox [0, 0, 1]; expected [x, y, w, h]"),
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps([{"image_id": 7, "score": 1, **bad}]))
+        assert main(["report", "--detections", str(tmp_path / "bad.json"), *annotations, "--output", str(out)]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_best_f1_threshold_by_hand():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TORCHRUN_2
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from retinanet.config import train_config
@@ -94,16 +95,7 @@ def test_two_process_training_from_an_empty_cache_on_a_busy_machine_keeps_replic
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     hog = subprocess.Popen([sys.executable, "-c", HOG.format(seconds=240)])  # one core busy, for 4 minutes at most
     try:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            __file__,
-            str(tmp_path),
-        ]
+        command = [*TORCHRUN_2, __file__, str(tmp_path)]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:
         hog.kill()

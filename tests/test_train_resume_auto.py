@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run, tiny_settings
+from conftest import TORCHRUN_2, tiny_run, tiny_settings
 
 from retinanet.cli import main
 
@@ -88,12 +87,7 @@ def test_a_rank_killed_under_torchrun_restarts_from_the_last_checkpoint(tmp_path
 
     def torchrun(run: Path, restarts: int) -> subprocess.Popen:
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_2,
             f"--max-restarts={restarts}",
             "-m",
             "retinanet.cli",

@@ -44,7 +44,7 @@ def save_line_plot(path: str | Path, panels: Sequence[Panel], width_per_panel: f
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi="figure")  # the figure's own 120 dpi
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:

@@ -45,7 +45,7 @@ def run_eval(
     writable_folder(output, "evaluation")  # before the work, not after it
     check_tta(tta)
     resolved = resolve_device(device)
-    amp = resolve_precision(amp, resolved)
+    amp = resolve_precision(amp, resolved, "train.amp")  # the run config's precision: no command sets it
     model = load_model(checkpoint, map_location=resolved, **model_overrides).to(resolved)
     known = categories_of(model) if model.config.class_names else None
     sets = val_datasets(data, model.config, known)
@@ -91,7 +91,8 @@ def run_report(
     gts, dets, shown = [], [], []
     for record in records:
         found = by_image.get(record.image_id, [])
-        boxes = xywh_to_xyxy(torch.tensor([r["bbox"] for r in found], dtype=torch.float32).reshape(-1, 4))
+        # x + w in float64, rounded once to float32 (as the annotations are read: retinanet.data.coco)
+        boxes = xywh_to_xyxy(torch.tensor([r["bbox"] for r in found], dtype=torch.float64).reshape(-1, 4)).float()
         dets.append(
             {
                 "image_id": record.image_id,
@@ -135,6 +136,10 @@ def _read_results(path: str | Path) -> list[dict[str, Any]]:
         not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r) for r in results
     ):
         raise ValueError(f"{path}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    for i, r in enumerate(results):
+        box = r["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise ValueError(f"{path}: entry {i}: bbox {box!r}; expected [x, y, w, h] numbers")
     return results
 
 

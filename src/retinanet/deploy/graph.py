@@ -40,7 +40,7 @@ from retinanet.config import ModelConfig, config_to_dict
 from retinanet.inference.predictor import categories_of
 from retinanet.model import RetinaNet
 from retinanet.ops.anchors import AnchorGenerator
-from retinanet.runtime.outputs import atomic_path
+from retinanet.runtime.outputs import atomic_path, writing
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAMES", "OUTPUT_NAMES", "InferenceGraph", "export_onnx", "read_metadata", "require"]
 
@@ -265,7 +265,8 @@ def export_onnx(
     import onnx
 
     with atomic_path(path) as written:  # a failed write or check leaves an earlier export whole
-        program.save(str(written), external_data=False)
+        with writing(path):
+            program.save(str(written), external_data=False)
         onnx.checker.check_model(str(written), full_check=True)
     return path
 

@@ -23,7 +23,7 @@ from retinanet.config import ModelConfig
 from retinanet.deploy.engines import pad_batch
 from retinanet.deploy.graph import INPUT_NAMES, read_metadata, require
 from retinanet.inference.predictor import prepare_image
-from retinanet.runtime.outputs import atomic_path
+from retinanet.runtime.outputs import atomic_path, writing
 
 __all__ = ["int8_path", "quantize_int8"]
 
@@ -52,7 +52,7 @@ def quantize_int8(
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation: quantize the export as it is
         source = Path(float_model)
     calibration = _Calibration(config, images, batch_size, read_metadata(float_model)[2])
-    with atomic_path(output) as written:  # a failed write leaves an earlier INT8 model whole
+    with atomic_path(output) as written, writing(output):  # a failed write leaves an earlier INT8 model whole
         quantization.quantize_static(
             str(source),
             str(written),

@@ -8,19 +8,22 @@ import contextlib
 import csv
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 from retinanet.data.coco_format import coco_results
 from retinanet.inference.predictor import Prediction
-from retinanet.runtime.outputs import JsonList, atomic_stream, atomic_write
+from retinanet.runtime.outputs import JsonList, atomic_stream, atomic_write, writing
 
 __all__ = ["DetectionWriter", "YoloTxtWriter", "csv_rows", "write_csv", "write_yolo_txt"]
 
 
 class DetectionWriter:
     """The files of a detection, each written as the images come (retinanet.runtime.outputs.atomic_stream: under a
-    temporary name until the run's end); labels/NAME.txt are written whole, one per image."""
+    temporary name until the run's end); labels/NAME.txt one per image in a temporary folder until the end."""
 
     def __init__(
         self, streams: contextlib.ExitStack, out: Path, categories: list[dict[str, Any]], csv_file: bool, yolo_txt: bool
@@ -29,7 +32,7 @@ class DetectionWriter:
         self.detections = JsonList(streams.enter_context(atomic_stream(out / "detections.json")), indent=1)
         self.results = JsonList(streams.enter_context(atomic_stream(out / "results.json")))
         self.csv = csv.writer(_Text(streams.enter_context(atomic_stream(out / "detections.csv")))) if csv_file else None
-        self.yolo = YoloTxtWriter(out / "labels") if yolo_txt else None
+        self.yolo = streams.enter_context(YoloTxtWriter(out / "labels")) if yolo_txt else None
 
     def add(self, record: dict[str, Any], found: Prediction) -> None:
         self.detections.add(record)
@@ -98,18 +101,34 @@ def write_yolo_txt(folder: str | Path, records: list[dict[str, Any]]) -> list[Pa
     file's stem; a stem met before gets _2, _3, ...), one detection per line `class cx cy w h score`, the class the
     0-based label and the box as fractions of the image's size; an empty file for an image with no detections.
     Returns the files written."""
-    writer = YoloTxtWriter(Path(folder))
-    for record in records:
-        writer.add(record)
+    with YoloTxtWriter(Path(folder)) as writer:
+        for record in records:
+            writer.add(record)
     return writer.written
 
 
 class YoloTxtWriter:
-    """write_yolo_txt one image at a time."""
+    """write_yolo_txt one image at a time, as a context: the files go to a temporary folder beside `folder` and
+    take their places in it when the block ends without an error (else they are removed): an earlier detection's
+    labels stay whole until this one has written all of its own. `written`: their final paths."""
 
     def __init__(self, folder: Path):
         self.folder, self.taken, self.written = folder, {}, []
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+
+    def __enter__(self) -> "YoloTxtWriter":
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        try:
+            if kind is None:
+                with writing(self.folder):
+                    self.folder.mkdir(exist_ok=True)
+                    for path in self.written:
+                        os.replace(self.staging / path.name, path)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def add(self, record: dict[str, Any]) -> None:
         stem = Path(record["file"]).stem
@@ -121,6 +140,6 @@ class YoloTxtWriter:
             x1, y1, x2, y2 = d["box"]
             cx, cy, w, h = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height
             lines.append(f"{d['label']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {d['score']:.6f}\n")
-        path = self.folder / f"{name}.txt"
-        path.write_text("".join(lines))
-        self.written.append(path)
+        with writing(self.folder / f"{name}.txt"):
+            (self.staging / f"{name}.txt").write_text("".join(lines))
+        self.written.append(self.folder / f"{name}.txt")

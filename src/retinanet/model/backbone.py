@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ class ResNetBody(nn.Module):
         super().__init__()
         self.fold_frozen_bn = fold_frozen_bn
         self.conv_algorithm = "auto"  # of the folded convolutions: see retinanet.model.conv.conv2d
+        self.fast_paths: Any = None  # the model's measured choices for them (RetinaNet.use_fast_paths)
         self.freeze_at = 0  # set by freeze()
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
@@ -65,12 +66,12 @@ class ResNetBody(nn.Module):
         # frozen BatchNorm is a fixed per-channel affine map: folded into the preceding convolution's weight and
         # bias it costs nothing, where applied after it it is two more passes over every activation (and their
         # backward). Same function, same parameters and state-dict keys.
-        algorithm = self.conv_algorithm
-        x = self.maxpool(F.relu_(_conv_bn(x, self.conv1, self.bn1, algorithm)))
+        algorithm, fast = self.conv_algorithm, self.fast_paths
+        x = self.maxpool(F.relu_(_conv_bn(x, self.conv1, self.bn1, algorithm, fast)))
         feats = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
-                x = _folded_block(block, x, algorithm)
+                x = _folded_block(block, x, algorithm, fast)
             feats.append(x)
         return feats[1:]
 
@@ -103,13 +104,16 @@ class ResNetBody(nn.Module):
         return self
 
 
-def _conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, algorithm: str = "auto") -> Tensor:
-    """bn(conv(x)) as one convolution: weight * scale, bias = bn.bias - running_mean * scale."""
+def _conv_bn(
+    x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, algorithm: str = "auto", fast_paths: Any = None
+) -> Tensor:
+    """bn(conv(x)) as one convolution: weight * scale, bias = bn.bias - running_mean * scale (fast_paths: the model's
+    measured choices, retinanet.model.conv.conv2d)."""
     scale, bias = _frozen_bn_affine(bn)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    return conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, algorithm)
+    return conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, algorithm, fast_paths)
 
 
 def _frozen_bn_affine(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -133,16 +137,17 @@ def _affine(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
-def _folded_block(block: nn.Module, x: Tensor, algorithm: str = "auto") -> Tensor:
+def _folded_block(block: nn.Module, x: Tensor, algorithm: str = "auto", fast: Any = None) -> Tensor:
     """torchvision's BasicBlock / Bottleneck forward with every (conv, frozen BN) pair folded. ReLU and the residual
     sum work in place on fresh convolution outputs (a convolution's backward does not read its output)."""
-    identity = x if block.downsample is None else _conv_bn(x, block.downsample[0], block.downsample[1], algorithm)
-    out = F.relu_(_conv_bn(x, block.conv1, block.bn1, algorithm))
+    down = block.downsample
+    identity = x if down is None else _conv_bn(x, down[0], down[1], algorithm, fast)
+    out = F.relu_(_conv_bn(x, block.conv1, block.bn1, algorithm, fast))
     if isinstance(block, BasicBlock):
-        out = _conv_bn(out, block.conv2, block.bn2, algorithm)
+        out = _conv_bn(out, block.conv2, block.bn2, algorithm, fast)
     else:
-        out = F.relu_(_conv_bn(out, block.conv2, block.bn2, algorithm))
-        out = _conv_bn(out, block.conv3, block.bn3, algorithm)
+        out = F.relu_(_conv_bn(out, block.conv2, block.bn2, algorithm, fast))
+        out = _conv_bn(out, block.conv3, block.bn3, algorithm, fast)
     return F.relu_(out.add_(identity))
 
 

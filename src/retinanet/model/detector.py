@@ -105,6 +105,7 @@ class RetinaNet(nn.Module):
         """Take `fast_paths` (a training run's measured choices, retinanet.runtime.fastpath.begin_run) as this model's
         own: its convolutions ask them first, then the machine's cache (None: the cache alone)."""
         self.fast_paths = fast_paths
+        self.backbone.fast_paths = fast_paths  # its folded convolutions
         for m in self.modules():
             if isinstance(m, Conv2d):
                 m.fast_paths = fast_paths

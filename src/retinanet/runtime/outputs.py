@@ -11,6 +11,7 @@ computed or written, and fails in one line that says what to do.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 __all__ = [
     "DETECT_FILES",
@@ -32,11 +33,13 @@ __all__ = [
     "claim_run_folder",
     "remove",
     "remove_stale",
+    "remove_temporary",
     "save_figure",
     "strict_json",
     "writable_folder",
     "write_error",
     "write_json",
+    "writing",
 ]
 
 # what a training run writes in its folder (iter_*.pt too, with keep_all_checkpoints)
@@ -107,10 +110,12 @@ def claim_detect_folder(folder: str | Path, overwrite: bool) -> list[Path]:
             "folder (--output ...) or replace them with --overwrite"
         )
     writable_folder(folder, "detections")
+    remove_temporary(folder, DETECT_FILES)  # what a run killed before its end left
     if not previous.exists():
         return []
     drawings = [folder / name for name in _drawings_listed(previous)]
-    return [p for p in [*drawings, *(folder / name for name in DETECT_FILES)] if p.exists()]
+    drawings = [p for p in drawings if p.is_file() and not p.is_symlink()]  # its own drawings, nothing else
+    return [*drawings, *(p for p in (folder / name for name in DETECT_FILES) if p.exists())]
 
 
 _DRAWING = re.compile(r'^ {1,2}"drawing": ("(?:[^"\\]|\\.)*")')
@@ -127,7 +132,7 @@ def _drawings_listed(detections_json: Path) -> list[str]:
                 found = _DRAWING.match(line)
                 if found:
                     names.append(json.loads(found.group(1)))
-    return [n for n in names if isinstance(n, str) and n and Path(n).name == n]
+    return [n for n in names if isinstance(n, str) and Path(n).name == n and n.lower().endswith(".png")]
 
 
 def remove_stale(paths: list[Path], written: list[Path]) -> None:
@@ -181,7 +186,7 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Non
     """Write `data` (text, bytes, or a function that writes to a binary file) to `path` through a temporary file in
     the same folder, flushed to disk and renamed over `path`: a reader (or a crash) sees the old file or the new
     one, never half of one. A write that fails leaves the old file whole and raises WriteError (write_error)."""
-    with atomic_stream(path) as f:
+    with atomic_stream(path) as f, writing(path):
         if callable(data):
             data(f)
         else:
@@ -190,36 +195,65 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Non
 
 
 @contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """An OSError in the block is a failed write of `path` (WriteError, write_error): wrap the writing itself, not the
+    work around it, whose own errors (an unreadable image, a corrupt raster) must keep their own message."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+class _Guarded:
+    """A binary file whose writes fail as WriteError naming the file it becomes (a full disk mid-stream)."""
+
+    def __init__(self, file: IO[bytes], path: Path):
+        self.file, self.path = file, path
+
+    def write(self, data: bytes) -> int:
+        with writing(self.path):
+            return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:  # flush, tell, seek, fileno: the file's own (torch.save, savefig)
+        return getattr(self.file, name)
+
+
+@contextlib.contextmanager
 def atomic_stream(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary file to write `path` piece by piece (results streamed as they are computed, never all in memory):
-    `atomic_path`'s temporary file, which becomes `path` when the block ends."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        yield f
+    `atomic_path`'s temporary file, which becomes `path` when the block ends. Its writes that fail raise WriteError;
+    other errors in the block are left as they are."""
+    with atomic_path(path) as tmp:
+        with writing(path):
+            f = open(tmp, "wb")
+        try:
+            yield _Guarded(f, Path(path))  # type: ignore[misc]
+        finally:
+            with writing(path):
+                f.close()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write (directly, or by a writer that takes a file name: an
-    ONNX graph): it becomes `path` when the block ends, flushed to disk and renamed over it; an error in the block
-    leaves the old file whole and the temporary one removed. A failed write raises WriteError (write_error)."""
+    ONNX graph, wrapped in `writing`): it becomes `path` when the block ends, flushed to disk, given the mode a new
+    file gets (not mkstemp's owner-only one) and renamed over it. An error in the block leaves the old file whole and
+    the temporary one removed, and goes on as it is; a failed flush or rename raises WriteError (write_error)."""
     path = Path(path)
-    tmp = None
-    try:
+    with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        tmp = Path(name)
+    tmp = Path(name)
+    try:
         yield tmp
-        with open(tmp, "rb+") as written:  # the bytes are on disk before the rename makes them the file
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
+        with writing(path):
+            with open(tmp, "rb+") as written:  # the bytes are on disk before the rename makes them the file
+                os.fsync(written.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
     except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):  # persist the rename itself (POSIX; not possible on Windows)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -229,14 +263,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.close(dir_fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_temporary(folder: Path, names: Iterable[str]) -> None:
+    """Remove the temporary files (and staging folders) left for `names` in `folder` by a run that was killed
+    (SIGKILL, a power cut: no cleanup ran)."""
+    for name in names:
+        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+
+
 def write_json(path: str | Path, value: Any, indent: int | None = 1) -> Path:
     """`value` as strict JSON (`strict_json`) written atomically (`atomic_write`): every JSON file a command writes."""
     return atomic_write(path, strict_json(value, indent=indent))
 
 
-def save_figure(figure: Any, path: str | Path, dpi: float | str = "figure") -> Path:
-    """A matplotlib figure saved atomically, in the format its suffix names (.png, .pdf, .svg), at the figure's own
-    dpi unless told."""
+def save_figure(figure: Any, path: str | Path, dpi: float | str = 100) -> Path:
+    """A matplotlib figure saved atomically, in the format its suffix names (.png, .pdf, .svg), at `dpi` ("figure":
+    the figure's own)."""
     path = Path(path)
     return atomic_write(path, lambda f: figure.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi))
 

@@ -291,6 +291,8 @@ def _setup(
         load_ema_state(ema, checkpoint.get("ema"), model)
         best = dict(extra.get("best", {}))
     spent = float(extra.get("train_seconds") or 0.0)
+    if resume is not None:
+        resume.checkpoint.clear()  # restored: its weights and optimiser state are not held for the whole run
     budget = TimeBudget(60 * cfg.minutes, spent, start) if cfg.minutes is not None else None
     for line in [f"warning: {w}" for w in cfg.schedule().warnings] + notes + [fast.describe()]:
         log.note(line)
