@@ -89,35 +89,15 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     for i in range(2):
         ds.load_image(i).save(images / f"img{i}.png")
     out = tmp_path / "det"
-    code = main(
-        ["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out), "--score-thresh", "0.0"]
-    )
-    assert code == 0
+    detect = ["detect", str(images), "--checkpoint", str(run / "last.pt")]
+    assert main([*detect, "--output", str(out), "--score-thresh", "0.0"]) == 0
     result = json.loads((out / "detections.json").read_text())
     assert [Path(r["file"]).name for r in result] == ["img0.png", "img1.png"]
     assert all(d["name"] in ds.category_names for r in result for d in r["detections"])
     assert Image.open(out / "img0.png").size == (80 * 6, 64 * 6)  # small images are drawn enlarged
     bigger = tmp_path / "det96"
-    assert (
-        main(
-            [
-                "detect",
-                str(images),
-                "--checkpoint",
-                str(run / "last.pt"),
-                "--output",
-                str(bigger),
-                "--score-thresh",
-                "0.0",
-                "--min-size",
-                "96",
-                "--max-size",
-                "120",
-                "--no-draw",
-            ]
-        )
-        == 0
-    )
+    sizes = ["--min-size", "96", "--max-size", "120"]
+    assert main([*detect, "--output", str(bigger), "--score-thresh", "0.0", *sizes, "--no-draw"]) == 0
     at_96 = json.loads((bigger / "detections.json").read_text())
     assert at_96 != result  # another size, other detections: the option reaches the model
     from retinanet import load
@@ -127,27 +107,13 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
     assert first.boxes[0].tolist() == pytest.approx(at_96[0]["detections"][0]["box"], abs=0.006)  # JSON: 0.01 px
     capsys.readouterr()
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out)]) == 2
+    assert main([*detect, "--output", str(out)]) == 2
     assert "earlier detection" in _error(capsys)  # the folder holds the first detection: refused, kept
-    assert main(["detect", str(images), "--checkpoint", str(run / "last.pt"), "--output", str(out), "--overwrite"]) == 2
+    assert main([*detect, "--output", str(out), "--overwrite"]) == 2
     assert "broken.png" in _error(capsys)
     # the failed run left the earlier detection whole: --overwrite replaces files only once new ones are written
     assert json.loads((out / "detections.json").read_text()) == result and (out / "img0.png").exists()
-    assert (
-        main(
-            [
-                "detect",
-                str(images),
-                "--checkpoint",
-                str(run / "last.pt"),
-                "--output",
-                str(out),
-                "--skip-bad",
-                "--overwrite",
-            ]
-        )
-        == 0
-    )
+    assert main([*detect, "--output", str(out), "--skip-bad", "--overwrite"]) == 0
     assert "broken.png" in capsys.readouterr().err
     result = json.loads((out / "detections.json").read_text())
     assert [(Path(r["file"]).name, "skipped" in r) for r in result] == [
@@ -155,22 +121,7 @@ def test_train_eval_detect_end_to_end(tmp_path, capsys):
         ("img1.png", False),
         ("broken.png", True),
     ]
-    assert (
-        main(
-            [
-                "detect",
-                str(images),
-                "--checkpoint",
-                str(run / "last.pt"),
-                "--output",
-                str(out),
-                "--skip-bad",
-                "--overwrite",
-                "--no-draw",
-            ]
-        )
-        == 0
-    )
+    assert main([*detect, "--output", str(out), "--skip-bad", "--overwrite", "--no-draw"]) == 0
     assert not (out / "img0.png").exists()  # the earlier drawings, not written again, are gone
     assert main(["detect", str(tmp_path / "nothing.png"), "--checkpoint", str(run / "last.pt")]) == 2
     assert "nothing.png" in _error(capsys)

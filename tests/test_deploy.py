@@ -159,41 +159,10 @@ def test_export_and_detect_from_the_command_line(tmp_path, capsys):
     images.mkdir()
     for i, im in enumerate(_images((128, 160), (160, 128))):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(images / f"im{i}.png")
-    assert (
-        main(
-            [
-                "detect",
-                str(images),
-                "--onnx",
-                str(out),
-                "--output",
-                str(tmp_path / "det"),
-                "--workers",
-                "0",
-                "--score-thresh",
-                "0.0",
-            ]
-        )
-        == 2
-    )
+    detect = ["detect", str(images), "--onnx", str(out), "--output", str(tmp_path / "det"), "--workers", "0"]
+    assert main([*detect, "--score-thresh", "0.0"]) == 2
     assert "keeps scores above its score_thresh 0.05" in capsys.readouterr().err  # below what the graph keeps
-    assert (
-        main(
-            [
-                "detect",
-                str(images),
-                "--onnx",
-                str(out),
-                "--output",
-                str(tmp_path / "det"),
-                "--workers",
-                "0",
-                "--score-thresh",
-                "0.05",
-            ]
-        )
-        == 0
-    )
+    assert main([*detect, "--score-thresh", "0.05"]) == 0
     records = json.loads((tmp_path / "det" / "detections.json").read_text())
     assert [r["file"].rsplit("/", 1)[1] for r in records] == ["im0.png", "im1.png"]
     assert all(r["detections"] == [] for r in records)

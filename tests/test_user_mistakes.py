@@ -126,43 +126,14 @@ def test_detect_writes_only_its_own_files(tmp_path, capsys):
     images = _csv_set(tmp_path / "data")
     checkpoint = _tiny_checkpoint(tmp_path)
     out = tmp_path / "detect"
-    assert (
-        main(
-            [
-                "detect",
-                str(images / "im0.png"),
-                str(images / "im1.png"),
-                "--checkpoint",
-                str(checkpoint),
-                "--output",
-                str(out),
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    to_out = ["--checkpoint", str(checkpoint), "--output", str(out)]
+    assert main(["detect", str(images / "im0.png"), str(images / "im1.png"), *to_out, "--workers", "0"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["im0.png", "im1.png"]
     (out / "notes.txt").write_text("mine")
     capsys.readouterr()
-    assert main(["detect", str(images / "im2.png"), "--checkpoint", str(checkpoint), "--output", str(out)]) == 2
+    assert main(["detect", str(images / "im2.png"), *to_out]) == 2
     assert "--overwrite" in _one_line(capsys.readouterr().err)
-    assert (
-        main(
-            [
-                "detect",
-                str(images / "im2.png"),
-                "--checkpoint",
-                str(checkpoint),
-                "--output",
-                str(out),
-                "--workers",
-                "0",
-                "--overwrite",
-            ]
-        )
-        == 0
-    )
+    assert main(["detect", str(images / "im2.png"), *to_out, "--workers", "0", "--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["im2.png"]  # the earlier drawings are gone
     assert (out / "notes.txt").read_text() == "mine"  # the user's own file stays
 

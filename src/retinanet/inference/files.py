@@ -44,7 +44,6 @@ from retinanet.inference.drawing import DRAW_MODES, save_detections_image
 from retinanet.inference.predictor import Prediction, Predictor, read_image
 from retinanet.inference.rasters import Raster, image_pixels, is_large, open_raster, write_geojson
 from retinanet.inference.writers import DetectionWriter
-from retinanet.runtime.machine import fixed_mmap_threshold
 
 __all__ = ["IMAGE_SUFFIXES", "InferenceResult", "draw_mode", "image_files", "run_inference", "size_hints"]
 
@@ -192,7 +191,6 @@ def run_inference(
     every image is done: a run that fails leaves an earlier detection's files whole."""
     files = [Path(f) for f in files]
     out = Path(output)
-    fixed_mmap_threshold()  # freed batches go back to the system: memory flat over any number of images
     mode = draw_mode(draw)
     draw = mode is not None
     tiled = predictor.tile is not None

@@ -199,11 +199,10 @@ def busy_processes(samples: int = 3, interval: float = 0.02) -> int:
 
 
 def fixed_mmap_threshold() -> None:
-    """Keep large freed blocks returned to the system, for a long run of inference. glibc's malloc raises its mmap
-    threshold as large blocks are freed, and then serves them from the heap, which fragments and grows: by 35 MB a
-    second with GDAL's block reads between a model's batches over a 400-megapixel raster (a 6 GB peak), and slowly
-    over a long folder of images. A fixed threshold (128 kB, M_MMAP_THRESHOLD) keeps large blocks in mmap,
-    returned when freed. Not glibc: nothing to do."""
+    """Keep large freed blocks returned to the system while a raster is read by windows. glibc's malloc raises its
+    mmap threshold as large blocks are freed, and then serves them from the heap, which fragments and grows: by 35 MB
+    a second with GDAL's block reads between a model's batches over a 400-megapixel raster (a 6 GB peak). A fixed
+    threshold (128 kB, M_MMAP_THRESHOLD) keeps large blocks in mmap, returned when freed. Not glibc: nothing to do."""
     import ctypes
     import ctypes.util
 
